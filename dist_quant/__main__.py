@@ -1,0 +1,113 @@
+"""Entry point: ``python -m dist_quant KEY=VALUE…`` / ``torchrun … -m dist_quant …`` /
+``srun python -m dist_quant …`` / ``deepspeed --module dist_quant …``."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .arch import UnsupportedModel
+from .calibration import CalibrationError
+from .checkpoint import CheckpointError
+from .config import ConfigError
+
+USER_ERRORS = (ConfigError, CheckpointError, CalibrationError, UnsupportedModel)
+log = logging.getLogger("dist_quant")
+
+
+def split_launcher_args(argv: list[str]) -> tuple[list[str], int | None]:
+    """Drop DeepSpeed's ``--local_rank=N`` / ``--local_rank N``; the rest are Hydra overrides."""
+    overrides, local_rank, skip = [], None, False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            local_rank = int(arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            local_rank, skip = int(argv[i + 1]), True
+        else:
+            overrides.append(arg)
+    return overrides, local_rank
+
+
+def setup_logging(rank: int, run_dir: Path | None) -> None:
+    root = logging.getLogger("dist_quant")
+    root.setLevel(logging.DEBUG)
+    root.propagate = False
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(run_dir / f"rank{rank}.log")
+        fh.setLevel(logging.DEBUG)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides, local_rank_arg = split_launcher_args(list(sys.argv[1:] if argv is None else argv))
+    from .runtime import rank_info_from_env
+
+    info = rank_info_from_env(local_rank_arg=local_rank_arg)
+    setup_logging(info.rank, None)
+    try:
+        from .settings import load_config
+
+        cfg = load_config(overrides)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    if cfg.dry_run:
+        from .dry_run import dry_run
+
+        try:
+            return dry_run(cfg, cfg.runtime.world_size or info.world_size)
+        except USER_ERRORS as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    import torch
+
+    from .runtime import DEFAULT_BACKEND, Comm, resolve_device
+
+    comm = None
+    try:
+        device = resolve_device(cfg.runtime.device, info.local_rank)
+        backend = cfg.runtime.backend if cfg.runtime.backend != "auto" else DEFAULT_BACKEND[device.type]
+        if device.type == "cpu":
+            threads = cfg.runtime.threads or max(1, (os.cpu_count() or 1) // max(1, info.local_world_size))
+            torch.set_num_threads(threads)
+        comm = Comm(info, device, backend)
+        comm.init(cfg.runtime.timeout_s)
+        run_dir = Path(cfg.runtime.run_dir) if cfg.runtime.run_dir else None
+        if run_dir is None:
+            run_dir = Path(comm.broadcast_object(time.strftime("runs/%Y-%m-%d_%H-%M-%S") if info.rank == 0 else None))
+        setup_logging(info.rank, run_dir)
+        log.info("dist_quant: world size %d (%s), device %s, backend %s, run dir %s",
+                 info.world_size, info.launcher, device, backend, run_dir)
+        from .run import run_job
+
+        final = run_job(cfg, comm, device, run_dir)
+        if info.rank == 0:
+            print(f"done: {final}")
+        return 0
+    except USER_ERRORS as exc:
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr) if info.rank == 0 else None
+        return 2
+    finally:
+        if comm is not None:
+            comm.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

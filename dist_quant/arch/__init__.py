@@ -1,0 +1,56 @@
+"""Per-architecture facts as data: where the decoder layers are, which linears each
+layer has, and in which order their inputs become available (the *stages*)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class UnsupportedModel(ValueError):
+    """The checkpoint's architecture (or layout) is not one dist_quant can quantize."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Linears that read the same input; their statistics are taken together."""
+
+    name: str
+    linears: tuple[str, ...]  # names relative to the decoder layer, without ".weight"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    stages: tuple[Stage, ...]
+    layers_prefix: str = "model.layers"
+    embed: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    lm_head: str = "lm_head.weight"
+    # attribute names used by the staged forward (see dist_quant/layer_forward.py)
+    input_norm: str = "input_layernorm"
+    post_attn_norm: str = "post_attention_layernorm"
+    attn: str = "self_attn"
+    mlp: str = "mlp"
+
+    def layer_prefix(self, index: int) -> str:
+        return f"{self.layers_prefix}.{index}."
+
+
+DENSE_STAGES = (
+    Stage("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    Stage("attn_out", ("self_attn.o_proj",)),
+    Stage("mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
+    Stage("mlp_out", ("mlp.down_proj",)),
+)
+
+ARCHS: dict[str, ArchSpec] = {
+    name: ArchSpec(name=name, stages=DENSE_STAGES) for name in ("llama", "qwen2", "qwen3", "mistral")
+}
+
+
+def get_arch(model_type: str) -> ArchSpec:
+    try:
+        return ARCHS[model_type]
+    except KeyError:
+        raise UnsupportedModel(
+            f"model_type={model_type!r} is not supported; supported: {', '.join(sorted(ARCHS))}"
+        ) from None

@@ -1,0 +1,171 @@
+"""Typed, frozen run configuration.
+
+Hydra composes YAML from ``conf/``; :func:`to_job_config` merges that onto the
+structured schema below (unknown keys and ill-typed values are rejected by
+OmegaConf) and builds these frozen dataclasses, whose ``__post_init__`` checks
+the values and names the bad one in the error.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and value."""
+
+
+def _check(cond: bool, key: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: Any, key: str = "size") -> int:
+    """Parse ``123``, ``"500MB"``, ``"2GB"``, ``"1.5GiB"`` into bytes."""
+    text = str(value).strip().upper().replace(" ", "")
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]I?B|B)?", text)
+    _check(m is not None, key, value, "expected bytes or a size like 500MB, 2GB, 1GiB")
+    number, unit = float(m.group(1)), (m.group(2) or "")
+    size = int(number * _SIZE_UNITS[unit])
+    _check(size > 0, key, value, "must be positive")
+    return size
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint to quantize."""
+
+    path: Optional[str] = None
+    """Local HF checkpoint dir (config.json + safetensors). Empty: the embedded demo model."""
+    dtype: str = "float32"
+    """Compute dtype for the calibration forward passes (float32, bfloat16, float16)."""
+    trust_remote_code: bool = False
+    """Never executed by dist_quant; kept so that turning it on is an explicit, refused choice."""
+    allow_pickle: bool = False
+    """Allow .bin/.pt weights (loaded with torch.load(weights_only=True))."""
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", self.dtype,
+               "expected float32, bfloat16 or float16")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Weight quantization: algorithm and integer format."""
+
+    method: str = "gptq"
+    """gptq or rtn."""
+    bits: int = 4
+    """Weight bits: 4 or 8."""
+    group_size: int = 128
+    """Input columns per scale; -1 means one scale per output channel."""
+    symmetric: bool = True
+    """Symmetric (no zero point) or asymmetric (with zero point)."""
+    damp: float = 0.01
+    """GPTQ dampening, as a fraction of mean(diag(H))."""
+    block_size: int = 128
+    """GPTQ lazy-batch block width (columns)."""
+    act_order: bool = True
+    """GPTQ: process columns by decreasing Hessian diagonal (group-aware: groups stay contiguous)."""
+    observer: str = "minmax"
+    """Scale choice: minmax, or mse (search a clipping ratio per group)."""
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+    """Modules left in float (lm_head is never quantized)."""
+    name: str = "gptq_w4a16"
+    """Preset name, for reports."""
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("gptq", "rtn"), "quant.method", self.method, "expected gptq or rtn")
+        _check(self.bits in (4, 8), "quant.bits", self.bits, "supported weight bits are 4 and 8")
+        _check(self.group_size == -1 or self.group_size > 0, "quant.group_size", self.group_size,
+               "expected a positive group size or -1 (per-channel)")
+        _check(0.0 < self.damp < 1.0, "quant.damp", self.damp, "expected 0 < damp < 1")
+        _check(self.block_size > 0, "quant.block_size", self.block_size, "must be positive")
+        _check(self.observer in ("minmax", "mse"), "quant.observer", self.observer,
+               "expected minmax or mse")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data."""
+
+    path: Optional[str] = None
+    """Plain text file, or .jsonl with a text field per line. Empty: built-in demo text."""
+    num_samples: int = 128
+    seq_len: int = 512
+    batch_size: int = 8
+    """Samples per forward batch (per rank)."""
+    text_field: str = "text"
+    """JSONL field holding the text."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples > 0, "calib.num_samples", self.num_samples, "must be positive")
+        _check(self.seq_len > 1, "calib.seq_len", self.seq_len, "must be at least 2")
+        _check(self.batch_size > 0, "calib.batch_size", self.batch_size, "must be positive")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where and how the quantized checkpoint is written."""
+
+    dir: Optional[str] = None
+    """Output directory (created atomically). Empty: <model dir name>-<quant name> under ./outputs."""
+    format: str = "compressed-tensors"
+    part_file_size: str = "2GB"
+    """Largest safetensors part file: bytes or a size like 500MB, 2GB."""
+    overwrite: bool = False
+    """Replace an existing non-empty output directory."""
+
+    def __post_init__(self) -> None:
+        _check(self.format in ("compressed-tensors",), "output.format", self.format,
+               "supported formats: compressed-tensors")
+        parse_size(self.part_file_size, "output.part_file_size")
+
+    @property
+    def part_file_bytes(self) -> int:
+        return parse_size(self.part_file_size, "output.part_file_size")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Devices, process group and logging."""
+
+    device: str = "auto"
+    """auto, cpu, cuda or npu."""
+    backend: str = "auto"
+    """auto, gloo, nccl or hccl."""
+    world_size: Optional[int] = None
+    """Only for dry_run: plan for this many ranks without starting them."""
+    timeout_s: int = 1800
+    """Collective timeout: a dead or stuck rank ends the job after this long."""
+    run_dir: Optional[str] = None
+    """Run directory for logs (shared by all ranks). Empty: runs/<timestamp>, chosen by rank 0."""
+    threads: int = 0
+    """torch intra-op threads per rank; 0: cores / local ranks."""
+
+    def __post_init__(self) -> None:
+        _check(self.device in ("auto", "cpu", "cuda", "npu"), "runtime.device", self.device,
+               "expected auto, cpu, cuda or npu")
+        _check(self.backend in ("auto", "gloo", "nccl", "hccl"), "runtime.backend", self.backend,
+               "expected auto, gloo, nccl or hccl")
+        _check(self.world_size is None or self.world_size > 0, "runtime.world_size",
+               self.world_size, "must be positive")
+        _check(self.timeout_s > 0, "runtime.timeout_s", self.timeout_s, "must be positive")
+        _check(self.threads >= 0, "runtime.threads", self.threads, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    dry_run: bool = False
+    """Print the plan (from config + safetensors headers only) and stop."""
+    seed: int = 0

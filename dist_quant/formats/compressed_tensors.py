@@ -1,0 +1,66 @@
+"""compressed-tensors output (what vLLM, SGLang and transformers load), produced with the
+``compressed-tensors`` library: its schemes for ``quantization_config`` and its
+compressor for the packed tensors."""
+from __future__ import annotations
+
+import math
+
+import compressed_tensors
+import torch
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+from ..quant.qparams import QuantArgs, QuantResult
+from ..tensorspec import TensorSpec
+
+FORMAT = "pack-quantized"
+
+
+def scheme(args: QuantArgs) -> QuantizationScheme:
+    weights = QuantizationArgs(
+        num_bits=args.bits, type="int", symmetric=args.symmetric,
+        strategy="channel" if args.group_size == -1 else "group",
+        group_size=None if args.group_size == -1 else args.group_size,
+        dynamic=False,
+    )
+    return QuantizationScheme(targets=["Linear"], weights=weights)
+
+
+def quantization_config(args: QuantArgs, ignore: list[str]) -> dict:
+    """The ``quantization_config`` entry of config.json (as ModelCompressor writes it)."""
+    qc = QuantizationConfig(config_groups={"group_0": scheme(args)}, format=FORMAT,
+                            quantization_status="compressed", ignore=list(ignore))
+    return {
+        "version": compressed_tensors.__version__,
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {},
+        "transform_config": {},
+        **qc.model_dump(exclude={"quant_method"}, mode="json"),
+    }
+
+
+def compress_linear(name: str, result: QuantResult, args: QuantArgs) -> dict[str, torch.Tensor]:
+    """Packed tensors of one linear, named ``{name}.weight_packed`` etc."""
+    in_features = result.q.shape[1]
+    w_hat = result.dequantize(args)
+    state = {"weight": w_hat, "weight_scale": result.scale}
+    if not args.symmetric:
+        state["weight_zero_point"] = result.zero
+    packed = PackedQuantizationCompressor.compress(state, scheme(args))
+    packed["weight_scale"] = result.scale.to(args.scale_dtype)
+    assert packed["weight_packed"].shape[1] == math.ceil(in_features * args.bits / 32)
+    return {f"{name}.{key}": value.contiguous() for key, value in packed.items()}
+
+
+def linear_specs(name: str, out_features: int, in_features: int, args: QuantArgs) -> list[TensorSpec]:
+    """The tensors :func:`compress_linear` will produce, known before any solve (for the writer plan)."""
+    groups = args.groups(in_features)
+    specs = [
+        TensorSpec(f"{name}.weight_packed", "I32", (out_features, math.ceil(in_features * args.bits / 32))),
+        TensorSpec(f"{name}.weight_scale", TensorSpec.dtype_of(args.scale_dtype), (out_features, groups)),
+        TensorSpec(f"{name}.weight_shape", "I64", (2,)),
+    ]
+    if not args.symmetric:
+        specs.append(TensorSpec(f"{name}.weight_zero_point", "I32",
+                                (math.ceil(out_features * args.bits / 32), groups)))
+    return specs

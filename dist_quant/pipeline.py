@@ -1,0 +1,197 @@
+"""The layer loop. For every decoder layer, stage by stage (q/k/v, o, gate/up, down):
+capture statistics of this rank's samples → reduce to the owners → owners solve →
+quantized weights broadcast → the stage runs with quantized weights (sequential
+quantization, one forward per layer) → owners stream their tensors to their part files.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .algorithms.gptq import GPTQParams, gptq_quantize
+from .algorithms.rtn import rtn_quantize
+from .calibration import CalibrationSet
+from .checkpoint import Checkpoint
+from .config import JobConfig
+from .formats import compressed_tensors as ct
+from .layer_forward import build_skeleton, dense_stage_ops, load_layer, unload_layer
+from .plan import LinearInfo, ModelPlan, OwnerPlan
+from .quant.qparams import QuantArgs, QuantResult
+from .runtime import Comm
+from .stats import HessianStat, relative_output_error
+from .tensorspec import TensorSpec
+from .writer import RankWriter
+
+log = logging.getLogger("dist_quant")
+
+PHASES = ("load", "capture", "reduce", "solve", "broadcast", "propagate", "write")
+
+
+def output_specs(plan: ModelPlan, owners: OwnerPlan, ckpt: Checkpoint, args: QuantArgs) -> list[list[TensorSpec]]:
+    """Every rank's output tensors, in the order that rank produces them."""
+    per_rank: list[list[TensorSpec]] = [[] for _ in range(owners.world_size)]
+
+    def raw(name: str) -> TensorSpec:
+        info = ckpt.tensors[name]
+        return TensorSpec(name, info.dtype, info.shape)
+
+    for i in range(plan.num_layers):
+        for lin in plan.layer_linears(i):
+            specs = ct.linear_specs(lin.name, lin.out_features, lin.in_features, args)
+            if lin.has_bias:
+                specs.append(raw(lin.name + ".bias"))
+            per_rank[owners.owner[lin.name]].extend(specs)
+        for name in plan.layer_tensors[i]:
+            per_rank[owners.owner[name]].append(raw(name))
+    for name in plan.global_tensors:
+        per_rank[owners.owner[name]].append(raw(name))
+    return per_rank
+
+
+@dataclass
+class LayerRecord:
+    layer: int
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    modules: dict[str, dict] = field(default_factory=dict)  # filled by the owners
+
+
+class _Phase:
+    def __init__(self, record: LayerRecord, progress):
+        self.record, self.progress = record, progress
+
+    def __call__(self, name: str):
+        self._name = name
+        if self.progress is not None:
+            self.progress.set_postfix_str(f"layer {self.record.layer} {name}", refresh=False)
+        return self
+
+    def __enter__(self):
+        self._t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.record.seconds[self._name] += time.perf_counter() - self._t
+
+
+class LayerwiseQuantizer:
+    def __init__(self, cfg: JobConfig, comm: Comm, ckpt: Checkpoint, plan: ModelPlan, owners: OwnerPlan,
+                 args: QuantArgs, device: torch.device, writer: RankWriter):
+        self.cfg, self.comm, self.ckpt, self.plan, self.owners = cfg, comm, ckpt, plan, owners
+        self.args, self.device, self.writer = args, device, writer
+        self.dtype = getattr(torch, cfg.model.dtype)
+        q = cfg.quant
+        self.gptq = GPTQParams(damp=q.damp, block_size=q.block_size, act_order=q.act_order)
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self, calib: CalibrationSet, progress=None) -> list[LayerRecord]:
+        arch = self.plan.arch
+        skel = build_skeleton(str(self.ckpt.root), self.dtype, self.device)
+        batches = list(calib.batches(self.cfg.calib.batch_size))
+        masks = [m.to(self.device) for _, m in batches]
+        with torch.no_grad():
+            embed = self.ckpt.get(arch.embed).to(self.device, self.dtype)
+            xs = [F.embedding(ids.to(self.device), embed) for ids, _ in batches]
+            del embed
+            seq_len = calib.input_ids.shape[1]
+            positions = torch.arange(seq_len, device=self.device)[None]
+            pos_emb = skel.rotary(xs[0] if xs else torch.zeros(1, seq_len, 1, dtype=self.dtype), positions)
+            pos_emb = tuple(t.to(self.dtype) for t in pos_emb)
+
+        records = []
+        for i in range(self.plan.num_layers):
+            record = LayerRecord(i)
+            phase = _Phase(record, progress)
+            with torch.no_grad():
+                with phase("load"):
+                    layer = load_layer(skel, self.ckpt, arch, i, self.device)
+                xs = self._layer(layer, i, xs, masks, pos_emb, record, phase)
+                with phase("write"):
+                    self._write_layer_tensors(i)
+                unload_layer(layer)
+            records.append(record)
+            if progress is not None:
+                progress.update(1)
+        with torch.no_grad():
+            for name in self.plan.global_tensors:
+                if self.owners.owner[name] == self.comm.rank:
+                    self.writer.add(name, self.ckpt.get(name))
+        return records
+
+    def _layer(self, layer, index, xs, masks, pos_emb, record, phase):
+        arch = self.plan.arch
+        ops = dense_stage_ops(layer, arch, pos_emb)
+        linears = self.plan.layer_linears(index)
+        prev: list[torch.Tensor | None] = [None] * len(xs)
+        for stage, op in zip(arch.stages, ops):
+            with phase("propagate" if stage is not arch.stages[0] else "capture"):
+                inputs = [op.make_input(x, p) for x, p in zip(xs, prev)]
+            stage_linears = [lin for lin in linears if lin.stage == stage.name]
+            if stage_linears:
+                self._quantize_stage(layer, stage_linears, inputs, masks, record, phase)
+            if op.advance is not None:
+                with phase("propagate"):
+                    xs = [op.advance(x, a) for x, a in zip(xs, inputs)]
+            prev = inputs
+        return xs
+
+    # -- one stage: capture → reduce → solve → broadcast ----------------------------------------
+    def _quantize_stage(self, layer, linears: list[LinearInfo], inputs, masks, record, phase) -> None:
+        rank = self.comm.rank
+        owners = {self.owners.owner[lin.name] for lin in linears}
+        # RTN needs no statistics to solve, but they give its output error for the report.
+        with phase("capture"):
+            stat = HessianStat(linears[0].in_features, self.device)
+            for x, m in zip(inputs, masks):
+                stat.add(x, m)
+        with phase("reduce"):
+            flat = self.comm.reduce_to(stat.packed(), owners, "sum")
+            stat.unpack(flat)
+        hessian = stat.hessian() if rank in owners else None
+        tokens = int(stat.count.item()) if rank in owners else 0
+        del stat, flat
+        for lin in linears:
+            owner = self.owners.owner[lin.name]
+            module = layer.get_submodule(lin.name[len(self.plan.arch.layer_prefix(lin.layer)):])
+            if owner == rank:
+                with phase("solve"):
+                    result, info = self._solve(lin, hessian)
+                info["tokens"] = tokens
+                record.modules[lin.name] = info
+            else:
+                result = QuantResult(
+                    q=torch.empty(lin.out_features, lin.in_features, dtype=torch.int8, device=self.device),
+                    scale=torch.empty(lin.out_features, self.args.groups(lin.in_features), device=self.device),
+                    zero=torch.empty(lin.out_features, self.args.groups(lin.in_features), dtype=torch.int8,
+                                     device=self.device))
+            with phase("broadcast"):
+                for t in (result.q, result.scale, result.zero):
+                    self.comm.broadcast(t, owner)
+            module.weight.copy_(result.dequantize(self.args).to(module.weight.dtype))
+            if owner == rank:
+                with phase("write"):
+                    for name, tensor in ct.compress_linear(lin.name, result, self.args).items():
+                        self.writer.add(name, tensor)
+                    if lin.has_bias:
+                        self.writer.add(lin.name + ".bias", self.ckpt.get(lin.name + ".bias"))
+
+    def _solve(self, lin: LinearInfo, hessian: torch.Tensor):
+        t0 = time.perf_counter()
+        w = self.ckpt.get(lin.name + ".weight").to(self.device, torch.float32)
+        if self.cfg.quant.method == "gptq":
+            result = gptq_quantize(w, hessian, self.args, self.gptq)
+        else:
+            result = rtn_quantize(w, self.args)
+        if result.fallback:
+            log.warning("%s: %s", lin.name, result.fallback)
+        info = {"seconds": time.perf_counter() - t0, "fallback": result.fallback, "rank": self.comm.rank}
+        info["rel_output_error"] = relative_output_error(w, result.dequantize(self.args), hessian)
+        return result, info
+
+    def _write_layer_tensors(self, index: int) -> None:
+        for name in self.plan.layer_tensors[index]:
+            if self.owners.owner[name] == self.comm.rank:
+                self.writer.add(name, self.ckpt.get(name))

@@ -1,0 +1,142 @@
+"""The run plan, computed identically on every rank from config.json and safetensors
+headers only: layers, linears, the owner of every module and tensor, and the output
+tensors each rank will write. Deterministic (sorted inputs, stable tie-breaks) so no
+communication is needed to agree on it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .arch import ArchSpec, UnsupportedModel, get_arch
+from .checkpoint import Checkpoint, CheckpointError
+from .config import ConfigError, QuantConfig
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    name: str  # FQN without ".weight", e.g. model.layers.3.self_attn.q_proj
+    layer: int
+    stage: str
+    out_features: int
+    in_features: int
+    has_bias: bool
+
+    def solve_cost(self, method: str) -> float:
+        n, m = self.in_features, self.out_features
+        return float(n) * n * (n / 3 + m) if method == "gptq" else float(n) * m
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    arch: ArchSpec
+    num_layers: int
+    linears: tuple[LinearInfo, ...]
+    layer_tensors: tuple[tuple[str, ...], ...]  # per layer: the other tensors (norms, ...)
+    global_tensors: tuple[str, ...]  # embeddings, final norm, lm_head
+    tied_embeddings: bool
+
+    def layer_linears(self, layer: int) -> list[LinearInfo]:
+        return [lin for lin in self.linears if lin.layer == layer]
+
+
+def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
+    cfg = ckpt.config
+    model_type = cfg.get("model_type")
+    if not isinstance(model_type, str):
+        raise UnsupportedModel(f"config.json in {str(ckpt.root)!r} has no model_type")
+    arch = get_arch(model_type)
+    num_layers = cfg.get("num_hidden_layers")
+    if not isinstance(num_layers, int) or num_layers <= 0:
+        raise CheckpointError(f"config.json num_hidden_layers={num_layers!r} is not a positive integer")
+    hidden = cfg.get("hidden_size")
+
+    for name in (arch.embed, arch.final_norm):
+        if name not in ckpt:
+            raise CheckpointError(f"checkpoint lacks {name!r}")
+    if arch.embed in ckpt and hidden is not None and ckpt.tensors[arch.embed].shape[-1] != hidden:
+        raise CheckpointError(f"{arch.embed!r} has shape {list(ckpt.tensors[arch.embed].shape)} "
+                              f"but config.json hidden_size={hidden}")
+
+    linears: list[LinearInfo] = []
+    layer_tensors: list[tuple[str, ...]] = []
+    ignore = set(quant.ignore)
+    for i in range(num_layers):
+        prefix = arch.layer_prefix(i)
+        owned: set[str] = set()
+        for stage in arch.stages:
+            for rel in stage.linears:
+                fqn = prefix + rel
+                wname = fqn + ".weight"
+                if wname not in ckpt:
+                    raise CheckpointError(f"checkpoint lacks {wname!r} (layer {i} of {num_layers})")
+                shape = ckpt.tensors[wname].shape
+                if len(shape) != 2:
+                    raise CheckpointError(f"{wname!r} has shape {list(shape)}, expected a 2-D matrix")
+                if rel.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")) and hidden and shape[1] != hidden:
+                    raise CheckpointError(f"{wname!r} has {shape[1]} input features but config.json "
+                                          f"hidden_size={hidden}")
+                if rel.split(".")[-1] in ignore or fqn in ignore:
+                    continue  # stays a float tensor of the layer
+                owned.add(wname)
+                has_bias = fqn + ".bias" in ckpt
+                if has_bias:
+                    owned.add(fqn + ".bias")
+                if quant.group_size != -1 and shape[1] % quant.group_size:
+                    raise ConfigError(f"quant.group_size={quant.group_size} does not divide the "
+                                      f"{shape[1]} input features of {fqn!r}; use a divisor or -1")
+                linears.append(LinearInfo(fqn, i, stage.name, shape[0], shape[1], has_bias))
+        others = sorted(n for n in ckpt.tensors if n.startswith(prefix) and n not in owned)
+        layer_tensors.append(tuple(others))
+
+    in_layers = tuple(arch.layer_prefix(i) for i in range(num_layers))
+    stray_layers = sorted(n for n in ckpt.tensors if n.startswith(arch.layers_prefix + ".")
+                          and not n.startswith(in_layers))
+    if stray_layers:
+        raise CheckpointError(f"checkpoint has tensors of layers beyond num_hidden_layers={num_layers}, "
+                              f"e.g. {stray_layers[0]!r}")
+    global_tensors = tuple(sorted(n for n in ckpt.tensors if not n.startswith(in_layers)))
+    tied = arch.lm_head not in ckpt
+    return ModelPlan(arch, num_layers, tuple(linears), tuple(layer_tensors), global_tensors, tied)
+
+
+@dataclass(frozen=True)
+class OwnerPlan:
+    world_size: int
+    owner: dict[str, int]  # linear FQN or tensor name → rank
+    solve_cost: tuple[float, ...] = field(default=())  # per rank
+    write_bytes: tuple[int, ...] = field(default=())  # per rank, input bytes of owned tensors
+
+    def owned_by(self, rank: int) -> list[str]:
+        return [name for name, r in self.owner.items() if r == rank]
+
+
+def assign_owners(plan: ModelPlan, ckpt: Checkpoint, world_size: int, method: str) -> OwnerPlan:
+    """Greedy longest-processing-time bin packing, stage by stage, so that the solves that
+    run concurrently are balanced; other tensors are balanced by bytes to write."""
+    owner: dict[str, int] = {}
+    cost = [0.0] * world_size
+    nbytes = [0] * world_size
+    groups: dict[tuple[int, str], list[LinearInfo]] = {}
+    for lin in plan.linears:
+        groups.setdefault((lin.layer, lin.stage), []).append(lin)
+    for key in sorted(groups, key=lambda k: (k[0], [s.name for s in plan.arch.stages].index(k[1]))):
+        stage_cost = [0.0] * world_size
+        for lin in sorted(groups[key], key=lambda x: (-x.solve_cost(method), x.name)):
+            r = min(range(world_size), key=lambda k: (stage_cost[k], cost[k], k))
+            owner[lin.name] = r
+            c = lin.solve_cost(method)
+            stage_cost[r] += c
+            cost[r] += c
+            nbytes[r] += ckpt.tensors[lin.name + ".weight"].nbytes
+    linear_weights = {lin.name + ".weight" for lin in plan.linears}
+    rest = [n for grp in plan.layer_tensors for n in grp] + list(plan.global_tensors)
+    for name in sorted(rest, key=lambda n: (-ckpt.tensors[n].nbytes, n)):
+        base = name.rsplit(".", 1)[0]
+        if name.endswith(".bias") and base in owner:
+            owner[name] = owner[base]  # a quantized linear's bias lives with it
+            continue
+        if name in linear_weights:
+            continue
+        r = min(range(world_size), key=lambda k: (nbytes[k], k))
+        owner[name] = r
+        nbytes[r] += ckpt.tensors[name].nbytes
+    return OwnerPlan(world_size, owner, tuple(cost), tuple(nbytes))

@@ -1,0 +1,204 @@
+"""One quantization job from a typed config: prepare → plan → layer loop → finish.
+
+Work happens in ``<output.dir>.partial``; rank 0 moves it into place only once every
+rank has written its part files and the index, config and report exist."""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .calibration import load_calibration
+from .checkpoint import Checkpoint, CheckpointError
+from .config import ConfigError, JobConfig
+from .formats import compressed_tensors as ct
+from .pipeline import LayerwiseQuantizer, output_specs
+from .plan import ModelPlan, OwnerPlan, assign_owners, inspect_model
+from .quant.qparams import QuantArgs
+from .runtime import Comm
+from .writer import RankWriter, plan_parts, write_index
+
+log = logging.getLogger("dist_quant")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def resolve_model_path(cfg: JobConfig, comm: Comm) -> str:
+    if cfg.model.path:
+        return cfg.model.path
+    from .demo_model import ensure_demo_checkpoint  # the embedded demo model
+
+    path = str(ensure_demo_checkpoint()) if comm.rank == 0 else None
+    return comm.broadcast_object(path, 0)
+
+
+def output_dir(cfg: JobConfig, model_path: str) -> Path:
+    if cfg.output.dir:
+        return Path(cfg.output.dir)
+    return Path("outputs") / f"{Path(model_path).resolve().name}-{cfg.quant.name}"
+
+
+def check_output_dir(final: Path, model_dir: Path, overwrite: bool) -> None:
+    if final.resolve() == model_dir.resolve() or model_dir.resolve() in final.resolve().parents:
+        raise ConfigError(f"output.dir={str(final)!r} is inside the model directory; choose another place")
+    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
+        raise ConfigError(f"output.dir={str(final)!r} exists and is not empty (set output.overwrite=true "
+                          "to replace it)")
+    parent = final.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    probe = parent / f".dist_quant_write_test_{time.time_ns()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output.dir={str(final)!r} is not writable: {exc.strerror}") from None
+
+
+def quant_args(cfg: JobConfig, ckpt: Checkpoint, plan: ModelPlan) -> QuantArgs:
+    first = plan.linears[0].name + ".weight" if plan.linears else None
+    dtype = ckpt.tensors[first].dtype if first else "F32"
+    scale_dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
+    q = cfg.quant
+    return QuantArgs(q.bits, q.group_size, q.symmetric, scale_dtype, mse=q.observer == "mse")
+
+
+def prepare(cfg: JobConfig, model_path: str, world_size: int):
+    """Everything that needs no weights: checkpoint headers, model plan, owners, args."""
+    if cfg.model.trust_remote_code:
+        raise ConfigError("model.trust_remote_code=true: dist_quant never runs code from a checkpoint; "
+                          "only built-in architectures are supported")
+    ckpt = Checkpoint(model_path)
+    plan = inspect_model(ckpt, cfg.quant)
+    owners = assign_owners(plan, ckpt, world_size, cfg.quant.method)
+    args = quant_args(cfg, ckpt, plan)
+    return ckpt, plan, owners, args
+
+
+def log_owner_plan(plan: ModelPlan, owners: OwnerPlan) -> None:
+    for r in range(owners.world_size):
+        mods = [lin.name for lin in plan.linears if owners.owner[lin.name] == r]
+        log.info("owner plan: rank %d solves %d linears (cost %.3g), writes %.1f MB of input tensors",
+                 r, len(mods), owners.solve_cost[r], owners.write_bytes[r] / 1e6)
+    for lin in plan.linears:
+        log.debug("owner plan: %s -> rank %d", lin.name, owners.owner[lin.name])
+
+
+def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> Path:
+    t_start = time.time()
+    model_path = resolve_model_path(cfg, comm)
+    ckpt, plan, owners, args = prepare(cfg, model_path, comm.world_size)
+    final = output_dir(cfg, model_path)
+    check_output_dir(final, ckpt.root, cfg.output.overwrite)
+    log_owner_plan(plan, owners)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt.root), trust_remote_code=False)
+    default_text = None
+    if cfg.calib.path is None:
+        from .demo_data import demo_calibration_text
+
+        default_text = demo_calibration_text()
+    calib = load_calibration(cfg.calib, tokenizer, default_text)
+    mine = calib.rank_slice(comm.rank, comm.world_size)
+    log.info("calibration: %d samples x %d tokens (%d real tokens); this rank: %d samples",
+             calib.input_ids.shape[0], calib.input_ids.shape[1], calib.tokens, mine.input_ids.shape[0])
+
+    partial = final.parent / (final.name + ".partial")
+    if comm.rank == 0:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    comm.barrier()
+
+    parts = plan_parts(output_specs(plan, owners, ckpt, args), cfg.output.part_file_bytes)
+    writer = RankWriter(partial, parts, comm.rank)
+    progress = _progress(comm, plan.num_layers)
+    try:
+        records = LayerwiseQuantizer(cfg, comm, ckpt, plan, owners, args, device, writer).run(mine, progress)
+        weight_map = writer.finish()
+    finally:
+        writer.abort()
+        if progress is not None:
+            progress.close()
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gathered = comm.gather_object({"weight_map": weight_map, "records": [_record_dict(r) for r in records],
+                                   "peak_rss_bytes": peak_rss, "rank": comm.rank}, 0)
+    if comm.rank == 0:
+        _finish(cfg, ckpt, plan, owners, args, parts, gathered, partial, final, t_start, model_path)
+    comm.barrier()
+    return final
+
+
+def _progress(comm: Comm, total: int):
+    if comm.rank != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="quantize", unit="layer", dynamic_ncols=True)
+
+
+def _record_dict(record) -> dict:
+    return {"layer": record.layer, "seconds": dict(record.seconds), "modules": record.modules}
+
+
+def _finish(cfg, ckpt, plan, owners, args, parts, gathered, partial: Path, final: Path, t_start, model_path):
+    weight_map: dict[str, str] = {}
+    for g in gathered:
+        clash = set(weight_map) & set(g["weight_map"])
+        if clash:
+            raise RuntimeError(f"tensor written by two ranks: {sorted(clash)[0]!r}")
+        weight_map.update(g["weight_map"])
+    write_index(partial, parts, weight_map)
+    config = dict(ckpt.config)
+    config["quantization_config"] = ct.quantization_config(args, ["lm_head"])
+    (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in TOKENIZER_FILES:
+        if (ckpt.root / name).is_file():
+            shutil.copy2(ckpt.root / name, partial / name)
+    report = build_report(cfg, plan, owners, gathered, time.time() - t_start, model_path)
+    (partial / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if final.exists():
+        trash = final.parent / (final.name + ".old")
+        shutil.rmtree(trash, ignore_errors=True)
+        final.rename(trash)
+        partial.rename(final)
+        shutil.rmtree(trash)
+    else:
+        partial.rename(final)
+    errors = [m["rel_output_error"] for g in gathered for r in g["records"] for m in r["modules"].values()]
+    log.info("wrote %s: %d part files, %d tensors, %.1f MB in %.1f s; mean relative output error %.4g",
+             final, len(parts), len(weight_map), sum(p.nbytes for p in parts) / 1e6, time.time() - t_start,
+             sum(errors) / max(len(errors), 1))
+
+
+def build_report(cfg, plan, owners, gathered, seconds, model_path) -> dict:
+    import compressed_tensors
+    import transformers
+
+    layers: dict[int, dict] = {}
+    for g in gathered:
+        for r in g["records"]:
+            entry = layers.setdefault(r["layer"], {"layer": r["layer"], "seconds_by_rank": {}, "modules": {}})
+            entry["seconds_by_rank"][g["rank"]] = r["seconds"]
+            entry["modules"].update(r["modules"])
+    return {
+        "model": model_path,
+        "config": asdict(cfg),
+        "wall_seconds": seconds,
+        "world_size": owners.world_size,
+        "peak_rss_bytes_by_rank": {g["rank"]: g["peak_rss_bytes"] for g in gathered},
+        "owner_plan": {lin.name: owners.owner[lin.name] for lin in plan.linears},
+        "layers": [layers[i] for i in sorted(layers)],
+        "versions": {"dist_quant": "0.1.0", "torch": torch.__version__, "transformers": transformers.__version__,
+                     "compressed_tensors": compressed_tensors.__version__, "python": platform.python_version()},
+    }

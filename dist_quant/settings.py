@@ -1,0 +1,59 @@
+"""Load the Hydra configuration from ``conf/`` and turn it into a typed :class:`JobConfig`."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import ConfigError, JobConfig
+
+CONF_DIR = Path(os.environ.get("DIST_QUANT_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
+
+
+def compose(overrides: Sequence[str], conf_dir: Path = CONF_DIR):
+    """Compose ``conf/config.yaml`` with Hydra overrides (``key=value``, ``quant=rtn_w4a16``)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    if not (conf_dir / "config.yaml").is_file():
+        raise ConfigError(f"config dir {str(conf_dir)!r} has no config.yaml (set DIST_QUANT_CONF_DIR)")
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+def to_job_config(cfg) -> JobConfig:
+    """Validate a composed DictConfig against the typed schema and build frozen dataclasses."""
+    try:
+        schema = OmegaConf.structured(JobConfig)
+        _unfreeze(schema)  # frozen dataclasses make the schema read-only; merging needs it writable
+        merged = OmegaConf.merge(schema, cfg)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+def _unfreeze(node) -> None:
+    OmegaConf.set_readonly(node, None)
+    if OmegaConf.is_dict(node):
+        for key in node:
+            child = node._get_node(key)
+            if OmegaConf.is_config(child):
+                _unfreeze(child)
+
+
+def load_config(overrides: Sequence[str]) -> JobConfig:
+    return to_job_config(compose(overrides))
+
+
+def _one_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    keep = [ln for ln in lines if not ln.startswith(("full_key", "object_type", "reference_type"))]
+    full_key = next((ln for ln in lines if ln.startswith("full_key")), None)
+    text = " ".join(keep[:2]) if keep else type(exc).__name__
+    return f"{text} ({full_key})" if full_key and full_key.split(":", 1)[1].strip() else text

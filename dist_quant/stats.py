@@ -1,0 +1,46 @@
+"""Calibration statistics kept as sums (never running means) so that a collective
+SUM across ranks is exact up to float64 rounding; normalized only after reducing."""
+from __future__ import annotations
+
+import torch
+
+
+class HessianStat:
+    """``Σ x xᵀ`` over real tokens (float64) and the token count."""
+
+    reduce_op = "sum"
+
+    def __init__(self, features: int, device: torch.device):
+        self.sum = torch.zeros(features, features, dtype=torch.float64, device=device)
+        self.count = torch.zeros(1, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """``x`` [..., features]; ``mask`` [...] selects real tokens."""
+        x = x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
+        x = x.float()
+        self.sum += (x.T @ x).double()  # float32 GEMM per batch, float64 accumulation
+        self.count += x.shape[0]
+
+    def packed(self) -> torch.Tensor:
+        """One flat buffer, so one collective carries sum and count."""
+        return torch.cat([self.sum.reshape(-1), self.count])
+
+    def unpack(self, flat: torch.Tensor) -> None:
+        n = self.sum.shape[0]
+        self.sum = flat[: n * n].reshape(n, n)
+        self.count = flat[n * n:]
+
+    def hessian(self) -> torch.Tensor:
+        """The normalized GPTQ Hessian ``2 Σ x xᵀ / n``."""
+        n = float(self.count.item())
+        if n == 0:
+            raise ValueError("no calibration tokens reached this module")
+        return self.sum * (2.0 / n)
+
+
+def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """``‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖²`` on the calibration inputs, from the Hessian alone."""
+    w64, d = w.double(), (w - w_hat).double()
+    num = torch.einsum("oi,ij,oj->", d, h, d)
+    den = torch.einsum("oi,ij,oj->", w64, h, w64)
+    return float(num / den) if den > 0 else float(num)

@@ -1,0 +1,55 @@
+"""Tiny random-weight checkpoints (built from transformers configs) for tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+FALLBACK_TEXT = ("The quick brown fox jumps over the lazy dog. " * 50 + "\n") * 20
+
+
+def corpus_text(chars: int = 200_000) -> str:
+    if WIKI.is_file():
+        return WIKI.read_text(encoding="utf-8")[:chars]
+    return (FALLBACK_TEXT * (chars // len(FALLBACK_TEXT) + 1))[:chars]
+
+
+def make_tokenizer(directory: Path, vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([corpus_text(50_000)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def make_tiny_model(directory: Path, arch: str = "llama", layers: int = 2, hidden: int = 64,
+                    intermediate: int = 128, heads: int = 4, kv_heads: int = 2, tied: bool = False,
+                    dtype: torch.dtype = torch.float32, shard_size: str | None = None, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(directory)
+    common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  max_position_embeddings=1024, tie_word_embeddings=tied, eos_token_id=tok.eos_token_id,
+                  bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    with torch.no_grad():  # larger-than-default weights make quantization error visible
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0, 0.08)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    return directory
