@@ -57,7 +57,8 @@ def from_text(text: str, tokenizer, cfg: CalibConfig, source: str) -> Calibratio
     chars = max(need * 6, 4096)
     while True:
         ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
-        if len(ids) >= need or chars >= len(text):
+        # one token beyond what is needed: the last kept token is then not a word cut by the prefix
+        if len(ids) > need or chars >= len(text):
             break
         chars *= 2
     if len(ids) < need:
@@ -70,7 +71,7 @@ def from_text(text: str, tokenizer, cfg: CalibConfig, source: str) -> Calibratio
 
 def from_jsonl(path: Path, tokenizer, cfg: CalibConfig) -> CalibrationSet:
     texts: list[str] = []
-    for lineno, line in enumerate(_read(path).splitlines(), 1):
+    for lineno, line in enumerate(_read(path).split("\n"), 1):
         if not line.strip():
             continue
         try:

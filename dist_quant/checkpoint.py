@@ -34,8 +34,10 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def _inside(root: Path, name: str, what: str) -> Path:
-    path = (root / name).resolve()
-    if os.path.isabs(name) or not path.is_relative_to(root.resolve()):
+    # judged on the normalized name, not the resolved one: hub caches link files into ../blobs
+    path = root / name
+    normalized = os.path.normpath(name)
+    if os.path.isabs(name) or normalized == ".." or normalized.startswith(".." + os.sep):
         raise CheckpointError(f"{what} names {name!r}, a path outside the model directory {str(root)!r}")
     return path
 

@@ -8,6 +8,7 @@ the values and names the bad one in the error.
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -27,10 +28,10 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
 
 def parse_size(value: Any, key: str = "size") -> int:
     """Parse ``123``, ``"500MB"``, ``"2GB"``, ``"1.5GiB"`` into bytes."""
-    text = str(value).strip().upper().replace(" ", "")
+    text = re.sub(r"(\d)\s+([A-Za-z])", r"\1\2", str(value).strip()).upper()
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]I?B|B)?", text)
     _check(m is not None, key, value, "expected bytes or a size like 500MB, 2GB, 1GiB")
-    number, unit = float(m.group(1)), (m.group(2) or "")
+    number, unit = Decimal(m.group(1)), (m.group(2) or "")
     size = int(number * _SIZE_UNITS[unit])
     _check(size > 0, key, value, "must be positive")
     return size

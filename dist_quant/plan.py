@@ -33,6 +33,7 @@ class ModelPlan:
     layer_tensors: tuple[tuple[str, ...], ...]  # per layer: the other tensors (norms, ...)
     global_tensors: tuple[str, ...]  # embeddings, final norm, lm_head
     tied_embeddings: bool
+    ignored: tuple[str, ...] = ()  # FQNs of linears left in float by quant.ignore
 
     def layer_linears(self, layer: int) -> list[LinearInfo]:
         return [lin for lin in self.linears if lin.layer == layer]
@@ -59,6 +60,7 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
     linears: list[LinearInfo] = []
     layer_tensors: list[tuple[str, ...]] = []
     ignore = set(quant.ignore)
+    ignored: list[str] = []
     for i in range(num_layers):
         prefix = arch.layer_prefix(i)
         owned: set[str] = set()
@@ -75,6 +77,7 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
                     raise CheckpointError(f"{wname!r} has {shape[1]} input features but config.json "
                                           f"hidden_size={hidden}")
                 if rel.split(".")[-1] in ignore or fqn in ignore:
+                    ignored.append(fqn)
                     continue  # stays a float tensor of the layer
                 owned.add(wname)
                 has_bias = fqn + ".bias" in ckpt
@@ -95,7 +98,7 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
                               f"e.g. {stray_layers[0]!r}")
     global_tensors = tuple(sorted(n for n in ckpt.tensors if not n.startswith(in_layers)))
     tied = arch.lm_head not in ckpt
-    return ModelPlan(arch, num_layers, tuple(linears), tuple(layer_tensors), global_tensors, tied)
+    return ModelPlan(arch, num_layers, tuple(linears), tuple(layer_tensors), global_tensors, tied, tuple(ignored))
 
 
 @dataclass(frozen=True)

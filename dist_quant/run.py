@@ -160,7 +160,7 @@ def _finish(cfg, ckpt, plan, owners, args, parts, gathered, partial: Path, final
         weight_map.update(g["weight_map"])
     write_index(partial, parts, weight_map)
     config = dict(ckpt.config)
-    config["quantization_config"] = ct.quantization_config(args, ["lm_head"])
+    config["quantization_config"] = ct.quantization_config(args, ["lm_head", *plan.ignored])
     (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in TOKENIZER_FILES:
         if (ckpt.root / name).is_file():

@@ -41,6 +41,6 @@ class HessianStat:
 def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """``‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖²`` on the calibration inputs, from the Hessian alone."""
     w64, d = w.double(), (w - w_hat).double()
-    num = torch.einsum("oi,ij,oj->", d, h, d)
-    den = torch.einsum("oi,ij,oj->", w64, h, w64)
+    num = ((d @ h) * d).sum()
+    den = ((w64 @ h) * w64).sum()
     return float(num / den) if den > 0 else float(num)

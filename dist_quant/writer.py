@@ -129,11 +129,11 @@ class RankWriter:
 
     def finish(self) -> dict[str, str]:
         """Check that everything planned was written; return this rank's tensor → file map."""
-        if self._pending:
-            raise WriterError(f"unplanned tensors given: {sorted(self._pending)[:3]}")
         if self._next != len(self._queue):
             raise WriterError(f"{len(self._queue) - self._next} planned tensors never arrived, "
                               f"e.g. {self._queue[self._next][1].name!r}")
+        if self._pending:
+            raise WriterError(f"unplanned tensors given: {sorted(self._pending)[:3]}")
         self._close()
         return {spec.name: part.file for part in self.parts for spec in part.tensors}
 
