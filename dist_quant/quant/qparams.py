@@ -98,6 +98,11 @@ class QuantResult:
     zero: torch.Tensor  # int8 [out, groups]; zeros when symmetric
     fallback: str | None = None  # set when the solver fell back (e.g. GPTQ → RTN), with why
 
+    def split(self, rows: list[int]) -> list["QuantResult"]:
+        """Per-module results of a row-stacked solve."""
+        return [QuantResult(q, s, z, self.fallback) for q, s, z in
+                zip(self.q.split(rows), self.scale.split(rows), self.zero.split(rows))]
+
     def dequantize(self, args: QuantArgs) -> torch.Tensor:
         n = self.q.shape[1]
         return dequantize(self.q.float(), expand_groups(self.scale, args, n),
