@@ -148,7 +148,8 @@ def _progress(comm: Comm, total: int):
 
 
 def _record_dict(record) -> dict:
-    return {"layer": record.layer, "seconds": dict(record.seconds), "modules": record.modules}
+    moe = {"moe": record.moe} if getattr(record, "moe", None) else {}
+    return {"layer": record.layer, "seconds": dict(record.seconds), "modules": record.modules, **moe}
 
 
 def _finish(cfg, ckpt, plan, owners, args, parts, gathered, partial: Path, final: Path, t_start, model_path):
@@ -166,6 +167,11 @@ def _finish(cfg, ckpt, plan, owners, args, parts, gathered, partial: Path, final
         if (ckpt.root / name).is_file():
             shutil.copy2(ckpt.root / name, partial / name)
     report = build_report(cfg, plan, owners, gathered, time.time() - t_start, model_path)
+    if plan.arch.moe is not None:
+        from .moe import log_moe_summary, moe_report
+
+        report["moe"] = moe_report(gathered)
+        log_moe_summary(report["moe"])
     (partial / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
     if final.exists():
         trash = final.parent / (final.name + ".old")
