@@ -13,10 +13,7 @@ process), checked against an independent fake-quant reference (tests/moe_referen
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import math
 import sys
 from pathlib import Path
@@ -28,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from moe_jobs import run_inprocess  # noqa: E402
 from moe_reference import load_fake_quant, quantized_linears, read_tensors, router_counts  # noqa: E402
 from tiny import corpus_text  # noqa: E402
 from tiny_moe import MOE_ARCHS, make_tiny_moe  # noqa: E402
@@ -36,48 +34,6 @@ NUM_SAMPLES, SEQ_LEN, BATCH = 16, 64, 4
 TOKENS = NUM_SAMPLES * SEQ_LEN
 EXPERTS = {"qwen2_moe": 4, "qwen3_moe": 6, "mixtral": 5}
 ATOL = 1e-4
-
-
-def run_job(model: Path, out: Path, *extra: str, capture: bool = False):
-    """One-rank job in this process; with ``capture``, the hidden states after every layer
-    and the calibration set."""
-    from dist_quant.__main__ import main
-    from dist_quant.pipeline import LayerwiseQuantizer
-
-    seen = SimpleNamespace(xs={}, calib=None)
-    orig_layer, orig_run = LayerwiseQuantizer._layer, LayerwiseQuantizer.run
-
-    def _layer(self, layer, index, *a, **k):
-        out_xs = orig_layer(self, layer, index, *a, **k)
-        seen.xs[index] = torch.cat([x.detach().clone() for x in out_xs])
-        return out_xs
-
-    def _run(self, calib, progress=None):
-        seen.calib = calib
-        return orig_run(self, calib, progress)
-
-    overrides = [f"model.path={model}", "quant.group_size=32", f"calib.path={out.parent / 'calib.txt'}",
-                 f"calib.num_samples={NUM_SAMPLES}", f"calib.seq_len={SEQ_LEN}", f"calib.batch_size={BATCH}",
-                 f"output.dir={out}", f"runtime.run_dir={out}.run", "runtime.threads=1", *extra]
-    threads = torch.get_num_threads()
-    err = io.StringIO()
-    if capture:
-        LayerwiseQuantizer._layer, LayerwiseQuantizer.run = _layer, _run
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            rc = main(overrides)
-    finally:
-        LayerwiseQuantizer._layer, LayerwiseQuantizer.run = orig_layer, orig_run
-        torch.set_num_threads(threads)
-        logger = logging.getLogger("dist_quant")
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-            handler.close()
-    assert rc == 0, err.getvalue()[-3000:]
-    seen.report = json.loads((out / "quant_report.json").read_text())
-    seen.log = (Path(f"{out}.run") / "rank0.log").read_text()
-    seen.out = out
-    return seen
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +46,16 @@ def env(tmp_path_factory):
     return SimpleNamespace(root=root, models=models, runs={})
 
 
+def _calib_args(root: Path) -> list[str]:
+    return ["quant.group_size=32", f"calib.path={root / 'calib.txt'}", f"calib.num_samples={NUM_SAMPLES}",
+            f"calib.seq_len={SEQ_LEN}", f"calib.batch_size={BATCH}"]
+
+
 def job(env, key, arch, *extra, capture=True):
     if (key, arch) not in env.runs:
-        env.runs[(key, arch)] = run_job(env.models[arch], env.root / f"out_{key}_{arch}", *extra, capture=capture)
+        out = env.root / f"out_{key}_{arch}"
+        env.runs[(key, arch)] = run_inprocess(env.models[arch], out, _calib_args(env.root), *extra,
+                                              capture=capture)
     return env.runs[(key, arch)]
 
 
