@@ -203,6 +203,12 @@ def moe_block(qz, layer, index: int, xs: list[torch.Tensor], masks: list[torch.T
     with phase("propagate"):
         hs = [getattr(layer, arch.post_attn_norm)(x) for x in xs]
     if dense.get("moe_in"):
+        router = arch.layer_prefix(index) + spec.router_name
+        if comm.rank == 0 and any(lin.name == router for lin in dense["moe_in"]) and \
+                not getattr(qz, "router_warned", False):
+            qz.router_warned = True
+            log.warning("the router (%s) is quantized (not in quant.moe_ignore): vLLM keeps MoE routers in float and "
+                        "transformers 5 cannot load a quantized router (it is not an nn.Linear there)", router)
         qz._quantize_stage(layer, dense["moe_in"], hs, masks, record, phase)
     shared = [None] * len(xs)
     if spec.shared:

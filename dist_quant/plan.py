@@ -79,6 +79,9 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
                     raise CheckpointError(f"{wname!r} has {shape[1]} input features but config.json "
                                           f"hidden_size={hidden}")
                 if rel.split(".")[-1] in ignore or fqn in ignore:
+                    if stage.expert is not None:
+                        raise ConfigError(f"quant.ignore/quant.moe_ignore match the routed expert linear {fqn!r}; "
+                                          "routed experts are quantized whole (keep them out of the ignore lists)")
                     ignored.append(fqn)
                     continue  # stays a float tensor of the layer
                 owned.add(wname)

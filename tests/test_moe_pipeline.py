@@ -239,3 +239,20 @@ def test_expert_routed_no_token_is_never_skipped(env, monkeypatch, fallback):
     else:
         assert gate["tokens"] == TOKENS and gate["statistics"] == "all_tokens"
     assert "model.layers.0.mlp.experts.0: 0 routed tokens < calib.min_expert_tokens=1" in run.log
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_quantized_router_routes_with_its_quantized_weights(env, arch):
+    """quant.moe_ignore=[]: router (and shared_expert_gate) quantized in stage moe_in, before
+    routing; propagation then follows the quantized router (the fake-quant reference's)."""
+    run = job(env, "router_q", arch, "quant.moe_ignore=[]")
+    model = check_propagation(env, arch, run)
+    counts = router_counts(model, run.calib.input_ids)
+    for layer in run.report["moe"]["layers"]:
+        assert layer["tokens_per_expert"] == counts[layer["layer"]].tolist()
+    out = quantized_linears(read_tensors(run.out), 4)
+    router = "block_sparse_moe.gate" if arch == "mixtral" else "mlp.gate"
+    assert {f"model.layers.{i}.{router}" for i in range(2)} <= set(out)
+    if arch == "qwen2_moe":
+        assert out["model.layers.0.mlp.shared_expert_gate"].q.shape == (1, 64)
+    assert "transformers 5 cannot load a quantized router" in run.log

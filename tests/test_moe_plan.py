@@ -128,3 +128,11 @@ def test_writer_plans_expert_tensors_for_their_owners(ckpts, arch):
     for name in ckpt.tensors:  # float tensors keep their checkpoint names (router included)
         if not name.endswith(".weight") or name[: -len(".weight")] not in {lin.name for lin in plan.linears}:
             assert name in where
+
+
+@pytest.mark.parametrize("ignore", [["w2"], ["model.layers.0.block_sparse_moe.experts.1.w3"]])
+def test_ignoring_part_of_a_routed_expert_is_refused(ckpts, ignore):
+    from dist_quant.config import ConfigError
+
+    with pytest.raises(ConfigError, match="routed expert"):
+        inspect_model(ckpts["mixtral"], quant(ignore=["lm_head", *ignore]))
