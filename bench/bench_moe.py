@@ -56,8 +56,8 @@ def quantize(model: Path, out: Path, ranks: int, args) -> dict:
     cmd += [f"model.path={model}", "quant=gptq_w4a16", f"quant.group_size={args.group_size}",
             f"calib.path={args.data}", f"calib.num_samples={args.samples}", f"calib.seq_len={args.seq_len}",
             f"calib.batch_size={args.batch_size}", f"output.dir={out}", "output.overwrite=true",
-            f"runtime.run_dir={out}.run", f"runtime.threads={max(1, args.threads // ranks)}"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
+            f"runtime.run_dir={out}.run", f"runtime.threads={args.threads}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1", OMP_NUM_THREADS=str(args.threads))
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.time() - t0
@@ -97,12 +97,13 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--expert-intermediate", type=int, default=256)
-    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--expert-intermediate", type=int, default=128)
+    p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2, help="torch threads in all (split over ranks)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (the same for every run: "
+                   "float results, hence routing near ties, depend on the thread count)")
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "moe"))
     args = p.parse_args()

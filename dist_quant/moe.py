@@ -244,6 +244,8 @@ def moe_block(qz, layer, index: int, xs: list[torch.Tensor], masks: list[torch.T
     out_rows = torch.zeros_like(recv.h)
     fallbacks: dict[int, str] = {}
     act = block.experts.act_fn
+    order = torch.argsort(recv.expert, stable=True)  # slots grouped by expert, receive order kept
+    starts = torch.bincount(recv.expert, minlength=num_experts).cumsum(0).tolist()
     for e in mine:
         fb = None
         if e in below:
@@ -254,7 +256,7 @@ def moe_block(qz, layer, index: int, xs: list[torch.Tensor], masks: list[torch.T
             log.warning("%s: %d routed tokens < calib.min_expert_tokens=%d; expert_fallback=%s: %s",
                         arch.layer_prefix(index) + spec.expert_prefix(e)[:-1], int(counts[e]), threshold, fb,
                         action)
-        sel = (recv.expert == e).nonzero().squeeze(1)
+        sel = order[(starts[e - 1] if e else 0):starts[e]]
         rows, w = recv.row[sel], recv.weight[sel]
         _quantize_expert(qz, index, e, experts_of[e], recv.h[rows], rows, w, all_h, fb, int(counts[e]),
                          act, out_rows, record, phase)
