@@ -20,15 +20,19 @@ After the attention stages (as in a dense layer), per sparse layer:
    quantized weights, Hessian of ``a``, solve down, and the weighted outputs
    ``w · a Dᵀ`` summed per received row.
 6. **Combine** (one ``all_to_all``): the summed rows go back to the ranks that sent
-   them, which add them into their tokens' outputs; ``x + (routed + shared)``.
+   them, which add them into their tokens' outputs; ``x + (routed + shared)``. Rows are
+   summed in a wider type (:func:`accumulation_dtype`), so the result does not depend on
+   how experts are split over ranks.
 
 ``calib.all_experts=true`` and the ``all_tokens`` fallback need every token on the
 expert's owner: the hidden states of all real tokens are then ``all_gather``-ed once per
 layer (statistics only; propagation still uses the routed tokens and weights).
 
 Bytes moved are counted per rank and layer (payload sent to *other* ranks): dispatch rows
-``tokens · hidden · dtype``, metadata ``24 B`` per slot, combine rows as many as
-dispatched, counts ``16·N B``, and the all-gather ``(N-1) · max_tokens · hidden · dtype``.
+``tokens · hidden · dtype``; metadata ``24 B`` per slot plus ``16 B`` per peer; combine
+rows as many as received, in the accumulation type (float64 for float32 models); the
+per-expert token counts ``8 · E · (N-1) B``; the all-gather ``(N-1) · max_tokens · hidden ·
+dtype``.
 """
 from __future__ import annotations
 
@@ -170,6 +174,14 @@ def add_bytes(moved: dict, kind: str, nbytes: int) -> None:
     b[kind] = b.get(kind, 0) + int(nbytes)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Expert outputs of a token are summed in a wider type (float64 for float32 models,
+    float32 for 16-bit ones), where the sum of its k weighted outputs is exact: the result,
+    rounded once, then does not depend on which owners summed which experts in which
+    order, i.e. not on the world size."""
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
 def hessian_of(x: torch.Tensor, device) -> tuple[torch.Tensor | None, int]:
     """``2 Σ x xᵀ / n`` in fixed-size chunks, and ``n`` (``None`` when ``n == 0``)."""
     stat = HessianStat(x.shape[1], device)
@@ -222,10 +234,15 @@ def moe_block(qz, layer, index: int, xs: list[torch.Tensor], masks: list[torch.T
         del s_in
 
     with phase("propagate"):
-        h_flat = torch.cat([h[m] for h, m in zip(hs, masks)]) if hs else \
-            torch.zeros(0, hidden, dtype=qz.dtype, device=qz.device)
-        del hs
-        _, weights, chosen = getattr(block, spec.router)(h_flat)
+        # routed per batch: the same GEMM shapes whatever the world size
+        routing = [getattr(block, spec.router)(h[m]) for h, m in zip(hs, masks)]
+        if routing:
+            h_flat = torch.cat([h[m] for h, m in zip(hs, masks)])
+            weights, chosen = torch.cat([r[1] for r in routing]), torch.cat([r[2] for r in routing])
+        else:
+            h_flat = torch.zeros(0, hidden, dtype=qz.dtype, device=qz.device)
+            _, weights, chosen = getattr(block, spec.router)(h_flat)
+        del hs, routing
     owner = torch.tensor([qz.owners.owner[experts_of[e][0].name] for e in range(num_experts)],
                          device=qz.device)
     with phase("reduce"):
@@ -241,7 +258,7 @@ def moe_block(qz, layer, index: int, xs: list[torch.Tensor], masks: list[torch.T
         recv = dispatch(comm, h_flat, chosen, weights, owner, moved)
 
     mine = [e for e in range(num_experts) if int(owner[e]) == comm.rank]
-    out_rows = torch.zeros_like(recv.h)
+    out_rows = torch.zeros(recv.h.shape, dtype=accumulation_dtype(qz.dtype), device=qz.device)
     fallbacks: dict[int, str] = {}
     act = block.experts.act_fn
     order = torch.argsort(recv.expert, stable=True)  # slots grouped by expert, receive order kept
@@ -262,7 +279,7 @@ def moe_block(qz, layer, index: int, xs: list[torch.Tensor], masks: list[torch.T
                          act, out_rows, record, phase)
 
     with phase("propagate"):
-        routed = combine(comm, recv, out_rows, h_flat.shape[0], moved)
+        routed = combine(comm, recv, out_rows, h_flat.shape[0], moved).to(qz.dtype)
         del recv, out_rows, all_h, h_flat
         new_xs, offset = [], 0
         for x, m, s in zip(xs, masks, shared):
