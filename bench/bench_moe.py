@@ -82,6 +82,18 @@ def quantize(model: Path, out: Path, ranks: int, args) -> dict:
             "fallbacks": moe["fallbacks"]}
 
 
+def baseline_rss_gb(model: Path) -> float:
+    """Peak RSS of a process that imports what a rank imports and builds the model skeleton
+    (meta device) but quantizes nothing: the part of a rank's RSS that no split can shrink."""
+    code = ("import resource, torch, transformers, dist_quant.run, dist_quant.pipeline, dist_quant.moe\n"
+            "from dist_quant.layer_forward import build_skeleton\n"
+            f"build_skeleton({str(model)!r}, torch.float32, torch.device('cpu'))\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return int(out.stdout.split()[-1]) / 2**30
+
+
 def _bytes_by_kind(moe: dict) -> dict:
     total: dict[str, float] = {}
     for layer in moe["layers"]:
@@ -111,8 +123,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = make_model(out / f"synthetic-qwen3moe-e{args.experts}-l{args.layers}-h{args.hidden}", args)
     size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    results: dict = {"model": str(model), "checkpoint_mb": size / 1e6, "args": vars(args), "cpus": os.cpu_count()}
-    print(f"model {model.name}: {size / 1e6:.0f} MB", flush=True)
+    results: dict = {"model": str(model), "checkpoint_mb": size / 1e6, "args": vars(args), "cpus": os.cpu_count(),
+                     "load_average_at_start": os.getloadavg(), "baseline_rss_gb": baseline_rss_gb(model)}
+    print(f"model {model.name}: {size / 1e6:.0f} MB; baseline RSS {results['baseline_rss_gb']:.2f} GB; "
+          f"load average {results['load_average_at_start']}", flush=True)
     for ranks in (1, 2):
         r = quantize(model, out / f"q-w{ranks}", ranks, args)
         results[f"w{ranks}"] = r
@@ -121,6 +135,7 @@ def main() -> None:
 
     results["invariance_2v1"] = invariance(out / "q-w1", out / "q-w2")
     print(f"rank invariance: {results['invariance_2v1']}")
+    results["load_average_at_end"] = os.getloadavg()
     (out / "bench_moe.json").write_text(json.dumps(results, indent=2))
 
     print("\n| ranks | wall s | layer loop s/rank | peak RSS/rank GB | experts/rank/layer | max experts alive "
