@@ -64,7 +64,11 @@ class LayerProgress:
         elapsed = time.perf_counter() - self.start
         eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
         layer_seconds = sum(self._phase_seconds.values())
-        phases = ", ".join(f"{p} {s:.1f}" for p, s in self._phase_seconds.items() if s >= 0.05)
+        shown = {p: s for p, s in self._phase_seconds.items() if s >= 0.05}
+        if not shown and self._phase_seconds:  # a fast layer: its longest phase
+            p = max(self._phase_seconds, key=self._phase_seconds.get)
+            shown = {p: self._phase_seconds[p]}
+        phases = ", ".join(f"{p} {s:.1f}" for p, s in shown.items())
         line = (f"layer {self.done}/{self.total} done in {layer_seconds:.1f} s ({phases or phase or '-'}); "
                 f"elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
         self._phase_seconds = {}

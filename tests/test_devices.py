@@ -54,8 +54,12 @@ def test_cpu_never_imports_torch_npu(broken_torch_npu):
 def test_auto_falls_back_to_cpu_when_torch_npu_is_broken(broken_torch_npu, caplog):
     if torch.cuda.is_available():
         pytest.skip("auto picks CUDA here")
-    with caplog.at_level(logging.WARNING, logger="dist_quant"):
+    logger = logging.getLogger("dist_quant")  # may not propagate to caplog's root handler
+    logger.addHandler(caplog.handler)
+    try:
         assert resolve_device("auto", 0) == torch.device("cpu")
+    finally:
+        logger.removeHandler(caplog.handler)
     assert broken_torch_npu.exists()
     assert "torch_npu is installed but unusable" in caplog.text
 
