@@ -20,6 +20,7 @@ from .checkpoint import Checkpoint
 from .config import JobConfig
 from .formats import compressed_tensors as ct
 from .layer_forward import build_skeleton, dense_stage_ops, load_layer, unload_layer
+from .numerics import check_result, check_weight
 from .plan import LinearInfo, ModelPlan, OwnerPlan
 from .quant.qparams import QuantArgs, QuantResult
 from .runtime import Comm
@@ -87,22 +88,29 @@ class LayerwiseQuantizer:
         self.gptq = GPTQParams(damp=q.damp, block_size=q.block_size, act_order=q.act_order)
 
     # -- the loop -------------------------------------------------------------------------
-    def run(self, calib: CalibrationSet, progress=None) -> list[LayerRecord]:
+    def run(self, calib: CalibrationSet, progress=None, resume=None) -> list[LayerRecord]:
+        """``resume``: a :class:`dist_quant.resume.Progress` (restored state, per-layer checkpoints)."""
         arch = self.plan.arch
         skel = build_skeleton(str(self.ckpt.root), self.dtype, self.device)
         batches = list(calib.batches(self.cfg.calib.batch_size))
         masks = [m.to(self.device) for _, m in batches]
+        restored = resume.restored if resume is not None else None
         with torch.no_grad():
-            embed = self.ckpt.get(arch.embed).to(self.device, self.dtype)
-            xs = [F.embedding(ids.to(self.device), embed) for ids, _ in batches]
-            del embed
+            if restored is None:
+                embed = self.ckpt.get(arch.embed).to(self.device, self.dtype)
+                xs = [F.embedding(ids.to(self.device), embed) for ids, _ in batches]
+                del embed
+            else:
+                xs = [x.to(self.device) for x in restored.xs]
             seq_len = calib.input_ids.shape[1]
             positions = torch.arange(seq_len, device=self.device)[None]
             pos_emb = skel.rotary(xs[0] if xs else torch.zeros(1, seq_len, 1, dtype=self.dtype), positions)
             pos_emb = tuple(t.to(self.dtype) for t in pos_emb)
 
-        records = []
-        for i in range(self.plan.num_layers):
+        records = list(restored.records) if restored is not None else []
+        if restored is not None and progress is not None:
+            progress.update(restored.layer + 1)
+        for i in range(restored.layer + 1 if restored is not None else 0, self.plan.num_layers):
             record = LayerRecord(i)
             phase = _Phase(record, progress)
             with torch.no_grad():
@@ -113,6 +121,8 @@ class LayerwiseQuantizer:
                     self._write_layer_tensors(i)
                 unload_layer(layer)
             records.append(record)
+            if resume is not None:
+                resume.layer_done(i, xs, records)
             if progress is not None:
                 progress.update(1)
         with torch.no_grad():
@@ -181,10 +191,12 @@ class LayerwiseQuantizer:
     def _solve(self, lin: LinearInfo, hessian: torch.Tensor):
         t0 = time.perf_counter()
         w = self.ckpt.get(lin.name + ".weight").to(self.device, torch.float32)
+        check_weight(lin.name, w)
         if self.cfg.quant.method == "gptq":
             result = gptq_quantize(w, hessian, self.args, self.gptq)
         else:
             result = rtn_quantize(w, self.args)
+        check_result(lin.name, result, self.args)
         if result.fallback:
             log.warning("%s: %s", lin.name, result.fallback)
         info = {"seconds": time.perf_counter() - t0, "fallback": result.fallback, "rank": self.comm.rank}
