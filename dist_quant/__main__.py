@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: {final}")
         return 0
     except USER_ERRORS as exc:
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr) if info.rank == 0 else None
+        from .failure import report_user_error
+
+        report_user_error(info.rank, exc)
         return 2
     finally:
         if comm is not None:

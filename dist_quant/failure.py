@@ -94,11 +94,18 @@ class Watch:
             return False
         self._handling.set()
         code = exit_code(exc)
+        text = _first_line(exc)
         if code == 2:
-            log.error("%s", exc)
+            message = str(exc)  # reported by __main__ (report_user_error)
+        elif is_collective_error(exc):
+            message = (f"a collective failed on rank {self.comm.rank} (another rank died, hung past "
+                       f"runtime.timeout_s, or stopped; see the other ranks' logs): {text}")
+            log.error("%s", message)
         else:
-            log.error("rank %d failed: %s: %s", self.comm.rank, type(exc).__name__, exc, exc_info=exc)
-        self._post(code, f"{type(exc).__name__}: {exc}" if code == 1 else str(exc))
+            message = f"rank {self.comm.rank} failed: {type(exc).__name__}: {text}"
+            log.error("%s", message)
+        log.debug("traceback of rank %d", self.comm.rank, exc_info=exc)  # to the rank's log file
+        self._post(code, message)
         self._stop.set()
         _flush_logs()
         return False
@@ -147,15 +154,44 @@ class Watch:
                 pass
             code = int(code_s) if code_s.isdigit() else 1
             if code == 2:
-                self._die(code, f"error: {message} (reported by rank {rank_s}); stopping this rank")
+                self._die(code, f"error: {message} (reported by rank {rank_s}); stopping rank {self.comm.rank}")
             else:
-                self._die(code, f"rank {rank_s} failed: {message}; stopping this rank")
+                self._die(code, f"{message}; stopping rank {self.comm.rank}")
             return
 
     def _die(self, code: int, message: str) -> None:
+        if self.comm.rank == 0:
+            sys.stderr.write("\n")  # past rank 0's progress bar
         log.error("%s", message)
         _flush_logs()
         os._exit(code)
+
+
+def report_user_error(rank: int, exc: BaseException) -> None:
+    """One line for an error in the user's input: ``error: …`` on rank 0's stderr (and in its
+    log file); other ranks log it (their console shows warnings and errors)."""
+    if rank != 0:
+        log.error("%s", exc)
+        return
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (exc,), None)
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def is_collective_error(exc: BaseException) -> bool:
+    """A collective that failed because of another rank (dead peer, timeout)."""
+    if type(exc).__name__ in ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError"):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("/gloo/", "Connection closed by peer", "Connection reset by peer", "NCCL", "HCCL"))
 
 
 def agree(comm, fn: Callable[[], Any]) -> Any:
