@@ -27,7 +27,7 @@ from typing import Any, Callable
 log = logging.getLogger("dist_quant")
 
 POLL_S = 1.0  # watchdog poll interval
-LINGER_S = 3.0  # how long a failing rank 0 keeps its store up for the others to read the abort
+LINGER_S = 2.0  # how long a failing rank 0 keeps its store up for the others to read the abort
 KEY, DONE = "abort", "abort_seen"
 
 
@@ -224,7 +224,7 @@ def inject_test_failure(rank: int, layer: int) -> None:
     mode, r, at = spec.split(":")
     if int(r) != rank or int(at) != layer:
         return
-    log.warning("test hook: %s on rank %d after layer %d", mode, rank, layer)
+    log.warning("test hook: %s on rank %d after layer %d (t=%.3f)", mode, rank, layer, time.time())
     _flush_logs()
     if mode == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -2,16 +2,16 @@
 ``error:`` line naming the problem, before any expensive work where possible, with nothing
 of the user's damaged (the model directory is unchanged, no output appears).
 
-Most cases call the entry point ``dist_quant.__main__.main(argv)`` in this process (the same
-argument parsing and error handling as ``python -m dist_quant``, without paying the
-interpreter start-up per case); ``test_subprocess_exit_status`` checks the real command."""
+The cases call the entry point ``dist_quant.__main__.main(argv)`` in this process: the same
+argument parsing and error handling as ``python -m dist_quant`` (whose exit status is
+``main``'s return value, checked in a subprocess by test_config.py), without paying the
+interpreter start-up per case. More ranks than work: see test_failure.py."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,9 +22,6 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny import WIKI, make_tiny_model  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def tiny_src(tmp_path_factory) -> Path:
@@ -287,15 +284,3 @@ def test_oversized_json(model, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "MAX_JSON_BYTES", 100)
     expect_error(model, tmp_path, capsys, "config.json", "limit")
-
-
-# -- the real command -------------------------------------------------------------------------
-def test_subprocess_exit_status(model, tmp_path):
-    """``python -m dist_quant`` itself: status 2, one error line, no traceback."""
-    (model / "config.json").unlink()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "dist_quant", *args(model, tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and "config.json" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
