@@ -1,6 +1,7 @@
 """Checks that need no weights and run before any expensive work, on every rank, so a bad
 input ends the job in seconds with one line naming the problem:
 
+* the model directory's JSON files are within the size limit and name no file outside it;
 * every checkpoint tensor that the model built from ``config.json`` has must have the shape
   that the config implies (safetensors headers against a meta-device model);
 * the output's file system must have room for the planned part files, and the run
@@ -24,6 +25,41 @@ DTYPE_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 class DiskSpaceError(ConfigError):
     """Not enough free space where the output or the run state goes."""
+
+
+# JSON files that dist_quant or transformers reads from the model directory
+MODEL_JSON = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
+              "special_tokens_map.json", "added_tokens.json", "vocab.json", "preprocessor_config.json")
+PATH_KEY_SUFFIXES = ("_file", "_files", "_path", "_dir")
+NOT_FOLLOWED = ("_name_or_path", "name_or_path")  # informational: never opened
+
+
+def check_model_files(ckpt: Checkpoint) -> None:
+    """Model-directory JSON files: not oversized, and naming no file outside the directory
+    (e.g. a ``tokenizer_file`` that transformers would open)."""
+    from . import checkpoint as ckpt_mod
+
+    for name in MODEL_JSON:
+        path = ckpt.root / name
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        if size > ckpt_mod.MAX_JSON_BYTES:
+            raise CheckpointError(f"{name} in {str(ckpt.root)!r} is {size} bytes, over the "
+                                  f"{ckpt_mod.MAX_JSON_BYTES}-byte limit")
+        if name in ("tokenizer.json", "vocab.json"):
+            continue  # token tables, no file names
+        data = ckpt.config if name == "config.json" else ckpt_mod.read_json(path, name)
+        stack = [(name, data)]
+        while stack:
+            where, node = stack.pop()
+            items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+            for key, value in items:
+                if isinstance(value, (dict, list)):
+                    stack.append((f"{where}:{key}", value))
+                elif (isinstance(value, str) and isinstance(key, str) and key.endswith(PATH_KEY_SUFFIXES)
+                      and key not in NOT_FOLLOWED and value):
+                    ckpt_mod._inside(ckpt.root, value, f"{where} key {key!r}")
 
 
 def check_shapes(ckpt: Checkpoint) -> None:
@@ -83,5 +119,6 @@ def check_disk(cfg: JobConfig, ckpt: Checkpoint, parts, partial: Path, run_dir: 
 
 
 def preflight(cfg: JobConfig, comm, ckpt: Checkpoint, parts, partial: Path, run_dir: Path | None) -> None:
+    check_model_files(ckpt)
     check_shapes(ckpt)
     agree(comm, lambda: check_disk(cfg, ckpt, parts, partial, run_dir) if comm.rank == 0 else None)

@@ -279,8 +279,19 @@ def test_index_naming_path_outside_model_dir(model, tmp_path, capsys):
     expect_error(model, tmp_path, capsys, "../outside.safetensors", "outside the model directory")
 
 
-def test_oversized_json(model, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("key,value", [("tokenizer_file", "/etc/hostname"), ("vocab_file", "../../vocab.json")])
+def test_tokenizer_config_naming_path_outside_model_dir(model, tmp_path, capsys, key, value):
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg[key] = value
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    expect_error(model, tmp_path, capsys, "tokenizer_config.json", key, value, "outside the model directory")
+
+
+@pytest.mark.parametrize("victim", ["config.json", "tokenizer.json"])
+def test_oversized_json(model, tmp_path, capsys, monkeypatch, victim):
     import dist_quant.checkpoint as checkpoint
 
-    monkeypatch.setattr(checkpoint, "MAX_JSON_BYTES", 100)
-    expect_error(model, tmp_path, capsys, "config.json", "limit")
+    config_size = (model / "config.json").stat().st_size
+    assert (model / "tokenizer.json").stat().st_size > config_size
+    monkeypatch.setattr(checkpoint, "MAX_JSON_BYTES", 100 if victim == "config.json" else config_size)
+    expect_error(model, tmp_path, capsys, victim, "limit")
