@@ -163,14 +163,16 @@ class LayerwiseQuantizer:
         hessian = stat.hessian() if rank in owners else None
         tokens = int(stat.count.item()) if rank in owners else 0
         del stat, flat
+        mine = [lin for lin in linears if self.owners.owner[lin.name] == rank]
+        solved: dict[str, QuantResult] = {}
+        if mine:
+            with phase("solve"):
+                solved = self._solve(mine, hessian, tokens, record)
         for lin in linears:
             owner = self.owners.owner[lin.name]
             module = layer.get_submodule(lin.name[len(self.plan.arch.layer_prefix(lin.layer)):])
             if owner == rank:
-                with phase("solve"):
-                    result, info = self._solve(lin, hessian)
-                info["tokens"] = tokens
-                record.modules[lin.name] = info
+                result = solved[lin.name]
             else:
                 result = QuantResult(
                     q=torch.empty(lin.out_features, lin.in_features, dtype=torch.int8, device=self.device),
@@ -188,20 +190,30 @@ class LayerwiseQuantizer:
                     if lin.has_bias:
                         self.writer.add(lin.name + ".bias", self.ckpt.get(lin.name + ".bias"))
 
-    def _solve(self, lin: LinearInfo, hessian: torch.Tensor):
+    def _solve(self, linears: list[LinearInfo], hessian: torch.Tensor, tokens: int, record) -> dict[str, QuantResult]:
+        """Solve this rank's linears of one stage. They share the Hessian and GPTQ treats
+        rows independently, so their weights are stacked and solved in one pass (one
+        factorization, one column loop), then split back per module."""
         t0 = time.perf_counter()
-        w = self.ckpt.get(lin.name + ".weight").to(self.device, torch.float32)
-        check_weight(lin.name, w)
+        weights = [self.ckpt.get(lin.name + ".weight").to(self.device, torch.float32) for lin in linears]
+        for lin, w in zip(linears, weights):
+            check_weight(lin.name, w)
+        stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
         if self.cfg.quant.method == "gptq":
-            result = gptq_quantize(w, hessian, self.args, self.gptq)
+            result = gptq_quantize(stacked, hessian, self.args, self.gptq)
         else:
-            result = rtn_quantize(w, self.args)
-        check_result(lin.name, result, self.args)
+            result = rtn_quantize(stacked, self.args)
         if result.fallback:
-            log.warning("%s: %s", lin.name, result.fallback)
-        info = {"seconds": time.perf_counter() - t0, "fallback": result.fallback, "rank": self.comm.rank}
-        info["rel_output_error"] = relative_output_error(w, result.dequantize(self.args), hessian)
-        return result, info
+            log.warning("%s: %s", ", ".join(lin.name for lin in linears), result.fallback)
+        seconds = time.perf_counter() - t0
+        parts = result.split([lin.out_features for lin in linears])
+        for lin, w, part in zip(linears, weights, parts):
+            check_result(lin.name, part, self.args)
+            record.modules[lin.name] = {
+                "rank": self.comm.rank, "seconds": seconds / len(linears), "fallback": result.fallback,
+                "tokens": tokens,
+                "rel_output_error": relative_output_error(w, part.dequantize(self.args), hessian)}
+        return {lin.name: part for lin, part in zip(linears, parts)}
 
     def _write_layer_tensors(self, index: int) -> None:
         for name in self.plan.layer_tensors[index]:

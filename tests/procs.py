@@ -58,3 +58,23 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[float]:
             raise TimeoutError(f"processes still running after {timeout} s")
         time.sleep(0.05)
     return [ended[i] for i in range(len(procs))]
+
+
+def call_main(argv: list[str]) -> int:
+    """``dist_quant.__main__.main(argv)`` in this process (world size 1), then close the log
+    handlers it opened and restore torch's thread count."""
+    import logging
+
+    import torch
+
+    from dist_quant.__main__ import main
+
+    threads = torch.get_num_threads()
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
+        logger = logging.getLogger("dist_quant")
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from procs import call_main  # noqa: E402
 from tiny import WIKI, make_tiny_model  # noqa: E402
 
 @pytest.fixture(scope="module")
@@ -51,9 +52,7 @@ def args(model: Path, tmp_path: Path, *extra: str) -> list[str]:
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    from dist_quant.__main__ import main
-
-    rc = main(argv)
+    rc = call_main(argv)
     return rc, capsys.readouterr().err
 
 

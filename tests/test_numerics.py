@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from procs import call_main  # noqa: E402
 from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant.numerics import NumericalError, check_result  # noqa: E402
@@ -21,8 +22,6 @@ from dist_quant.quant.qparams import QuantArgs, QuantResult  # noqa: E402
 
 def test_cholesky_failure_falls_back_logged_and_output_is_finite(tmp_path, monkeypatch, capsys):
     import dist_quant.algorithms.gptq as gptq
-    from dist_quant.__main__ import main
-
     calls = []
     real = gptq.inverse_cholesky
 
@@ -38,7 +37,7 @@ def test_cholesky_failure_falls_back_logged_and_output_is_finite(tmp_path, monke
     if not calib.is_file():
         calib.write_text(corpus_text())
     out, run = tmp_path / "out", tmp_path / "run"
-    rc = main([f"model.path={model}", f"calib.path={calib}", "calib.num_samples=8", "calib.seq_len=32",
+    rc = call_main([f"model.path={model}", f"calib.path={calib}", "calib.num_samples=8", "calib.seq_len=32",
                "quant.group_size=32", f"output.dir={out}", f"runtime.run_dir={run}"])
     assert rc == 0, capsys.readouterr().err
     assert calls == [128, 128]

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import torchrun, wait_all  # noqa: E402
+from procs import call_main, torchrun, wait_all  # noqa: E402
 from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant.tensorspec import TensorSpec  # noqa: E402
@@ -69,10 +69,8 @@ def test_killed_run_resumes_byte_identical(tmp_path, calib, capsys):
     (state / "rank1.layer00001.json").write_text("{ half-written state of a layer that never completed")
 
     # a resume that differs is refused, naming what differs, and leaves everything as it was
-    from dist_quant.__main__ import main
-
     before = tree(tmp_path / "out.partial"), tree(state)
-    assert main(overrides(model, calib, out, run, "resume=true", "quant.damp=0.02")) == 2
+    assert call_main(overrides(model, calib, out, run, "resume=true", "quant.damp=0.02")) == 2
     err = capsys.readouterr().err
     line = next(ln for ln in err.splitlines() if ln.startswith("error:"))
     assert "resume=true refused" in line and "world size: recorded 2, now 1" in line, line
@@ -104,14 +102,12 @@ def test_killed_run_resumes_byte_identical(tmp_path, calib, capsys):
 
 
 def test_resume_needs_a_run_dir_with_a_recorded_run(tmp_path, calib, capsys):
-    from dist_quant.__main__ import main
-
     model = make_tiny_model(tmp_path / "model", layers=1)
     base = [f"model.path={model}", f"calib.path={calib}", "calib.num_samples=8", "calib.seq_len=32",
             "quant.group_size=32", f"output.dir={tmp_path / 'out'}"]
-    assert main([*base, "resume=true"]) == 2
+    assert call_main([*base, "resume=true"]) == 2
     assert "needs runtime.run_dir" in capsys.readouterr().err
-    assert main([*base, "resume=true", f"runtime.run_dir={tmp_path / 'empty'}"]) == 2
+    assert call_main([*base, "resume=true", f"runtime.run_dir={tmp_path / 'empty'}"]) == 2
     err = capsys.readouterr().err
     assert "holds no resumable run" in err and len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
     assert not (tmp_path / "out").exists()
