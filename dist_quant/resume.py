@@ -11,6 +11,8 @@ directory may also be node-local as long as each rank finds its own files again)
                                    and the tensors its writer held back ("pending.{name}")
     progress.json                  rank 0, once every rank has saved layer i: layer i is complete
 
+The directory is removed once the output is in place.
+
 Every file is written to a temporary name, fsync'd and renamed into place. A rank keeps the
 files of the last complete layer until the next one is complete (two barriers per layer).
 On resume, each rank cuts its open part file back to the recorded size (see
@@ -168,7 +170,7 @@ class Progress:
         return sorted(self.dir.glob(f"rank{self.comm.rank}.layer*")) if self.dir.is_dir() else []
 
     # -- start: fresh, or continue the recorded run ------------------------------------------------
-    def begin(self, resume: bool, fp: dict, partial: Path, final: Path) -> int:
+    def begin(self, resume: bool, fp: dict, partial: Path) -> int:
         """Prepare ``partial`` and the state directory; return the first layer to compute."""
         if resume:
             recorded = self.comm.broadcast_object(
@@ -183,9 +185,6 @@ class Progress:
                 raise ResumeError("resume=true refused, this run differs from the one recorded in "
                                   f"{str(self.dir.parent)!r}: " + "; ".join(diffs)
                                   + " (use the same command, or run without resume=true to start over)")
-            if progress is not None and progress.get("finished"):
-                raise ResumeError(f"resume=true: the run in {str(self.dir.parent)!r} already finished "
-                                  f"(output {progress.get('output')!r})")
             if progress is not None:
                 agree(self.comm, lambda: self._restore(int(progress["layer"]), partial))
                 log.info("resume: layers 0..%d complete in %s; continuing with layer %d of %d",
@@ -254,8 +253,8 @@ class Progress:
         inject_test_failure(self.comm.rank, layer)
 
     def finished(self, final: Path) -> None:
-        """The output is in place: drop this rank's state; rank 0 marks the run finished."""
+        """The output is in place: the resume state is no longer needed."""
         for path in self._own_files():
             path.unlink(missing_ok=True)
         if self.comm.rank == 0:
-            write_json_atomic(self.dir / "progress.json", {"finished": True, "output": str(final)})
+            shutil.rmtree(self.dir, ignore_errors=True)

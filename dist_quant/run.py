@@ -124,7 +124,7 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
 
     writer = RankWriter(partial, parts, comm.rank)
     resume = Progress(run_dir, comm, writer, plan.num_layers)  # wipes or continues `partial`
-    resume.begin(cfg.resume, fingerprint(cfg, ckpt, comm.world_size, calib), partial, final)
+    resume.begin(cfg.resume, fingerprint(cfg, ckpt, comm.world_size, calib), partial)
     progress = _progress(comm, plan.num_layers)
     try:
         records = LayerwiseQuantizer(cfg, comm, ckpt, plan, owners, args, device, writer).run(
