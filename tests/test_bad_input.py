@@ -294,3 +294,30 @@ def test_oversized_json(model, tmp_path, capsys, monkeypatch, victim):
     assert (model / "tokenizer.json").stat().st_size > config_size
     monkeypatch.setattr(checkpoint, "MAX_JSON_BYTES", 100 if victim == "config.json" else config_size)
     expect_error(model, tmp_path, capsys, victim, "limit")
+
+
+def test_sharded_pickle_checkpoint_behind_the_same_interface(model):
+    """``pytorch_model.bin.index.json`` + shards, read lazily (mmap) only with allow_pickle;
+    trainer files next to them are not taken for weights."""
+    from dist_quant.checkpoint import Checkpoint, CheckpointError
+
+    ref = load_file(str(model / "model.safetensors"))
+    names = sorted(ref)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for fname, keys in shards.items():
+        torch.save({k: ref[k] for k in keys}, model / fname)
+    (model / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}))
+    torch.save({"not": "weights"}, model / "training_args.bin")
+    (model / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="allow_pickle"):
+        Checkpoint(model)
+    ckpt = Checkpoint(model, allow_pickle=True)
+    assert sorted(ckpt.tensors) == names
+    for name in names:
+        info = ckpt.tensors[name]
+        assert info.file == next(f for f, keys in shards.items() if name in keys)
+        got = ckpt.get(name)
+        assert info.shape == tuple(got.shape) and torch.equal(got, ref[name])
+    got.zero_()  # a fresh tensor: the checkpoint's data is not changed through it
+    assert torch.equal(ckpt.get(name), ref[name])
