@@ -104,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(info.rank, run_dir)
         log.info("dist_quant: world size %d (%s), device %s, backend %s, run dir %s",
                  info.world_size, info.launcher, device, backend, run_dir)
+        from .failure import Watch
         from .run import run_job
 
-        final = run_job(cfg, comm, device, run_dir)
+        with Watch(comm):  # any rank's failure stops every rank, with its error shown
+            final = run_job(cfg, comm, device, run_dir)
         if info.rank == 0:
             print(f"done: {final}")
     except USER_ERRORS as exc:

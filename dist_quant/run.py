@@ -19,9 +19,11 @@ from .config import ConfigError, JobConfig
 from .formats import compressed_tensors as ct
 from .pipeline import LayerwiseQuantizer, output_specs
 from .plan import ModelPlan, OwnerPlan, assign_owners, inspect_model
+from .preflight import preflight
 from .progress import LayerProgress
 from .quant.qparams import QuantArgs
 from .report import build_report, peak_device_bytes, write_report
+from .resume import Progress, fingerprint
 from .runtime import Comm
 from .writer import RankWriter, plan_parts, write_index
 
@@ -57,14 +59,18 @@ def check_output_dir(final: Path, model_dir: Path, overwrite: bool) -> None:
     if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
         raise ConfigError(f"output.dir={str(final)!r} exists and is not empty (set output.overwrite=true "
                           "to replace it)")
+    if final.resolve() in model_dir.resolve().parents:
+        raise ConfigError(f"output.dir={str(final)!r} contains the model directory; choose another place")
+    if final.exists() and not final.is_dir():
+        raise ConfigError(f"output.dir={str(final)!r} exists and is not a directory")
     parent = final.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
     probe = parent / f".dist_quant_write_test_{time.time_ns()}"
     try:
+        parent.mkdir(parents=True, exist_ok=True)
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"output.dir={str(final)!r} is not writable: {exc.strerror}") from None
+        raise ConfigError(f"output.dir={str(final)!r} is not writable: {exc.strerror or exc}") from None
 
 
 def quant_args(cfg: JobConfig, ckpt: Checkpoint, plan: ModelPlan) -> QuantArgs:
@@ -80,7 +86,7 @@ def prepare(cfg: JobConfig, model_path: str, world_size: int):
     if cfg.model.trust_remote_code:
         raise ConfigError("model.trust_remote_code=true: dist_quant never runs code from a checkpoint; "
                           "only built-in architectures are supported")
-    ckpt = Checkpoint(model_path)
+    ckpt = Checkpoint(model_path, allow_pickle=cfg.model.allow_pickle)
     plan = inspect_model(ckpt, cfg.quant)
     owners = assign_owners(plan, ckpt, world_size, cfg.quant.method)
     args = quant_args(cfg, ckpt, plan)
@@ -102,6 +108,9 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     ckpt, plan, owners, args = prepare(cfg, model_path, comm.world_size)
     final = output_dir(cfg, model_path)
     check_output_dir(final, ckpt.root, cfg.output.overwrite)
+    partial = final.parent / (final.name + ".partial")
+    parts = plan_parts(output_specs(plan, owners, ckpt, args), cfg.output.part_file_bytes)
+    preflight(cfg, comm, ckpt, parts, partial, run_dir)
     log_owner_plan(plan, owners)
 
     from transformers import AutoTokenizer
@@ -117,18 +126,13 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     log.info("calibration: %d samples x %d tokens (%d real tokens); this rank: %d samples",
              calib.input_ids.shape[0], calib.input_ids.shape[1], calib.tokens, mine.input_ids.shape[0])
 
-    partial = final.parent / (final.name + ".partial")
-    if comm.rank == 0:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-    comm.barrier()
-
-    parts = plan_parts(output_specs(plan, owners, ckpt, args), cfg.output.part_file_bytes)
     writer = RankWriter(partial, parts, comm.rank)
+    resume = Progress(run_dir, comm, writer, plan.num_layers)  # wipes or continues `partial`
+    resume.begin(cfg.resume, fingerprint(cfg, ckpt, comm.world_size, calib), partial)
     progress = LayerProgress(plan.num_layers, comm.rank)
     try:
-        records = LayerwiseQuantizer(cfg, comm, ckpt, plan, owners, args, device, writer).run(mine, progress)
+        records = LayerwiseQuantizer(cfg, comm, ckpt, plan, owners, args, device, writer).run(
+            mine, progress, resume)
         weight_map = writer.finish()
     finally:
         writer.abort()
@@ -140,6 +144,7 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     if comm.rank == 0:
         _finish(cfg, ckpt, plan, owners, args, parts, gathered, partial, final, t_start, model_path)
     comm.barrier()
+    resume.finished(final)
     return final
 
 

@@ -24,7 +24,23 @@ def compose(overrides: Sequence[str], conf_dir: Path = CONF_DIR):
         with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
             return hydra_compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(_one_line(exc)) from None
+        raise ConfigError(_compose_error(exc)) from None
+
+
+def _compose_error(exc: Exception) -> str:
+    """Hydra's composition errors as one line (without its advice to append unknown keys with ``+``)."""
+    import re
+
+    text = str(exc)
+    m = re.match(r"Could not override '([^']+)'", text)
+    if m and "+" + m.group(1) in text:
+        return f"{m.group(1)}: unknown configuration key (the keys are listed in README.md)"
+    m = re.search(r"Could not find '([^'/]+)/([^']+)'\s*Available options in '[^']+':\s*(.*)", text, re.S)
+    if m:
+        options = ", ".join(ln.strip() for ln in m.group(3).split("Config search path")[0].splitlines()
+                            if ln.strip())
+        return f"{m.group(1)}={m.group(2)}: no such preset; available: {options}"
+    return _one_line(exc)
 
 
 def to_job_config(cfg) -> JobConfig:
