@@ -13,6 +13,7 @@ from .calibration import CalibrationError
 from .checkpoint import CheckpointError
 from .config import ConfigError
 
+# runtime.DeviceError (an unusable device or backend) is a ConfigError: it names the setting.
 USER_ERRORS = (ConfigError, CheckpointError, CalibrationError, UnsupportedModel)
 log = logging.getLogger("dist_quant")
 
@@ -52,6 +53,14 @@ def setup_logging(rank: int, run_dir: Path | None) -> None:
         root.addHandler(fh)
 
 
+def user_error(exc: Exception, rank: int) -> int:
+    """A bad setting or input: one line on stderr (no traceback), the rank's log file, exit 2."""
+    message = " ".join(str(exc).split())
+    log.debug("error: %s", message)  # file only: the console handlers start at INFO
+    print(f"error: {message}" if rank == 0 else f"error: [rank {rank}] {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     overrides, local_rank_arg = split_launcher_args(list(sys.argv[1:] if argv is None else argv))
     from .runtime import rank_info_from_env
@@ -61,28 +70,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .settings import load_config
 
-        cfg = load_config(overrides)
+        cfg = load_config(overrides, demo_defaults=True)
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return user_error(exc, info.rank)
 
     if cfg.dry_run:
         from .dry_run import dry_run
 
+        if info.rank != 0:  # started by a launcher: one plan is enough
+            return 0
         try:
             return dry_run(cfg, cfg.runtime.world_size or info.world_size)
         except USER_ERRORS as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return user_error(exc, info.rank)
 
     import torch
 
-    from .runtime import DEFAULT_BACKEND, Comm, resolve_device
+    from .runtime import Comm, resolve_backend, resolve_device
 
     comm = None
+    t_start = time.time()
     try:
         device = resolve_device(cfg.runtime.device, info.local_rank)
-        backend = cfg.runtime.backend if cfg.runtime.backend != "auto" else DEFAULT_BACKEND[device.type]
+        backend = resolve_backend(cfg.runtime.backend, device)
         if device.type == "cpu":
             threads = cfg.runtime.threads or max(1, (os.cpu_count() or 1) // max(1, info.local_world_size))
             torch.set_num_threads(threads)
@@ -94,19 +104,23 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(info.rank, run_dir)
         log.info("dist_quant: world size %d (%s), device %s, backend %s, run dir %s",
                  info.world_size, info.launcher, device, backend, run_dir)
+        from .failure import Watch
         from .run import run_job
 
-        final = run_job(cfg, comm, device, run_dir)
+        with Watch(comm):  # any rank's failure stops every rank, with its error shown
+            final = run_job(cfg, comm, device, run_dir)
         if info.rank == 0:
             print(f"done: {final}")
-        return 0
     except USER_ERRORS as exc:
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr) if info.rank == 0 else None
-        return 2
+        return user_error(exc, info.rank)
     finally:
         if comm is not None:
             comm.close()
+    if cfg.model.path is None and info.rank == 0:  # the embedded demo ends with a before/after summary
+        from .demo import print_demo_summary
+
+        print_demo_summary(final, time.time() - t_start)
+    return 0
 
 
 if __name__ == "__main__":

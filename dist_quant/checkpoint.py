@@ -4,6 +4,7 @@ tensor is asked for; tensors are read one at a time with ``safe_open``."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,11 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * DTYPE_BYTES[self.dtype]
+        return tensor_nbytes(self.shape, self.dtype)
+
+
+def tensor_nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    return math.prod(shape) * DTYPE_BYTES[dtype]
 
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -65,58 +67,119 @@ TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
 SAFETENSORS_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
-def _weight_files(root: Path) -> dict[str, list[str] | None]:
-    """File name → tensor names it should hold (None: take whatever it holds)."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+NOT_WEIGHTS = ("training_args", "optimizer", "scheduler", "rng_state", "scaler")  # trainer files
+
+
+def _index_files(root: Path, index: Path) -> dict[str, list[str]]:
+    weight_map = read_json(index, "weight index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"weight index {str(index)!r} has no weight_map")
+    files: dict[str, list[str]] = {}
+    for tensor, fname in weight_map.items():
+        if not isinstance(fname, str):
+            raise CheckpointError(f"weight index maps {tensor!r} to {fname!r}, not a file name")
+        _inside(root, fname, "weight index")
+        files.setdefault(fname, []).append(tensor)
+    return files
+
+
+def _weight_files(root: Path, allow_pickle: bool = False) -> tuple[dict[str, list[str] | None], bool]:
+    """File name → tensor names it should hold (None: take whatever it holds), and whether the
+    files are pickles (only with ``allow_pickle``; safetensors are preferred when both exist)."""
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index, "weight index").get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"weight index {str(index)!r} has no weight_map")
-        files: dict[str, list[str]] = {}
-        for tensor, fname in weight_map.items():
-            if not isinstance(fname, str):
-                raise CheckpointError(f"weight index maps {tensor!r} to {fname!r}, not a file name")
-            _inside(root, fname, "weight index")
-            files.setdefault(fname, []).append(tensor)
-        return files
+        return _index_files(root, index), False
     single = sorted(p.name for p in root.glob("*.safetensors"))
     if single:
-        return {name: None for name in single}
-    pickles = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-    if pickles:
+        return {name: None for name in single}, False
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES
+                     and not p.name.startswith(NOT_WEIGHTS))
+    if pickles and not allow_pickle:
         raise CheckpointError(
             f"{str(root)!r} holds only pickle weights ({', '.join(pickles[:3])}); pickle files can "
-            "execute code when loaded and are not read (convert them to safetensors first)")
+            "execute code when loaded and are not read (convert them to safetensors, or set "
+            "model.allow_pickle=true to load them with torch.load(weights_only=True))")
+    if pickles:
+        if (root / PICKLE_INDEX).is_file():
+            return _index_files(root, root / PICKLE_INDEX), True
+        return {name: None for name in pickles}, True
     raise CheckpointError(f"no safetensors weights in {str(root)!r}")
 
 
-class Checkpoint:
-    """A model directory: its config and a name → :class:`TensorInfo` table from headers."""
+def _load_pickle(fpath: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a pickle file with ``torch.load(weights_only=True, mmap=True)``: only
+    tensors and plain containers are unpickled (no code runs), and tensor data stays on disk
+    until read."""
+    import pickle
+    import zipfile
 
-    def __init__(self, path: str | os.PathLike):
+    try:
+        data = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"weight file {str(fpath)!r} holds more than tensors and is refused "
+                              f"(torch.load weights_only=True: {first})") from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"weight file {str(fpath)!r} is unreadable, corrupt or in the legacy "
+                              f"(non-zip) format that cannot be memory-mapped: {first}") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in data.items()):
+        raise CheckpointError(f"weight file {str(fpath)!r} is not a state dict of named tensors")
+    return data
+
+
+class Checkpoint:
+    """A model directory: its config and a name → :class:`TensorInfo` table from headers.
+
+    Weights are safetensors files, or, with ``allow_pickle``, pickle files (``.bin``/``.pt``)
+    read with ``torch.load(weights_only=True, mmap=True)`` behind the same interface."""
+
+    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False):
         root = Path(path)
         if not root.is_dir():
             raise CheckpointError(f"model.path={str(path)!r} is not a directory")
         self.root = root
         self.config = read_json(root / "config.json", "config.json")
         self.tensors: dict[str, TensorInfo] = {}
-        for fname, expected in _weight_files(root).items():
+        self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        files, pickled = _weight_files(root, allow_pickle)
+        for fname, expected in files.items():
             fpath = root / fname
             if not fpath.is_file():
                 raise CheckpointError(f"weight file {fname!r} named by the index is missing from {str(root)!r}")
-            try:
-                with safe_open(fpath, framework="pt") as f:
-                    names = list(f.keys())
-                    for name in names:
-                        sl = f.get_slice(name)
-                        self.tensors[name] = TensorInfo(name, tuple(sl.get_shape()), sl.get_dtype(), fname)
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"weight file {str(fpath)!r} is unreadable or corrupt: {exc}") from None
+            names = self._read_pickle(fpath, fname) if pickled else self._read_header(fpath, fname)
             missing = sorted(set(expected or ()) - set(names))
             if missing:
                 raise CheckpointError(f"weight file {fname!r} lacks {len(missing)} tensor(s) the index names, e.g. {missing[0]!r}")
-            self._check_size(fpath)
+            if not pickled:
+                self._check_size(fpath)
         self._handles: dict[str, object] = {}
+
+    def _read_header(self, fpath: Path, fname: str) -> list[str]:
+        try:
+            with safe_open(fpath, framework="pt") as f:
+                names = list(f.keys())
+                for name in names:
+                    sl = f.get_slice(name)
+                    self.tensors[name] = TensorInfo(name, tuple(sl.get_shape()), sl.get_dtype(), fname)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"weight file {str(fpath)!r} is unreadable or corrupt: {exc}") from None
+        return names
+
+    def _read_pickle(self, fpath: Path, fname: str) -> list[str]:
+        data = _load_pickle(fpath)
+        for name, t in data.items():
+            dtype = SAFETENSORS_DTYPES.get(t.dtype)
+            if dtype is None:
+                raise CheckpointError(f"tensor {name!r} in {str(fpath)!r} has unsupported dtype {t.dtype}")
+            self.tensors[name] = TensorInfo(name, tuple(t.shape), dtype, fname)
+        self._pickled[fname] = data
+        return list(data)
 
     def _check_size(self, fpath: Path) -> None:
         """A truncated file still parses its header; compare the data size with the header's claim."""
@@ -136,6 +199,8 @@ class Checkpoint:
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint {str(self.root)!r}")
+        if info.file in self._pickled:
+            return self._pickled[info.file][name].clone()
         handle = self._handles.get(info.file)
         if handle is None:
             handle = safe_open(self.root / info.file, framework="pt")
@@ -144,3 +209,4 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+        self._pickled.clear()

@@ -182,4 +182,11 @@ class JobConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     dry_run: bool = False
     """Print the plan (from config + safetensors headers only) and stop."""
+    resume: bool = False
+    """Continue the run recorded in runtime.run_dir after its last completed layer (same
+    model, config and world size; anything else is refused)."""
+
+    def __post_init__(self) -> None:
+        _check(not self.resume or bool(self.runtime.run_dir), "resume", self.resume,
+               "needs runtime.run_dir=<the run directory of the run to continue>")
     seed: int = 0

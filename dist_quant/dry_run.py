@@ -1,28 +1,196 @@
-"""``dry_run=true``: the plan from config.json and safetensors headers only, for any world size."""
+"""``dry_run=true``: the plan from config.json and safetensors headers only, for any world size.
+
+No tensor data is read and no process group is started, so ``runtime.world_size=N``
+plans an N-rank job from one process: layers and their quantized modules with the owner
+of each, the bytes each rank reads and writes, its estimated peak memory, and the output
+part files. Settings that cannot work (an unsupported architecture, a group size that
+does not divide a linear's input features, missing tensors, ...) fail here, exit 2.
+
+Peak memory per rank (on its compute device) is estimated as the largest of
+
+* layer phase: one decoder layer's weights in the compute dtype (MoE: without its routed
+  experts, plus one expert in float32: owners read their experts one at a time)
+  + this rank's activations: residual stream, the previous and current stage input and
+    the next residual (4 × samples_r × seq_len × hidden), or at the MLP stage the
+    intermediate-size input of ``down_proj`` (samples_r × seq_len × intermediate) plus one
+    batch's gate/up/activation transients (3 × batch × seq_len × intermediate)
+  + one batch's attention scores (batch × heads × seq_len²), an upper bound for SDPA
+  + the Hessian workspace: the largest Hessian in float64 (in² × 8 bytes) times 2 while
+    it is accumulated and reduced, times 7 on the rank that solves it with GPTQ (normalized
+    copy, permuted copy, damped matrix, Cholesky factor, inverse and its factor)
+  + the weight being solved, in float32, with its dequantized copy;
+* embedding phase: the embedding matrix in the compute dtype + the layer-0 inputs;
+
+plus the fixed overhead of the process (Python, torch, a CUDA/CANN context: ~0.5–2 GB).
+"""
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
 
 from .config import JobConfig
 
+DTYPE_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+GPTQ_HESSIAN_COPIES = 7
+CAPTURE_HESSIAN_COPIES = 2
 
-def dry_run(cfg: JobConfig, world_size: int) -> int:
+
+@dataclass
+class RankEstimate:
+    rank: int
+    samples: int
+    linears: int
+    solve_cost: float
+    read_bytes: int
+    write_bytes: int
+    part_files: list[str] = field(default_factory=list)
+    memory: dict[str, int] = field(default_factory=dict)  # component → bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        m = self.memory
+        layer = m["layer_weights"] + m["activations"] + m["attention_scores"] + m["hessians"] + m["solve_weight"]
+        return max(layer, m["embedding_phase"])
+
+
+def _gb(n: float) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB"
+
+
+def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list[RankEstimate]:
+    """Per-rank reads, writes and peak memory, from headers and the plan only."""
+    c = DTYPE_SIZE[cfg.model.dtype]
+    conf = ckpt.config
+    hidden = int(conf.get("hidden_size") or ckpt.tensors[plan.arch.embed].shape[-1])
+    inter = max([lin.in_features for lin in plan.linears if lin.stage == "mlp_out"] +
+                [int(conf.get("intermediate_size") or hidden)])
+    heads = int(conf.get("num_attention_heads") or 1)
+    vocab = ckpt.tensors[plan.arch.embed].shape[0]
+    n, seq, batch = cfg.calib.num_samples, cfg.calib.seq_len, cfg.calib.batch_size
+
+    layer_bytes = []  # per layer: bytes on disk of all its tensors, and elements
+    layer_numel = []
+    # MoE: routed experts are read by their owners only, one expert at a time (dist_quant/moe.py)
+    experts: dict[tuple[int, int], int] = {}
+    for lin in plan.linears:
+        if lin.expert is not None:
+            experts[(lin.layer, lin.expert)] = experts.get((lin.layer, lin.expert), 0) + \
+                lin.in_features * lin.out_features
+    expert_weights = {lin.name + ".weight" for lin in plan.linears if lin.expert is not None}
+    for i in range(plan.num_layers):
+        prefix = plan.arch.layer_prefix(i)
+        infos = [t for name, t in ckpt.tensors.items() if name.startswith(prefix) and name not in expert_weights]
+        layer_bytes.append(sum(t.nbytes for t in infos))
+        layer_numel.append(sum(math.prod(t.shape) for t in infos))
+    every_rank_reads = sum(layer_bytes) + ckpt.tensors[plan.arch.embed].nbytes
+    max_in_all = max((lin.in_features for lin in plan.linears), default=hidden)
+
+    out = []
+    for r in range(world_size):
+        samples = (r + 1) * n // world_size - r * n // world_size
+        tokens = samples * seq
+        b = min(batch, samples)
+        mine = [lin for lin in plan.linears if owners.owner[lin.name] == r]
+        # reads: every layer's weights (all ranks run every layer) and the embedding; owners
+        # read their linears again to solve, and re-read the other tensors they write
+        reads = every_rank_reads
+        reads += sum(ckpt.tensors[lin.name + ".weight"].nbytes for lin in mine)
+        reads += sum(ckpt.tensors[lin.name + ".bias"].nbytes for lin in mine if lin.has_bias)
+        rest = [t for grp in plan.layer_tensors for t in grp] + list(plan.global_tensors)
+        reads += sum(ckpt.tensors[t].nbytes for t in rest if owners.owner.get(t) == r)
+        my_parts = [p for p in parts if p.rank == r]
+        solve_in = max((lin.in_features for lin in mine), default=0)
+        solve_w = max((lin.in_features * lin.out_features for lin in mine), default=0)
+        gptq = cfg.quant.method == "gptq"
+        hess = 8 * max(CAPTURE_HESSIAN_COPIES * max_in_all ** 2,
+                       (GPTQ_HESSIAN_COPIES if gptq else CAPTURE_HESSIAN_COPIES + 1) * solve_in ** 2)
+        attn_acts = 4 * tokens * hidden * c
+        mlp_acts = (3 * tokens * hidden + tokens * inter + 3 * b * seq * inter) * c
+        memory = {
+            "layer_weights": max(layer_numel, default=0) * c + 4 * max(experts.values(), default=0),
+            "activations": max(attn_acts, mlp_acts),
+            "attention_scores": b * heads * seq * seq * c,
+            "hessians": hess,
+            "solve_weight": 3 * 4 * solve_w,
+            "embedding_phase": (vocab * hidden + tokens * hidden) * c,
+        }
+        out.append(RankEstimate(r, samples, len(mine), owners.solve_cost[r] if owners.solve_cost else 0.0,
+                                reads, sum(p.nbytes for p in my_parts), [p.file for p in my_parts], memory))
+    return out
+
+
+def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[str], list[str]]:
+    """(lines to print, warnings) for a dry run; raises the user errors a real run would."""
     from .pipeline import output_specs
     from .run import output_dir, prepare
     from .writer import plan_parts
 
-    model_path = cfg.model.path
-    if not model_path:
-        from .demo_model import ensure_demo_checkpoint
-
-        model_path = str(ensure_demo_checkpoint())
     ckpt, plan, owners, args = prepare(cfg, model_path, world_size)
     parts = plan_parts(output_specs(plan, owners, ckpt, args), cfg.output.part_file_bytes)
-    print(f"model {model_path}: {plan.arch.name}, {plan.num_layers} layers, {len(plan.linears)} quantized linears")
-    print(f"world size {world_size}; output {output_dir(cfg, model_path)} in {len(parts)} part files, "
-          f"{sum(p.nbytes for p in parts) / 1e6:.1f} MB")
-    for r in range(world_size):
-        mine = [p for p in parts if p.rank == r]
-        print(f"rank {r}: {sum(1 for l in plan.linears if owners.owner[l.name] == r)} linears, "
-              f"{len(mine)} part files, {sum(p.nbytes for p in mine) / 1e6:.1f} MB to write")
-    for lin in plan.linears:
-        print(f"  {lin.name} [{lin.out_features}x{lin.in_features}] -> rank {owners.owner[lin.name]}")
+    ranks = estimate(cfg, ckpt, plan, owners, parts, world_size)
+    q, cal = cfg.quant, cfg.calib
+    warnings = []
+    if cal.num_samples < world_size:
+        warnings.append(f"calib.num_samples={cal.num_samples} < world size {world_size}: "
+                        f"{world_size - cal.num_samples} rank(s) get no calibration samples")
+    max_pos = ckpt.config.get("max_position_embeddings")
+    if isinstance(max_pos, int) and cal.seq_len > max_pos:
+        warnings.append(f"calib.seq_len={cal.seq_len} exceeds the model's max_position_embeddings={max_pos}")
+    per_rank = cal.num_samples / world_size
+    if per_rank != int(per_rank) or int(per_rank) % cal.batch_size:
+        warnings.append(f"calib.num_samples/world size = {per_rank:g} is not a multiple of calib.batch_size="
+                        f"{cal.batch_size}: results differ slightly from other world sizes (batching)")
+
+    input_bytes = sum(t.nbytes for t in ckpt.tensors.values())
+    output_bytes = sum(p.nbytes for p in parts)
+    lines = [
+        f"dry run: nothing is read but config.json and safetensors headers; no process is started",
+        f"model   {model_path}",
+        f"        {plan.arch.name}, {plan.num_layers} layers, {len(plan.linears)} quantized linears"
+        f"{', ' + str(len(plan.ignored)) + ' left in float (quant.ignore)' if plan.ignored else ''}, "
+        f"{_gb(input_bytes)} of weights, tied embeddings: {'yes' if plan.tied_embeddings else 'no'}",
+        f"quant   {q.name}: {q.method} {q.bits}-bit, group size {q.group_size}, "
+        f"{'symmetric' if q.symmetric else 'asymmetric'}, observer {q.observer}",
+        f"calib   {cal.num_samples} samples x {cal.seq_len} tokens, batch {cal.batch_size} per rank, "
+        f"compute dtype {cfg.model.dtype}",
+        f"output  {output_dir(cfg, model_path)}: {_gb(output_bytes)} in {len(parts)} part file(s) "
+        f"(output.part_file_size={cfg.output.part_file_size})",
+        f"world size {world_size}",
+        "",
+        "rank  samples  linears  solve cost  read        write       part files  est. peak memory",
+    ]
+    for e in ranks:
+        lines.append(f"{e.rank:>4}  {e.samples:>7}  {e.linears:>7}  {e.solve_cost:>10.3g}  {_gb(e.read_bytes):<10}  "
+                     f"{_gb(e.write_bytes):<10}  {len(e.part_files):>10}  {_gb(e.peak_bytes)}")
+    worst = max(ranks, key=lambda e: e.peak_bytes)
+    m = worst.memory
+    lines += ["", f"peak memory of rank {worst.rank} ({_gb(worst.peak_bytes)}; plus the process's fixed overhead): "
+              + ", ".join(f"{k.replace('_', ' ')} {_gb(v)}" for k, v in m.items())]
+    lines += ["", "part files:"]
+    for p in parts:
+        lines.append(f"  {p.file}  rank {p.rank}  {_gb(p.nbytes)}  {len(p.tensors)} tensors")
+    lines += ["", "plan (module -> owner rank):"]
+    for i in range(plan.num_layers):
+        prefix = plan.arch.layer_prefix(i)
+        mods = "  ".join(f"{lin.name[len(prefix):]}->{owners.owner[lin.name]}" for lin in plan.layer_linears(i))
+        lines.append(f"  layer {i}: {mods}")
+    return lines, warnings
+
+
+def dry_run(cfg: JobConfig, world_size: int) -> int:
+    model_path = cfg.model.path
+    if not model_path:
+        from .config import ConfigError
+        from .demo import demo_checkpoint_or_error
+
+        model_path, error = demo_checkpoint_or_error()
+        if error:
+            raise ConfigError(error)
+    lines, warnings = plan_report(cfg, model_path, world_size)
+    for line in lines:
+        print(line)
+    for w in warnings:
+        print(f"warning: {w}")
     return 0

@@ -5,6 +5,7 @@ quantization, one forward per layer) → owners stream their tensors to their pa
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -20,6 +21,7 @@ from .checkpoint import Checkpoint
 from .config import JobConfig
 from .formats import compressed_tensors as ct
 from .layer_forward import build_skeleton, dense_stage_ops, load_layer, unload_layer
+from .numerics import check_result, check_weight
 from .plan import LinearInfo, ModelPlan, OwnerPlan
 from .quant.qparams import QuantArgs, QuantResult
 from .runtime import Comm
@@ -61,6 +63,22 @@ class LayerRecord:
     moe: dict = field(default_factory=dict)  # sparse MoE layers: expert coverage and traffic (dist_quant/moe.py)
 
 
+@contextlib.contextmanager
+def _solver_threads(device: torch.device):
+    """GPTQ's column loop is a long chain of small ops; on CPU, OpenMP synchronization per
+    op costs more than it saves (20x slower with 2 threads on a busy 2-core machine), so
+    the solve runs single-threaded and the big GEMMs of the forward keep all threads."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class _Phase:
     def __init__(self, record: LayerRecord, progress):
         self.record, self.progress = record, progress
@@ -88,22 +106,29 @@ class LayerwiseQuantizer:
         self.gptq = GPTQParams(damp=q.damp, block_size=q.block_size, act_order=q.act_order)
 
     # -- the loop -------------------------------------------------------------------------
-    def run(self, calib: CalibrationSet, progress=None) -> list[LayerRecord]:
+    def run(self, calib: CalibrationSet, progress=None, resume=None) -> list[LayerRecord]:
+        """``resume``: a :class:`dist_quant.resume.Progress` (restored state, per-layer checkpoints)."""
         arch = self.plan.arch
         skel = build_skeleton(str(self.ckpt.root), self.dtype, self.device)
         batches = list(calib.batches(self.cfg.calib.batch_size))
         masks = [m.to(self.device) for _, m in batches]
+        restored = resume.restored if resume is not None else None
         with torch.no_grad():
-            embed = self.ckpt.get(arch.embed).to(self.device, self.dtype)
-            xs = [F.embedding(ids.to(self.device), embed) for ids, _ in batches]
-            del embed
+            if restored is None:
+                embed = self.ckpt.get(arch.embed).to(self.device, self.dtype)
+                xs = [F.embedding(ids.to(self.device), embed) for ids, _ in batches]
+                del embed
+            else:
+                xs = [x.to(self.device) for x in restored.xs]
             seq_len = calib.input_ids.shape[1]
             positions = torch.arange(seq_len, device=self.device)[None]
             pos_emb = skel.rotary(xs[0] if xs else torch.zeros(1, seq_len, 1, dtype=self.dtype), positions)
             pos_emb = tuple(t.to(self.dtype) for t in pos_emb)
 
-        records = []
-        for i in range(self.plan.num_layers):
+        records = list(restored.records) if restored is not None else []
+        if restored is not None and progress is not None:
+            progress.update(restored.layer + 1)
+        for i in range(restored.layer + 1 if restored is not None else 0, self.plan.num_layers):
             record = LayerRecord(i)
             phase = _Phase(record, progress)
             with torch.no_grad():
@@ -114,6 +139,8 @@ class LayerwiseQuantizer:
                     self._write_layer_tensors(i)
                 unload_layer(layer)
             records.append(record)
+            if resume is not None:
+                resume.layer_done(i, xs, records)
             if progress is not None:
                 progress.update(1)
         with torch.no_grad():
@@ -195,16 +222,20 @@ class LayerwiseQuantizer:
         t0 = time.perf_counter()
         if weights is None:
             weights = [self.ckpt.get(lin.name + ".weight").to(self.device, torch.float32) for lin in linears]
+        for lin, w in zip(linears, weights):
+            check_weight(lin.name, w)
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
-        if (method or self.cfg.quant.method) == "gptq":
-            result = gptq_quantize(stacked, hessian, self.args, self.gptq)
-        else:
-            result = rtn_quantize(stacked, self.args)
+        with _solver_threads(self.device):
+            if (method or self.cfg.quant.method) == "gptq":
+                result = gptq_quantize(stacked, hessian, self.args, self.gptq)
+            else:
+                result = rtn_quantize(stacked, self.args)
         if result.fallback:
             log.warning("%s: %s", ", ".join(lin.name for lin in linears), result.fallback)
         seconds = time.perf_counter() - t0
         parts = result.split([lin.out_features for lin in linears])
         for lin, w, part in zip(linears, weights, parts):
+            check_result(lin.name, part, self.args)
             record.modules[lin.name] = {
                 "rank": self.comm.rank, "seconds": seconds / len(linears), "fallback": result.fallback,
                 "tokens": tokens,

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import resource
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,7 +19,11 @@ from .config import ConfigError, JobConfig
 from .formats import compressed_tensors as ct
 from .pipeline import LayerwiseQuantizer, output_specs
 from .plan import ModelPlan, OwnerPlan, assign_owners, inspect_model
+from .preflight import preflight
+from .progress import LayerProgress
 from .quant.qparams import QuantArgs
+from .report import build_report, peak_device_bytes, write_report
+from .resume import Progress, fingerprint
 from .runtime import Comm
 from .writer import RankWriter, plan_parts, write_index
 
@@ -35,10 +37,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def resolve_model_path(cfg: JobConfig, comm: Comm) -> str:
     if cfg.model.path:
         return cfg.model.path
-    from .demo_model import ensure_demo_checkpoint  # the embedded demo model
+    from .demo import demo_checkpoint_or_error  # the embedded demo model
 
-    path = str(ensure_demo_checkpoint()) if comm.rank == 0 else None
-    return comm.broadcast_object(path, 0)
+    # rank 0 converts it once; the others wait, and every rank fails alike if it cannot
+    path, error = demo_checkpoint_or_error() if comm.rank == 0 else (None, None)
+    path, error = comm.broadcast_object((path, error), 0)
+    if error:
+        raise ConfigError(error)
+    return path
 
 
 def output_dir(cfg: JobConfig, model_path: str) -> Path:
@@ -53,14 +59,18 @@ def check_output_dir(final: Path, model_dir: Path, overwrite: bool) -> None:
     if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
         raise ConfigError(f"output.dir={str(final)!r} exists and is not empty (set output.overwrite=true "
                           "to replace it)")
+    if final.resolve() in model_dir.resolve().parents:
+        raise ConfigError(f"output.dir={str(final)!r} contains the model directory; choose another place")
+    if final.exists() and not final.is_dir():
+        raise ConfigError(f"output.dir={str(final)!r} exists and is not a directory")
     parent = final.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
     probe = parent / f".dist_quant_write_test_{time.time_ns()}"
     try:
+        parent.mkdir(parents=True, exist_ok=True)
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"output.dir={str(final)!r} is not writable: {exc.strerror}") from None
+        raise ConfigError(f"output.dir={str(final)!r} is not writable: {exc.strerror or exc}") from None
 
 
 def quant_args(cfg: JobConfig, ckpt: Checkpoint, plan: ModelPlan) -> QuantArgs:
@@ -76,7 +86,7 @@ def prepare(cfg: JobConfig, model_path: str, world_size: int):
     if cfg.model.trust_remote_code:
         raise ConfigError("model.trust_remote_code=true: dist_quant never runs code from a checkpoint; "
                           "only built-in architectures are supported")
-    ckpt = Checkpoint(model_path)
+    ckpt = Checkpoint(model_path, allow_pickle=cfg.model.allow_pickle)
     plan = inspect_model(ckpt, cfg.quant)
     owners = assign_owners(plan, ckpt, world_size, cfg.quant.method)
     args = quant_args(cfg, ckpt, plan)
@@ -98,6 +108,9 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     ckpt, plan, owners, args = prepare(cfg, model_path, comm.world_size)
     final = output_dir(cfg, model_path)
     check_output_dir(final, ckpt.root, cfg.output.overwrite)
+    partial = final.parent / (final.name + ".partial")
+    parts = plan_parts(output_specs(plan, owners, ckpt, args), cfg.output.part_file_bytes)
+    preflight(cfg, comm, ckpt, parts, partial, run_dir)
     log_owner_plan(plan, owners)
 
     from transformers import AutoTokenizer
@@ -113,38 +126,26 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     log.info("calibration: %d samples x %d tokens (%d real tokens); this rank: %d samples",
              calib.input_ids.shape[0], calib.input_ids.shape[1], calib.tokens, mine.input_ids.shape[0])
 
-    partial = final.parent / (final.name + ".partial")
-    if comm.rank == 0:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-    comm.barrier()
-
-    parts = plan_parts(output_specs(plan, owners, ckpt, args), cfg.output.part_file_bytes)
     writer = RankWriter(partial, parts, comm.rank)
-    progress = _progress(comm, plan.num_layers)
+    resume = Progress(run_dir, comm, writer, plan.num_layers)  # wipes or continues `partial`
+    resume.begin(cfg.resume, fingerprint(cfg, ckpt, comm.world_size, calib), partial)
+    progress = LayerProgress(plan.num_layers, comm.rank)
     try:
-        records = LayerwiseQuantizer(cfg, comm, ckpt, plan, owners, args, device, writer).run(mine, progress)
+        records = LayerwiseQuantizer(cfg, comm, ckpt, plan, owners, args, device, writer).run(
+            mine, progress, resume)
         weight_map = writer.finish()
     finally:
         writer.abort()
-        if progress is not None:
-            progress.close()
+        progress.close()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gathered = comm.gather_object({"weight_map": weight_map, "records": [_record_dict(r) for r in records],
-                                   "peak_rss_bytes": peak_rss, "rank": comm.rank}, 0)
+                                   "peak_rss_bytes": peak_rss, "peak_device_bytes": peak_device_bytes(device),
+                                   "rank": comm.rank}, 0)
     if comm.rank == 0:
         _finish(cfg, ckpt, plan, owners, args, parts, gathered, partial, final, t_start, model_path)
     comm.barrier()
+    resume.finished(final)
     return final
-
-
-def _progress(comm: Comm, total: int):
-    if comm.rank != 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="quantize", unit="layer", dynamic_ncols=True)
 
 
 def _record_dict(record) -> dict:
@@ -166,13 +167,13 @@ def _finish(cfg, ckpt, plan, owners, args, parts, gathered, partial: Path, final
     for name in TOKENIZER_FILES:
         if (ckpt.root / name).is_file():
             shutil.copy2(ckpt.root / name, partial / name)
-    report = build_report(cfg, plan, owners, gathered, time.time() - t_start, model_path)
+    report = build_report(cfg, plan, owners, gathered, time.time() - t_start, model_path, parts, final)
     if plan.arch.moe is not None:
         from .moe import log_moe_summary, moe_report
 
         report["moe"] = moe_report(gathered)
         log_moe_summary(report["moe"])
-    (partial / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(partial, report)
     if final.exists():
         trash = final.parent / (final.name + ".old")
         shutil.rmtree(trash, ignore_errors=True)
@@ -186,25 +187,3 @@ def _finish(cfg, ckpt, plan, owners, args, parts, gathered, partial: Path, final
              final, len(parts), len(weight_map), sum(p.nbytes for p in parts) / 1e6, time.time() - t_start,
              sum(errors) / max(len(errors), 1))
 
-
-def build_report(cfg, plan, owners, gathered, seconds, model_path) -> dict:
-    import compressed_tensors
-    import transformers
-
-    layers: dict[int, dict] = {}
-    for g in gathered:
-        for r in g["records"]:
-            entry = layers.setdefault(r["layer"], {"layer": r["layer"], "seconds_by_rank": {}, "modules": {}})
-            entry["seconds_by_rank"][g["rank"]] = r["seconds"]
-            entry["modules"].update(r["modules"])
-    return {
-        "model": model_path,
-        "config": asdict(cfg),
-        "wall_seconds": seconds,
-        "world_size": owners.world_size,
-        "peak_rss_bytes_by_rank": {g["rank"]: g["peak_rss_bytes"] for g in gathered},
-        "owner_plan": {lin.name: owners.owner[lin.name] for lin in plan.linears},
-        "layers": [layers[i] for i in sorted(layers)],
-        "versions": {"dist_quant": "0.1.0", "torch": torch.__version__, "transformers": transformers.__version__,
-                     "compressed_tensors": compressed_tensors.__version__, "python": platform.python_version()},
-    }

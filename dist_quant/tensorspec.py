@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import DTYPE_BYTES, SAFETENSORS_DTYPES, TORCH_DTYPES
+from .checkpoint import SAFETENSORS_DTYPES, TORCH_DTYPES, tensor_nbytes
 
 
 @dataclass(frozen=True)
@@ -16,10 +16,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * DTYPE_BYTES[self.dtype]
+        return tensor_nbytes(self.shape, self.dtype)
 
     @staticmethod
     def dtype_of(dtype: torch.dtype) -> str:

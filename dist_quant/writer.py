@@ -137,6 +137,44 @@ class RankWriter:
         self._close()
         return {spec.name: part.file for part in self.parts for spec in part.tensors}
 
+    def checkpoint(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Make everything written so far durable (flush + fsync the open part file) and
+        describe it for :meth:`restore`; also return the tensors still waiting for their turn."""
+        if self._handle is not None:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        state = {"written": self._next, "open_part": self._open_part.file if self._open_part else None,
+                 "offset": self._handle.tell() if self._handle is not None else 0}
+        return state, dict(self._pending)
+
+    def restore(self, state: dict, pending: dict[str, torch.Tensor]) -> None:
+        """Continue from a :meth:`checkpoint`: part files finished before it must be intact, the
+        part file open at that time is cut back to the recorded size, later ones are rewritten."""
+        written, open_file, offset = int(state["written"]), state["open_part"], int(state["offset"])
+        if not 0 <= written <= len(self._queue):
+            raise WriterError(f"resume state says {written} tensors written, the plan has {len(self._queue)}")
+        done = {part.file for part, _ in self._queue[:written]} - {open_file}
+        for part in self.parts:
+            if part.file in done:
+                path = self.directory / part.file
+                size = path.stat().st_size if path.is_file() else None
+                if size != len(part.header()) + part.nbytes:
+                    raise WriterError(f"{path} should be a finished part file of "
+                                      f"{len(part.header()) + part.nbytes} bytes, found {size}")
+        self.abort()
+        self._open_part = None
+        self._next, self._pending = written, dict(pending)
+        if open_file is not None:
+            part = next((p for p in self.parts if p.file == open_file), None)
+            path = self.directory / open_file
+            if part is None or not path.is_file() or path.stat().st_size < offset:
+                raise WriterError(f"part file {path} is missing or shorter than the recorded {offset} bytes")
+            self._handle = open(path, "r+b")
+            self._handle.truncate(offset)
+            self._handle.seek(offset)
+            self._open_part = part
+        self._drain()
+
     def abort(self) -> None:
         if self._handle is not None:
             self._handle.close()

@@ -42,7 +42,8 @@ def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs):
     else:
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = (hi - lo) / (args.qmax - args.qmin)
-    scale = scale.clamp(min=torch.finfo(torch.float32).eps)
+    finfo = torch.finfo(args.scale_dtype)  # keep the stored scale finite (float16 tops out at 65504)
+    scale = scale.clamp(min=torch.finfo(torch.float32).eps, max=finfo.max)
     scale = scale.to(args.scale_dtype).float()
     scale = torch.where(scale > 0, scale, torch.full_like(scale, torch.finfo(args.scale_dtype).tiny))
     if args.symmetric:
