@@ -53,14 +53,6 @@ HESSIAN_CHUNK = 4096  # rows per float32 GEMM in expert statistics (fixed, so ch
 
 
 # -- loading --------------------------------------------------------------------------------------
-def checkpoint_name(arch, rel: str) -> str:
-    """Checkpoint name (relative to the layer) of an in-memory parameter name."""
-    block = arch.moe.block
-    if block != arch.mlp and rel.startswith(arch.mlp + "."):
-        return block + rel[len(arch.mlp):]
-    return rel
-
-
 def load_moe_layer(skel, ckpt, arch, index: int, device: torch.device):
     """Layer ``index`` with every weight except the routed experts, which stay on the meta
     device (their fused ``[E, …]`` parameters are never built; owners read their own
@@ -68,7 +60,7 @@ def load_moe_layer(skel, ckpt, arch, index: int, device: torch.device):
     layer = skel.layer(index)
     prefix = arch.layer_prefix(index)
     experts = f"{arch.mlp}.{arch.moe.experts}."
-    state = {name: ckpt.get(prefix + checkpoint_name(arch, name)).to(device=device, dtype=skel.dtype)
+    state = {name: ckpt.get(prefix + arch.checkpoint_name(name)).to(device=device, dtype=skel.dtype)
              for name in layer.state_dict() if not name.startswith(experts)}
     missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
     bad = [n for n in missing if not n.startswith(experts)] + list(unexpected)

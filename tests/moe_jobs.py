@@ -36,9 +36,9 @@ def run_inprocess(model: Path, out: Path, args: list[str], *extra: str, capture:
         seen.xs[index] = torch.cat([x.detach().clone() for x in out_xs])
         return out_xs
 
-    def _run(self, calib, progress=None):
+    def _run(self, calib, *a, **k):
         seen.calib = calib
-        return orig_run(self, calib, progress)
+        return orig_run(self, calib, *a, **k)
 
     overrides = [f"model.path={model}", *args, f"output.dir={out}", f"runtime.run_dir={out}.run",
                  "runtime.threads=1", *extra]

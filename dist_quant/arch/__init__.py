@@ -45,6 +45,10 @@ class ArchSpec:
         """In-memory (transformers module) name of a checkpoint name relative to the layer."""
         return rel
 
+    def checkpoint_name(self, rel: str) -> str:
+        """Checkpoint name of an in-memory name relative to the layer (inverse of memory_name)."""
+        return rel
+
 
 DENSE_STAGES = (
     Stage("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),

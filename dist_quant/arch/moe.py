@@ -106,6 +106,12 @@ class MoeArchSpec(ArchSpec):
             return self.mlp + rel[len(block):]
         return rel
 
+    def checkpoint_name(self, rel: str) -> str:
+        block = self.moe.block
+        if block != self.mlp and rel.startswith(self.mlp + "."):
+            return block + rel[len(self.mlp):]
+        return rel
+
 
 def _stages_for_order(moe: MoeSpec) -> tuple[Stage, ...]:
     """Every stage name in processing order (used to order the owner plan's groups)."""
