@@ -69,15 +69,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ranks(model: Path, out: Path, args: list[str], nproc: int, trace: Path) -> SimpleNamespace:
+def start_ranks(model: Path, out: Path, args: list[str], nproc: int, trace: Path,
+                run_dir: Path | None = None, env_extra: dict | None = None) -> SimpleNamespace:
     """``torch.distributed.run --nproc_per_node=nproc tests/moe_trace_main.py …`` in the background."""
-    run_dir = Path(f"{out}.run")
+    run_dir = Path(run_dir or f"{out}.run")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(TRACE), f"model.path={model}", *args,
            f"output.dir={out}", f"runtime.run_dir={run_dir}", "runtime.threads=1"]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TRACE_DIR=str(trace), OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return SimpleNamespace(out=out, run_dir=run_dir, trace=trace, proc=proc, t0=time.time())
 

@@ -167,3 +167,32 @@ def test_tokens_move_between_ranks_and_are_counted(runs, name):
             for lin, info in layer["modules"].items():
                 if info.get("expert") is not None:
                     assert info["tokens"] == NUM_SAMPLES * SEQ_LEN, lin
+
+
+def test_killed_moe_job_resumes_to_the_same_bytes(runs):
+    """Rank 1 is SIGKILLed after layer 0 of a 2-rank MoE job; ``resume=true`` in the same run
+    directory finishes it, and the output equals the uninterrupted 2-rank job's (same tensors,
+    same bytes), with the MoE coverage of both layers in the report."""
+    name = "gptq-mixtral"
+    arch, overrides, _ = CASES[name]
+    root = runs.root
+    common = [f"calib.path={root / 'calib.txt'}", f"calib.num_samples={NUM_SAMPLES}", f"calib.seq_len={SEQ_LEN}",
+              f"calib.batch_size={BATCH}", *overrides]
+    out, run_dir = root / "out" / "resumed", root / "runs" / "resumed"
+    killed = finish(start_ranks(runs.models[arch], out, common, 2, root / "trace" / "killed", run_dir,
+                                {"DIST_QUANT_TEST_FAIL": "kill:1:0"}))
+    assert killed.rc != 0 and not out.exists()
+    resumed = finish(start_ranks(runs.models[arch], out, [*common, "resume=true"], 2, root / "trace" / "resumed",
+                                 run_dir))
+    assert resumed.rc == 0, resumed.stderr[-4000:]
+    want, got = read_tensors(ok(runs, name, 2).out), read_tensors(out)
+    assert set(want) == set(got)
+    for n in want:
+        assert want[n].dtype == got[n].dtype and torch.equal(want[n], got[n]), n
+    section = resumed.report["moe"]
+    assert [layer["layer"] for layer in section["layers"]] == [0, 1]
+    assert section["layers"] == runs.jobs[(name, 2)].report["moe"]["layers"]
+    # after the restart the ranks read only layer 1's experts
+    for rank in (0, 1):
+        reads = json.loads((root / "trace" / "resumed" / f"rank{rank}.json").read_text())["reads"]
+        assert not any(".layers.0." in n and ".experts." in n for n in reads)
