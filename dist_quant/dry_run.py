@@ -15,7 +15,10 @@ def dry_run(cfg: JobConfig, world_size: int) -> int:
 
         model_path = str(ensure_demo_checkpoint())
     ckpt, plan, owners, args = prepare(cfg, model_path, world_size)
-    parts = plan_parts(output_specs(plan, owners, ckpt, args), cfg.output.part_file_bytes)
+    from .formats.registry import make_format
+
+    fmt = make_format(cfg, args)
+    parts = plan_parts(output_specs(plan, owners, ckpt, args, fmt), cfg.output.part_file_bytes, prefix=fmt.part_prefix)
     print(f"model {model_path}: {plan.arch.name}, {plan.num_layers} layers, {len(plan.linears)} quantized linears")
     print(f"world size {world_size}; output {output_dir(cfg, model_path)} in {len(parts)} part files, "
           f"{sum(p.nbytes for p in parts) / 1e6:.1f} MB")
