@@ -112,8 +112,10 @@ def fold_columns(weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 class W8A8Stages:
-    def __init__(self, cfg, comm, plan, ckpt, device: torch.device, args: QuantArgs, act: ActQuantArgs,
+    def __init__(self, cfg, comm, plan, ckpt, device: torch.device, args: QuantArgs, act: ActQuantArgs | None,
                  overrides: dict[str, torch.Tensor]):
+        """``act`` None: smooth only, activations stay float (the Flex smooth search, which
+        scores int8 products, then assumes dynamic per-token activations)."""
         self.cfg, self.comm, self.plan, self.ckpt, self.device = cfg, comm, plan, ckpt, device
         self.args, self.act, self.overrides = args, act, overrides
         self.q = cfg.quant
@@ -169,6 +171,8 @@ class W8A8Stages:
                     s = self._choose(pair, index, acts, masks, record)
                     del acts
                     self._fold_linear(layer, index, pair, s)
+        if self.act is None:  # smoothing only (tests)
+            return inputs
         with phase("act_calib"):
             params = self._calibrate(inputs, masks)
             for lin in linears:
@@ -256,8 +260,8 @@ class W8A8Stages:
         lo_c, hi_c = stat.min, stat.max
 
         def act_fq(xs: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            if self.act.dynamic:
-                return fake_quant_dynamic(xs, self.act.token_divisor)
+            if self.act is None or self.act.dynamic:
+                return fake_quant_dynamic(xs, self.act.token_divisor if self.act else 127.5)
             # the global per-tensor range of x/s follows from the per-channel ranges (s > 0)
             params = static_params((lo_c / s).min(), (hi_c / s).max(), self.act)
             return fake_quant_static(xs, params)
