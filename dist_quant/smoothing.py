@@ -188,8 +188,9 @@ class W8A8Stages:
         for x, m in zip(inputs, masks):
             real = x[m]
             if real.numel():
-                neg_min = torch.maximum(neg_min, -real.min().float())
-                hi = torch.maximum(hi, real.max().float())
+                lo_b, hi_b = torch.aminmax(real)
+                neg_min = torch.maximum(neg_min, -lo_b.float())
+                hi = torch.maximum(hi, hi_b.float())
         flat = self.comm.all_reduce(torch.stack([neg_min, hi]), "max").cpu()
         return static_params(-flat[0], flat[1], self.act)
 

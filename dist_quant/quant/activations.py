@@ -50,8 +50,9 @@ def quantize_static(x: torch.Tensor, p: StaticActParams) -> torch.Tensor:
 
 
 def fake_quant_static(x: torch.Tensor, p: StaticActParams) -> torch.Tensor:
-    scale, zero = p.scale.to(x.device), p.zero.to(x.device)
-    return ((quantize_static(x, p) - zero) * scale).to(x.dtype)
+    scale, zero = float(p.scale), float(p.zero)  # in-place chain: one temporary, not five
+    q = x.float().div(scale).round_().add_(zero).clamp_(QMIN, QMAX).sub_(zero).mul_(scale)
+    return q.to(x.dtype)
 
 
 def dynamic_token_scale(x: torch.Tensor, divisor: float = 127.5) -> torch.Tensor:
@@ -63,7 +64,7 @@ def dynamic_token_scale(x: torch.Tensor, divisor: float = 127.5) -> torch.Tensor
 
 def fake_quant_dynamic(x: torch.Tensor, divisor: float = 127.5) -> torch.Tensor:
     scale = dynamic_token_scale(x, divisor)
-    return (torch.round(x.float() / scale).clamp(QMIN, QMAX) * scale).to(x.dtype)
+    return x.float().div(scale).round_().clamp_(QMIN, QMAX).mul_(scale).to(x.dtype)
 
 
 def fake_quant(x: torch.Tensor, args: ActQuantArgs, params: StaticActParams | None) -> torch.Tensor:
