@@ -77,6 +77,9 @@ class QuantConfig:
     """Scale choice: minmax, or mse (search a clipping ratio per group)."""
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     """Modules left in float (lm_head is never quantized)."""
+    moe_ignore: list[str] = field(default_factory=lambda: ["gate", "shared_expert_gate"])
+    """MoE models only: linears also left in float (short or full names); by default the router
+    (``mlp.gate`` / ``block_sparse_moe.gate``) and qwen2_moe's ``shared_expert_gate``."""
     name: str = "gptq_w4a16"
     """Preset name, for reports."""
     # -- W8A8 and smoothing (see dist_quant/smoothing.py) --------------------------------------
@@ -163,8 +166,18 @@ class CalibConfig:
     """Samples per forward batch (per rank)."""
     text_field: str = "text"
     """JSONL field holding the text."""
+    all_experts: bool = False
+    """MoE: also run every token through every expert for the statistics only (every expert gets
+    a Hessian of all tokens); the propagated outputs still follow the model's routing."""
+    min_expert_tokens: int = 128
+    """MoE: an expert routed fewer tokens than this (and always one routed none) gets ``expert_fallback``."""
+    expert_fallback: str = "all_tokens"
+    """MoE: all_tokens (statistics of all tokens for that expert) or rtn (round-to-nearest)."""
 
     def __post_init__(self) -> None:
+        _check(self.min_expert_tokens >= 0, "calib.min_expert_tokens", self.min_expert_tokens, "must be >= 0")
+        _check(self.expert_fallback in ("all_tokens", "rtn"), "calib.expert_fallback", self.expert_fallback,
+               "expected all_tokens or rtn")
         _check(self.num_samples > 0, "calib.num_samples", self.num_samples, "must be positive")
         _check(self.seq_len > 1, "calib.seq_len", self.seq_len, "must be at least 2")
         _check(self.batch_size > 0, "calib.batch_size", self.batch_size, "must be positive")

@@ -8,7 +8,8 @@ does not divide a linear's input features, missing tensors, ...) fail here, exit
 
 Peak memory per rank (on its compute device) is estimated as the largest of
 
-* layer phase: one decoder layer's weights in the compute dtype
+* layer phase: one decoder layer's weights in the compute dtype (MoE: without its routed
+  experts, plus one expert in float32: owners read their experts one at a time)
   + this rank's activations: residual stream, the previous and current stage input and
     the next residual (4 × samples_r × seq_len × hidden), or at the MLP stage the
     intermediate-size input of ``down_proj`` (samples_r × seq_len × intermediate) plus one
@@ -71,9 +72,16 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
 
     layer_bytes = []  # per layer: bytes on disk of all its tensors, and elements
     layer_numel = []
+    # MoE: routed experts are read by their owners only, one expert at a time (dist_quant/moe.py)
+    experts: dict[tuple[int, int], int] = {}
+    for lin in plan.linears:
+        if lin.expert is not None:
+            experts[(lin.layer, lin.expert)] = experts.get((lin.layer, lin.expert), 0) + \
+                lin.in_features * lin.out_features
+    expert_weights = {lin.name + ".weight" for lin in plan.linears if lin.expert is not None}
     for i in range(plan.num_layers):
         prefix = plan.arch.layer_prefix(i)
-        infos = [t for name, t in ckpt.tensors.items() if name.startswith(prefix)]
+        infos = [t for name, t in ckpt.tensors.items() if name.startswith(prefix) and name not in expert_weights]
         layer_bytes.append(sum(t.nbytes for t in infos))
         layer_numel.append(sum(math.prod(t.shape) for t in infos))
     every_rank_reads = sum(layer_bytes) + ckpt.tensors[plan.arch.embed].nbytes
@@ -101,7 +109,7 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
         attn_acts = 4 * tokens * hidden * c
         mlp_acts = (3 * tokens * hidden + tokens * inter + 3 * b * seq * inter) * c
         memory = {
-            "layer_weights": max(layer_numel, default=0) * c,
+            "layer_weights": max(layer_numel, default=0) * c + 4 * max(experts.values(), default=0),
             "activations": max(attn_acts, mlp_acts),
             "attention_scores": b * heads * seq * seq * c,
             "hessians": hess,

@@ -37,6 +37,10 @@ def build_skeleton(model_dir: str, dtype: torch.dtype, device: torch.device) -> 
 
 
 def load_layer(skel: Skeleton, ckpt: Checkpoint, arch: ArchSpec, index: int, device: torch.device) -> nn.Module:
+    if arch.moe is not None:  # routed experts are read by their owners only (dist_quant/moe.py)
+        from .moe import load_moe_layer
+
+        return load_moe_layer(skel, ckpt, arch, index, device)
     layer = skel.layer(index)
     prefix = arch.layer_prefix(index)
     layer.to_empty(device=device)

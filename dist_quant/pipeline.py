@@ -63,6 +63,7 @@ class LayerRecord:
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     modules: dict[str, dict] = field(default_factory=dict)  # filled by the owners
     smoothing: dict[str, dict] = field(default_factory=dict)  # per smoothing pair (same on every rank)
+    moe: dict = field(default_factory=dict)  # sparse MoE layers: expert coverage and traffic (dist_quant/moe.py)
 
 
 @contextlib.contextmanager
@@ -166,7 +167,9 @@ class LayerwiseQuantizer:
         ops = dense_stage_ops(layer, arch, pos_emb)
         linears = self.plan.layer_linears(index)
         prev: list[torch.Tensor | None] = [None] * len(xs)
-        for k, (stage, op) in enumerate(zip(arch.stages, ops)):
+        sparse = arch.moe is not None and arch.moe.is_sparse(index, self.ckpt.config)
+        stages = arch.stages[:2] if sparse else arch.stages  # a sparse MLP is run by moe.py
+        for k, (stage, op) in enumerate(zip(stages, ops)):
             with phase("propagate" if stage is not arch.stages[0] else "capture"):
                 inputs = [op.make_input(x, p) for x, p in zip(xs, prev)]
             stage_linears = [lin for lin in linears if lin.stage == stage.name]
@@ -179,6 +182,10 @@ class LayerwiseQuantizer:
                 with phase("propagate"):
                     xs = [op.advance(x, a) for x, a in zip(xs, inputs)]
             prev = inputs
+        if sparse:  # the MoE block: shared expert, routing, experts on their owners
+            from .moe import moe_block
+
+            xs = moe_block(self, layer, index, xs, masks, record, phase)
         return xs
 
     # -- one stage: capture → reduce → solve → broadcast ----------------------------------------
@@ -203,7 +210,7 @@ class LayerwiseQuantizer:
                 solved = self._solve(mine, hessian, tokens, record)
         for lin in linears:
             owner = self.owners.owner[lin.name]
-            module = layer.get_submodule(lin.name[len(self.plan.arch.layer_prefix(lin.layer)):])
+            module = layer.get_submodule(self.plan.arch.memory_name(lin.name[len(self.plan.arch.layer_prefix(lin.layer)):]))
             if owner == rank:
                 result = solved[lin.name]
             else:
@@ -223,17 +230,20 @@ class LayerwiseQuantizer:
                     for name, tensor in self.fmt.pack_linear(lin.name, result, bias, act).items():
                         self.writer.add(name, tensor)
 
-    def _solve(self, linears: list[LinearInfo], hessian: torch.Tensor, tokens: int, record) -> dict[str, QuantResult]:
+    def _solve(self, linears: list[LinearInfo], hessian: torch.Tensor, tokens: int, record,
+               weights: list[torch.Tensor] | None = None, method: str | None = None) -> dict[str, QuantResult]:
         """Solve this rank's linears of one stage. They share the Hessian and GPTQ treats
         rows independently, so their weights are stacked and solved in one pass (one
-        factorization, one column loop), then split back per module."""
+        factorization, one column loop), then split back per module. ``weights`` (already
+        read, float32) and ``method`` override the checkpoint read and ``quant.method``."""
         t0 = time.perf_counter()
-        weights = [self._tensor(lin.name + ".weight").to(self.device, torch.float32) for lin in linears]
+        if weights is None:
+            weights = [self._tensor(lin.name + ".weight").to(self.device, torch.float32) for lin in linears]
         for lin, w in zip(linears, weights):
             check_weight(lin.name, w)
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
         with _solver_threads(self.device):
-            if self.cfg.quant.method == "gptq":
+            if (method or self.cfg.quant.method) == "gptq":
                 result = gptq_quantize(stacked, hessian, self.args, self.gptq)
             else:
                 result = rtn_quantize(stacked, self.args)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .arch import ArchSpec, UnsupportedModel, get_arch
+from .arch.moe import assign_expert_owners
 from .checkpoint import Checkpoint, CheckpointError
 from .config import ConfigError, QuantConfig
 
@@ -19,6 +20,7 @@ class LinearInfo:
     out_features: int
     in_features: int
     has_bias: bool
+    expert: int | None = None  # MoE: routed expert index (None: a dense linear, incl. shared experts)
 
     def solve_cost(self, method: str) -> float:
         n, m = self.in_features, self.out_features
@@ -59,12 +61,12 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
 
     linears: list[LinearInfo] = []
     layer_tensors: list[tuple[str, ...]] = []
-    ignore = set(quant.ignore)
+    ignore = set(quant.ignore) | (set(quant.moe_ignore) if arch.moe is not None else set())
     ignored: list[str] = []
     for i in range(num_layers):
         prefix = arch.layer_prefix(i)
         owned: set[str] = set()
-        for stage in arch.stages:
+        for stage in arch.layer_stages(i, cfg):
             for rel in stage.linears:
                 fqn = prefix + rel
                 wname = fqn + ".weight"
@@ -77,6 +79,9 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
                     raise CheckpointError(f"{wname!r} has {shape[1]} input features but config.json "
                                           f"hidden_size={hidden}")
                 if rel.split(".")[-1] in ignore or fqn in ignore:
+                    if stage.expert is not None:
+                        raise ConfigError(f"quant.ignore/quant.moe_ignore match the routed expert linear {fqn!r}; "
+                                          "routed experts are quantized whole (keep them out of the ignore lists)")
                     ignored.append(fqn)
                     continue  # stays a float tensor of the layer
                 owned.add(wname)
@@ -86,7 +91,7 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
                 if quant.group_size != -1 and shape[1] % quant.group_size:
                     raise ConfigError(f"quant.group_size={quant.group_size} does not divide the "
                                       f"{shape[1]} input features of {fqn!r}; use a divisor or -1")
-                linears.append(LinearInfo(fqn, i, stage.name, shape[0], shape[1], has_bias))
+                linears.append(LinearInfo(fqn, i, stage.name, shape[0], shape[1], has_bias, stage.expert))
         others = sorted(n for n in ckpt.tensors if n.startswith(prefix) and n not in owned)
         layer_tensors.append(tuple(others))
 
@@ -120,7 +125,8 @@ def assign_owners(plan: ModelPlan, ckpt: Checkpoint, world_size: int, method: st
     nbytes = [0] * world_size
     groups: dict[tuple[int, str], list[LinearInfo]] = {}
     for lin in plan.linears:
-        groups.setdefault((lin.layer, lin.stage), []).append(lin)
+        if lin.expert is None:  # routed experts: owned per expert, below
+            groups.setdefault((lin.layer, lin.stage), []).append(lin)
     for key in sorted(groups, key=lambda k: (k[0], [s.name for s in plan.arch.stages].index(k[1]))):
         stage_cost = [0.0] * world_size
         for lin in sorted(groups[key], key=lambda x: (-x.solve_cost(method), x.name)):
@@ -130,6 +136,8 @@ def assign_owners(plan: ModelPlan, ckpt: Checkpoint, world_size: int, method: st
             stage_cost[r] += c
             cost[r] += c
             nbytes[r] += ckpt.tensors[lin.name + ".weight"].nbytes
+    assign_expert_owners([lin for lin in plan.linears if lin.expert is not None], world_size, method, owner,
+                         cost, nbytes, lambda lin: ckpt.tensors[lin.name + ".weight"].nbytes)
     linear_weights = {lin.name + ".weight" for lin in plan.linears}
     rest = [n for grp in plan.layer_tensors for n in grp] + list(plan.global_tensors)
     for name in sorted(rest, key=lambda n: (-ckpt.tensors[n].nbytes, n)):

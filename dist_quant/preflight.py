@@ -75,13 +75,28 @@ def check_shapes(ckpt: Checkpoint) -> None:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"config.json in {str(ckpt.root)!r} does not describe a model "
                               f"transformers can build: {first}") from None
+    arch = _arch_or_none(config.model_type)
     for name, tensor in model.state_dict().items():
         info = ckpt.tensors.get(name)
+        if info is None and arch is not None:  # e.g. Mixtral: block_sparse_moe.* on disk, mlp.* in memory
+            head, sep, rel = name.partition(f"{arch.layers_prefix}.")
+            index, dot, rel = rel.partition(".")
+            if sep and dot and index.isdigit():
+                info = ckpt.tensors.get(f"{head}{sep}{index}.{arch.checkpoint_name(rel)}")
         if info is not None and tuple(info.shape) != tuple(tensor.shape):
             raise CheckpointError(f"{name!r} has shape {list(info.shape)} in {info.file!r}, but "
                                   f"config.json implies {list(tensor.shape)}")
         if info is None and ".layers." in name and ".experts." not in name:
             raise CheckpointError(f"checkpoint lacks {name!r}, which config.json's model has")
+
+
+def _arch_or_none(model_type):
+    from .arch import UnsupportedModel, get_arch
+
+    try:
+        return get_arch(model_type)
+    except UnsupportedModel:
+        return None
 
 
 def _existing(path: Path) -> Path:

@@ -151,8 +151,9 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
 
 
 def _record_dict(record) -> dict:
+    extra = {"moe": record.moe} if getattr(record, "moe", None) else {}
     return {"layer": record.layer, "seconds": dict(record.seconds), "modules": record.modules,
-            "smoothing": record.smoothing}
+            "smoothing": record.smoothing, **extra}
 
 
 def _finish(cfg, ckpt, plan, owners, fmt, parts, gathered, partial: Path, final: Path, t_start, model_path):
@@ -168,6 +169,11 @@ def _finish(cfg, ckpt, plan, owners, fmt, parts, gathered, partial: Path, final:
         if (ckpt.root / name).is_file():
             shutil.copy2(ckpt.root / name, partial / name)
     report = build_report(cfg, plan, owners, gathered, time.time() - t_start, model_path, parts, final)
+    if plan.arch.moe is not None:
+        from .moe import log_moe_summary, moe_report
+
+        report["moe"] = moe_report(gathered)
+        log_moe_summary(report["moe"])
     write_report(partial, report)
     if final.exists():
         trash = final.parent / (final.name + ".old")

@@ -267,6 +267,24 @@ class Comm:
         dist.all_gather_object(out, obj, group=self._cpu_group)
         return out
 
+    def all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+        """Rows ``send_splits[r]`` of ``send`` (in order) go to rank r; returns the rows
+        received, rank 0's first (``recv_splits[r]`` from rank r)."""
+        if self.world_size == 1:
+            return send.clone()
+        out = send.new_empty((sum(recv_splits), *send.shape[1:]))
+        dist.all_to_all_single(out, send.contiguous(), list(recv_splits), list(send_splits),
+                               group=self._group(send))
+        return out
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (same shape on all ranks), rank 0's first."""
+        if self.world_size == 1:
+            return [tensor]
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(out, tensor.contiguous(), group=self._group(tensor))
+        return out
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(group=self._cpu_group)

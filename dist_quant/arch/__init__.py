@@ -15,6 +15,7 @@ class Stage:
 
     name: str
     linears: tuple[str, ...]  # names relative to the decoder layer, without ".weight"
+    expert: int | None = None  # MoE: the routed expert whose linears these are (its input: its tokens)
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,22 @@ class ArchSpec:
     attn: str = "self_attn"
     mlp: str = "mlp"
 
+    moe = None  # MoE architectures: a dist_quant.arch.moe.MoeSpec (see MoeArchSpec)
+
     def layer_prefix(self, index: int) -> str:
         return f"{self.layers_prefix}.{index}."
+
+    def layer_stages(self, index: int, config: dict) -> tuple[Stage, ...]:
+        """The stages of decoder layer ``index`` (MoE architectures vary them per layer)."""
+        return self.stages
+
+    def memory_name(self, rel: str) -> str:
+        """In-memory (transformers module) name of a checkpoint name relative to the layer."""
+        return rel
+
+    def checkpoint_name(self, rel: str) -> str:
+        """Checkpoint name of an in-memory name relative to the layer (inverse of memory_name)."""
+        return rel
 
 
 DENSE_STAGES = (
@@ -45,6 +60,10 @@ DENSE_STAGES = (
 ARCHS: dict[str, ArchSpec] = {
     name: ArchSpec(name=name, stages=DENSE_STAGES) for name in ("llama", "qwen2", "qwen3", "mistral")
 }
+
+from .moe import MOE_ARCHS  # noqa: E402  (MoE architectures: qwen2_moe, qwen3_moe, mixtral)
+
+ARCHS.update(MOE_ARCHS)
 
 
 def get_arch(model_type: str) -> ArchSpec:

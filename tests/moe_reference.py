@@ -1,0 +1,124 @@
+"""Independent reference code for the MoE tests: reading a dist_quant output directory with
+our own int32 unpacker, and a *fake-quant* float model (the original transformers model
+whose quantized linears — experts included, written per expert under checkpoint names —
+are replaced by the dequantized weights of the output).
+
+Nothing here imports ``dist_quant``."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+        sorted(p.name for p in directory.glob("*.safetensors"))
+    out = {}
+    for f in files:
+        with safe_open(directory / f, "pt") as fh:
+            for name in fh.keys():
+                assert name not in out, f"{name} in two files"
+                out[name] = fh.get_tensor(name)
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
+    """compressed-tensors pack-quantized: unsigned ``q + 2^(bits-1)``, ``32/bits`` values per
+    int32 along the input dimension, lowest bits first."""
+    per = 32 // bits
+    mask = (1 << bits) - 1
+    p = packed.to(torch.int64) & 0xFFFFFFFF
+    vals = torch.stack([(p >> (bits * i)) & mask for i in range(per)], dim=-1).reshape(packed.shape[0], -1)
+    return vals[:, : shape[1]] - (1 << (bits - 1))
+
+
+@dataclass
+class QLinear:
+    q: torch.Tensor  # int64 [out, in]
+    scale: torch.Tensor  # [out, groups]
+    zero: torch.Tensor | None
+
+    def dequantize(self) -> torch.Tensor:
+        cols = self.q.shape[1] // self.scale.shape[1]
+        s = self.scale.float().repeat_interleave(cols, dim=1)
+        z = 0 if self.zero is None else self.zero.float().repeat_interleave(cols, dim=1)
+        return (self.q.float() - z) * s
+
+
+def quantized_linears(tensors: dict[str, torch.Tensor], bits: int) -> dict[str, QLinear]:
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(".weight_packed"):
+            base = name[: -len(".weight_packed")]
+            shape = tuple(tensors[base + ".weight_shape"].tolist())
+            assert base + ".weight_zero_point" not in tensors, "asymmetric outputs are not read here"
+            out[base] = QLinear(unpack(t, bits, shape), tensors[base + ".weight_scale"], None)
+    return out
+
+
+def weight_bits(out_dir: Path) -> int:
+    qc = json.loads((Path(out_dir) / "config.json").read_text())["quantization_config"]
+    return qc["config_groups"]["group_0"]["weights"]["num_bits"]
+
+
+# checkpoint name of an expert linear → (in-memory layer prefix, fused parameter, which rows)
+_EXPERT = re.compile(r"^(model\.layers\.\d+)\.(mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)$")
+_ROLE = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
+
+
+def load_fake_quant(model_dir: Path, out_dir: Path, dtype=torch.float32, attn: str = "eager"):
+    """The float model of ``model_dir`` with every linear quantized in ``out_dir`` replaced by
+    its dequantized weight (routed experts into the fused in-memory tensors)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation=attn).eval()
+    bits = weight_bits(out_dir)
+    params = dict(model.named_parameters())
+    done = set()
+    with torch.no_grad():
+        for name, ql in quantized_linears(read_tensors(out_dir), bits).items():
+            w = ql.dequantize().to(dtype)
+            m = _EXPERT.match(name)
+            if m:
+                layer, e, role = m.group(1), int(m.group(3)), _ROLE[m.group(4)]
+                if role == "down":
+                    params[f"{layer}.mlp.experts.down_proj"][e].copy_(w)
+                else:
+                    fused = params[f"{layer}.mlp.experts.gate_up_proj"][e]
+                    inter = fused.shape[0] // 2
+                    (fused[:inter] if role == "gate" else fused[inter:]).copy_(w)
+            else:
+                mem = name.replace(".block_sparse_moe.", ".mlp.")
+                params[mem + ".weight"].copy_(w)
+            done.add(name)
+    return model, done
+
+
+def router_counts(model, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    """Tokens routed to each expert per sparse layer by the model's router (real tokens only)."""
+    counts, handles = {}, []
+    for i, layer in enumerate(model.model.layers):
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is None or not hasattr(gate, "top_k"):
+            continue
+
+        def hook(mod, args, out, i=i):
+            idx = out[2]
+            keep = mask.reshape(-1) if mask is not None else torch.ones(idx.shape[0], dtype=torch.bool)
+            counts[i] = torch.bincount(idx[keep].reshape(-1), minlength=mod.num_experts)
+
+        handles.append(gate.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(input_ids, attention_mask=None if mask is None else mask.long())
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
