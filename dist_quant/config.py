@@ -82,8 +82,34 @@ class QuantConfig:
     (``mlp.gate`` / ``block_sparse_moe.gate``) and qwen2_moe's ``shared_expert_gate``."""
     name: str = "gptq_w4a16"
     """Preset name, for reports."""
+    # -- W8A8 and smoothing (see dist_quant/smoothing.py) --------------------------------------
+    weight_solver: Optional[str] = None
+    """gptq or rtn: the weight solve of the W8A8 presets; when set it takes precedence over method."""
+    act_bits: Optional[int] = None
+    """Activation quantization: null (weights only, A16) or 8 (int8 activations, W8A8)."""
+    act_dynamic: bool = False
+    """int8 activations: false = static per-tensor asymmetric (scale and offset calibrated),
+    true = dynamic per-token symmetric (scales computed at run time)."""
+    smooth: str = "none"
+    """Activation smoothing before the weight solve: none, smoothquant or flex_smooth."""
+    alpha: Optional[float] = None
+    """Smoothing exponent of the activation maxima, in [0, 1]. SmoothQuant: default 0.5.
+    Flex smooth: null = searched (two-stage grid)."""
+    beta: Optional[float] = None
+    """Flex smooth: exponent of the weight maxima, in [0, 1]; null = searched (with alpha fixed
+    when alpha is given)."""
+    disable_anti_names: list[str] = field(default_factory=list)
+    """Smoothing pairs to skip, named by a consumer linear: full name, a name suffix such as
+    self_attn.o_proj, or an fnmatch pattern (model.layers.1?.mlp.down_proj)."""
+    search_tokens: int = 1024
+    """Flex smooth search: calibration tokens (over all ranks) that score each candidate."""
 
     def __post_init__(self) -> None:
+        _check(self.weight_solver in (None, "gptq", "rtn"), "quant.weight_solver", self.weight_solver,
+               "expected gptq or rtn")
+        if self.weight_solver is not None:
+            object.__setattr__(self, "method", self.weight_solver)
+        _check_w8a8(self)
         _check(self.method in ("gptq", "rtn"), "quant.method", self.method, "expected gptq or rtn")
         _check(self.bits in (4, 8), "quant.bits", self.bits, "supported weight bits are 4 and 8")
         _check(self.group_size == -1 or self.group_size > 0, "quant.group_size", self.group_size,
@@ -92,6 +118,40 @@ class QuantConfig:
         _check(self.block_size > 0, "quant.block_size", self.block_size, "must be positive")
         _check(self.observer in ("minmax", "mse"), "quant.observer", self.observer,
                "expected minmax or mse")
+
+
+SMOOTH_METHODS = ("none", "smoothquant", "flex_smooth")
+
+
+def _check_w8a8(q: "QuantConfig") -> None:
+    """Activation quantization and smoothing keys (and how they combine)."""
+    _check(q.act_bits in (None, 8), "quant.act_bits", q.act_bits, "expected null (no activation "
+           "quantization) or 8")
+    if q.act_bits == 8:
+        _check(q.bits == 8 and q.group_size == -1 and q.symmetric, "quant.act_bits", q.act_bits,
+               f"W8A8 needs int8 per-channel symmetric weights (quant.bits=8, quant.group_size=-1, "
+               f"quant.symmetric=true; got bits={q.bits}, group_size={q.group_size}, symmetric={q.symmetric})")
+    _check(q.smooth in SMOOTH_METHODS, "quant.smooth", q.smooth, "expected " + ", ".join(SMOOTH_METHODS))
+    if q.smooth != "none":
+        _check(q.act_bits == 8, "quant.smooth", q.smooth, "smoothing moves outliers from activations "
+               "into weights and is only useful with int8 activations (quant.act_bits=8)")
+    for key, value in (("quant.alpha", q.alpha), ("quant.beta", q.beta)):
+        if value is None:
+            continue
+        _check(not isinstance(value, bool) and isinstance(value, (int, float)), key, value, "expected a number")
+        _check(0.0 <= value <= 1.0, key, value, "expected a value in [0, 1]")
+        _check(q.smooth != "none", key, value, "has no effect without smoothing (quant.smooth=none)")
+    if q.smooth == "smoothquant":
+        _check(q.beta is None, "quant.beta", q.beta, "is a flex_smooth parameter; SmoothQuant uses "
+               "beta = 1 - alpha (leave quant.beta null)")
+    if q.smooth == "flex_smooth" and q.alpha is None:
+        _check(q.beta is None, "quant.beta", q.beta, "given without quant.alpha: give both, only alpha "
+               "(beta searched), or neither (both searched)")
+    _check(not isinstance(q.search_tokens, bool) and q.search_tokens > 0, "quant.search_tokens",
+           q.search_tokens, "must be positive")
+    for pattern in q.disable_anti_names:
+        _check(isinstance(pattern, str) and pattern.strip() != "", "quant.disable_anti_names",
+               list(q.disable_anti_names), "expected non-empty module names or patterns")
 
 
 @dataclass(frozen=True)
@@ -123,6 +183,9 @@ class CalibConfig:
         _check(self.batch_size > 0, "calib.batch_size", self.batch_size, "must be positive")
 
 
+OUTPUT_FORMATS = ("compressed-tensors", "ascend")
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     """Where and how the quantized checkpoint is written."""
@@ -130,14 +193,16 @@ class OutputConfig:
     dir: Optional[str] = None
     """Output directory (created atomically). Empty: <model dir name>-<quant name> under ./outputs."""
     format: str = "compressed-tensors"
+    """compressed-tensors (vLLM, SGLang, transformers) or ascend (msModelSlim description format:
+    MindIE, vLLM-Ascend)."""
     part_file_size: str = "2GB"
     """Largest safetensors part file: bytes or a size like 500MB, 2GB."""
     overwrite: bool = False
     """Replace an existing non-empty output directory."""
 
     def __post_init__(self) -> None:
-        _check(self.format in ("compressed-tensors",), "output.format", self.format,
-               "supported formats: compressed-tensors")
+        _check(self.format in OUTPUT_FORMATS, "output.format", self.format,
+               "supported formats: " + ", ".join(OUTPUT_FORMATS))
         parse_size(self.part_file_size, "output.part_file_size")
 
     @property

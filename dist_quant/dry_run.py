@@ -128,7 +128,11 @@ def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[
     from .writer import plan_parts
 
     ckpt, plan, owners, args = prepare(cfg, model_path, world_size)
-    parts = plan_parts(output_specs(plan, owners, ckpt, args), cfg.output.part_file_bytes)
+    from .formats.registry import make_format
+
+    fmt = make_format(cfg, args)
+    parts = plan_parts(output_specs(plan, owners, ckpt, args, fmt), cfg.output.part_file_bytes,
+                       prefix=fmt.part_prefix)
     ranks = estimate(cfg, ckpt, plan, owners, parts, world_size)
     q, cal = cfg.quant, cfg.calib
     warnings = []

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .formats import compressed_tensors as ct
 from .quant.qparams import QuantResult
 from .stats import HessianStat
 
@@ -358,7 +357,7 @@ def _role(qz, lin) -> str:
 
 def _write(qz, lin, result: QuantResult, phase) -> None:
     with phase("write"):
-        for name, tensor in ct.compress_linear(lin.name, result, qz.args).items():
+        for name, tensor in qz.fmt.pack_linear(lin.name, result, None, None).items():
             qz.writer.add(name, tensor)
 
 

@@ -19,23 +19,26 @@ from .algorithms.rtn import rtn_quantize
 from .calibration import CalibrationSet
 from .checkpoint import Checkpoint
 from .config import JobConfig
-from .formats import compressed_tensors as ct
+from .formats.registry import OutputFormat, make_format
 from .layer_forward import build_skeleton, dense_stage_ops, load_layer, unload_layer
 from .numerics import check_result, check_weight
 from .plan import LinearInfo, ModelPlan, OwnerPlan
 from .quant.qparams import QuantArgs, QuantResult
 from .runtime import Comm
+from .smoothing import W8A8Stages
 from .stats import HessianStat, relative_output_error
 from .tensorspec import TensorSpec
 from .writer import RankWriter
 
 log = logging.getLogger("dist_quant")
 
-PHASES = ("load", "capture", "reduce", "solve", "broadcast", "propagate", "write")
+PHASES = ("load", "capture", "reduce", "solve", "broadcast", "propagate", "write", "smooth", "act_calib")
 
 
-def output_specs(plan: ModelPlan, owners: OwnerPlan, ckpt: Checkpoint, args: QuantArgs) -> list[list[TensorSpec]]:
+def output_specs(plan: ModelPlan, owners: OwnerPlan, ckpt: Checkpoint, args: QuantArgs,
+                 fmt: OutputFormat | None = None) -> list[list[TensorSpec]]:
     """Every rank's output tensors, in the order that rank produces them."""
+    fmt = fmt or OutputFormat(args)
     per_rank: list[list[TensorSpec]] = [[] for _ in range(owners.world_size)]
 
     def raw(name: str) -> TensorSpec:
@@ -44,9 +47,8 @@ def output_specs(plan: ModelPlan, owners: OwnerPlan, ckpt: Checkpoint, args: Qua
 
     for i in range(plan.num_layers):
         for lin in plan.layer_linears(i):
-            specs = ct.linear_specs(lin.name, lin.out_features, lin.in_features, args)
-            if lin.has_bias:
-                specs.append(raw(lin.name + ".bias"))
+            bias = raw(lin.name + ".bias") if lin.has_bias else None
+            specs = fmt.linear_specs(lin.name, lin.out_features, lin.in_features, bias)
             per_rank[owners.owner[lin.name]].extend(specs)
         for name in plan.layer_tensors[i]:
             per_rank[owners.owner[name]].append(raw(name))
@@ -60,6 +62,7 @@ class LayerRecord:
     layer: int
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     modules: dict[str, dict] = field(default_factory=dict)  # filled by the owners
+    smoothing: dict[str, dict] = field(default_factory=dict)  # per smoothing pair (same on every rank)
     moe: dict = field(default_factory=dict)  # sparse MoE layers: expert coverage and traffic (dist_quant/moe.py)
 
 
@@ -104,6 +107,15 @@ class LayerwiseQuantizer:
         self.dtype = getattr(torch, cfg.model.dtype)
         q = cfg.quant
         self.gptq = GPTQParams(damp=q.damp, block_size=q.block_size, act_order=q.act_order)
+        self.fmt = make_format(cfg, args)
+        # checkpoint tensors changed by smoothing (this layer's), read before the checkpoint
+        self.overrides: dict[str, torch.Tensor] = {}
+        self.w8a8 = (W8A8Stages(cfg, comm, plan, ckpt, device, args, self.fmt.act, self.overrides)
+                     if self.fmt.act is not None else None)
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        t = self.overrides.get(name)
+        return t if t is not None else self.ckpt.get(name)
 
     # -- the loop -------------------------------------------------------------------------
     def run(self, calib: CalibrationSet, progress=None, resume=None) -> list[LayerRecord]:
@@ -138,6 +150,7 @@ class LayerwiseQuantizer:
                 with phase("write"):
                     self._write_layer_tensors(i)
                 unload_layer(layer)
+                self.overrides.clear()
             records.append(record)
             if resume is not None:
                 resume.layer_done(i, xs, records)
@@ -155,10 +168,14 @@ class LayerwiseQuantizer:
         linears = self.plan.layer_linears(index)
         prev: list[torch.Tensor | None] = [None] * len(xs)
         sparse = arch.moe is not None and arch.moe.is_sparse(index, self.ckpt.config)
-        for stage, op in zip(arch.stages[:2] if sparse else arch.stages, ops):
+        stages = arch.stages[:2] if sparse else arch.stages  # a sparse MLP is run by moe.py
+        for k, (stage, op) in enumerate(zip(stages, ops)):
             with phase("propagate" if stage is not arch.stages[0] else "capture"):
                 inputs = [op.make_input(x, p) for x, p in zip(xs, prev)]
             stage_linears = [lin for lin in linears if lin.stage == stage.name]
+            if stage_linears and self.w8a8 is not None:  # smoothing + activation quantization
+                inputs = self.w8a8.prepare(layer, index, k, ops, xs, prev, inputs, masks, stage_linears,
+                                           record, phase)
             if stage_linears:
                 self._quantize_stage(layer, stage_linears, inputs, masks, record, phase)
             if op.advance is not None:
@@ -208,10 +225,10 @@ class LayerwiseQuantizer:
             module.weight.copy_(result.dequantize(self.args).to(module.weight.dtype))
             if owner == rank:
                 with phase("write"):
-                    for name, tensor in ct.compress_linear(lin.name, result, self.args).items():
+                    bias = self._tensor(lin.name + ".bias") if lin.has_bias else None
+                    act = self.w8a8.act_params.get(lin.name) if self.w8a8 is not None else None
+                    for name, tensor in self.fmt.pack_linear(lin.name, result, bias, act).items():
                         self.writer.add(name, tensor)
-                    if lin.has_bias:
-                        self.writer.add(lin.name + ".bias", self.ckpt.get(lin.name + ".bias"))
 
     def _solve(self, linears: list[LinearInfo], hessian: torch.Tensor, tokens: int, record,
                weights: list[torch.Tensor] | None = None, method: str | None = None) -> dict[str, QuantResult]:
@@ -221,7 +238,7 @@ class LayerwiseQuantizer:
         read, float32) and ``method`` override the checkpoint read and ``quant.method``."""
         t0 = time.perf_counter()
         if weights is None:
-            weights = [self.ckpt.get(lin.name + ".weight").to(self.device, torch.float32) for lin in linears]
+            weights = [self._tensor(lin.name + ".weight").to(self.device, torch.float32) for lin in linears]
         for lin, w in zip(linears, weights):
             check_weight(lin.name, w)
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
@@ -245,4 +262,4 @@ class LayerwiseQuantizer:
     def _write_layer_tensors(self, index: int) -> None:
         for name in self.plan.layer_tensors[index]:
             if self.owners.owner[name] == self.comm.rank:
-                self.writer.add(name, self.ckpt.get(name))
+                self.writer.add(name, self._tensor(name))

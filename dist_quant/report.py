@@ -55,6 +55,8 @@ def build_report(cfg, plan, owners, gathered, seconds, model_path, parts=None, o
             entry = layers.setdefault(r["layer"], {"layer": r["layer"], "seconds_by_rank": {}, "modules": {}})
             entry["seconds_by_rank"][g["rank"]] = dict(r["seconds"])
             entry["modules"].update(r["modules"])
+            if r.get("smoothing"):
+                entry["smoothing"] = r["smoothing"]
     ordered = [layers[i] for i in sorted(layers)]
     for entry in ordered:
         # the layer's wall time per phase is set by the slowest rank in that phase

@@ -16,7 +16,7 @@ import torch
 from .calibration import load_calibration
 from .checkpoint import Checkpoint, CheckpointError
 from .config import ConfigError, JobConfig
-from .formats import compressed_tensors as ct
+from .formats.registry import make_format
 from .pipeline import LayerwiseQuantizer, output_specs
 from .plan import ModelPlan, OwnerPlan, assign_owners, inspect_model
 from .preflight import preflight
@@ -106,10 +106,12 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     t_start = time.time()
     model_path = resolve_model_path(cfg, comm)
     ckpt, plan, owners, args = prepare(cfg, model_path, comm.world_size)
+    fmt = make_format(cfg, args)  # checks output.format against the preset
     final = output_dir(cfg, model_path)
     check_output_dir(final, ckpt.root, cfg.output.overwrite)
     partial = final.parent / (final.name + ".partial")
-    parts = plan_parts(output_specs(plan, owners, ckpt, args), cfg.output.part_file_bytes)
+    parts = plan_parts(output_specs(plan, owners, ckpt, args, fmt), cfg.output.part_file_bytes,
+                       prefix=fmt.part_prefix)
     preflight(cfg, comm, ckpt, parts, partial, run_dir)
     log_owner_plan(plan, owners)
 
@@ -142,28 +144,27 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
                                    "peak_rss_bytes": peak_rss, "peak_device_bytes": peak_device_bytes(device),
                                    "rank": comm.rank}, 0)
     if comm.rank == 0:
-        _finish(cfg, ckpt, plan, owners, args, parts, gathered, partial, final, t_start, model_path)
+        _finish(cfg, ckpt, plan, owners, fmt, parts, gathered, partial, final, t_start, model_path)
     comm.barrier()
     resume.finished(final)
     return final
 
 
 def _record_dict(record) -> dict:
-    moe = {"moe": record.moe} if getattr(record, "moe", None) else {}
-    return {"layer": record.layer, "seconds": dict(record.seconds), "modules": record.modules, **moe}
+    extra = {"moe": record.moe} if getattr(record, "moe", None) else {}
+    return {"layer": record.layer, "seconds": dict(record.seconds), "modules": record.modules,
+            "smoothing": record.smoothing, **extra}
 
 
-def _finish(cfg, ckpt, plan, owners, args, parts, gathered, partial: Path, final: Path, t_start, model_path):
+def _finish(cfg, ckpt, plan, owners, fmt, parts, gathered, partial: Path, final: Path, t_start, model_path):
     weight_map: dict[str, str] = {}
     for g in gathered:
         clash = set(weight_map) & set(g["weight_map"])
         if clash:
             raise RuntimeError(f"tensor written by two ranks: {sorted(clash)[0]!r}")
         weight_map.update(g["weight_map"])
-    write_index(partial, parts, weight_map)
-    config = dict(ckpt.config)
-    config["quantization_config"] = ct.quantization_config(args, ["lm_head", *plan.ignored])
-    (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    fmt.finish(partial, parts, weight_map, dict(ckpt.config), ["lm_head", *plan.ignored],
+               [lin.name for lin in plan.linears])
     for name in TOKENIZER_FILES:
         if (ckpt.root / name).is_file():
             shutil.copy2(ckpt.root / name, partial / name)

@@ -44,3 +44,37 @@ def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor)
     num = ((d @ h) * d).sum()
     den = ((w64 @ h) * w64).sum()
     return float(num / den) if den > 0 else float(num)
+
+
+class ChannelRangeStat:
+    """Per-channel minimum and maximum over real tokens. Reduced with one MAX over
+    ``[-min, max]`` (exact: no rounding), so every rank can hold the global range."""
+
+    reduce_op = "max"
+
+    def __init__(self, features: int, device: torch.device):
+        self.neg_min = torch.full((features,), float("-inf"), device=device)
+        self.max = torch.full((features,), float("-inf"), device=device)
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        x = x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
+        if x.shape[0] == 0:
+            return
+        x = x.float()
+        self.neg_min = torch.maximum(self.neg_min, -x.amin(dim=0))
+        self.max = torch.maximum(self.max, x.amax(dim=0))
+
+    def packed(self) -> torch.Tensor:
+        return torch.cat([self.neg_min, self.max])
+
+    def unpack(self, flat: torch.Tensor) -> None:
+        n = self.max.shape[0]
+        self.neg_min, self.max = flat[:n].clone(), flat[n:].clone()
+
+    @property
+    def min(self) -> torch.Tensor:
+        return -self.neg_min
+
+    def absmax(self) -> torch.Tensor:
+        """``max |x_j|`` per channel (0 for a channel no token reached)."""
+        return torch.maximum(self.neg_min, self.max).clamp(min=0)

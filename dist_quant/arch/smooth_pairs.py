@@ -1,0 +1,47 @@
+"""Smoothing pairs per architecture, as data.
+
+A pair names a *producer* (a norm, or a linear whose output rows feed the consumers) and
+the *consumer* linears that read its output. Smoothing divides the consumers' input
+channels by ``s`` — folded into the producer: the norm's weight (and bias), or the
+producer linear's output rows (and bias) — and multiplies the consumers' weight columns
+by ``s``, so the float model computes the same function.
+
+Kinds:
+
+* ``norm``: norm → linears (input_layernorm → q/k/v; post_attention_layernorm → gate/up);
+* ``ov``: v_proj → o_proj. o_proj's input channel ``h·d + j`` (head ``h``) comes from
+  v_proj's output channel ``g·d + j`` of the head's kv group ``g = h // (heads/kv_heads)``,
+  so the scale of a channel is shared by all heads of a group;
+* ``linear``: up_proj → down_proj (``act(gate)·up`` is linear in up's output channels).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SmoothPair:
+    kind: str  # "norm", "ov" or "linear"
+    producer: str  # module name relative to the decoder layer
+    consumers: tuple[str, ...]  # linear names relative to the decoder layer
+
+    @property
+    def name(self) -> str:
+        return f"{self.producer}->{'/'.join(c.rsplit('.', 1)[-1] for c in self.consumers)}"
+
+
+DENSE_PAIRS = (
+    SmoothPair("norm", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    SmoothPair("ov", "self_attn.v_proj", ("self_attn.o_proj",)),
+    SmoothPair("norm", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    SmoothPair("linear", "mlp.up_proj", ("mlp.down_proj",)),
+)
+
+SMOOTH_PAIRS: dict[str, tuple[SmoothPair, ...]] = {
+    name: DENSE_PAIRS for name in ("llama", "qwen2", "qwen3", "mistral")
+}
+
+
+def smooth_pairs(arch_name: str) -> tuple[SmoothPair, ...]:
+    """The pairs of an architecture (none when it has no table: no smoothing)."""
+    return SMOOTH_PAIRS.get(arch_name, ())

@@ -1,0 +1,137 @@
+"""A float ``transformers`` model that computes what a W8A8 / W8A16 checkpoint written by
+dist_quant computes: dequantized int8 weights, and input activations fake-quantized by
+forward pre-hooks (static per-tensor with the stored scale and offset, or dynamic per
+token). It reads both output formats:
+
+* compressed-tensors ``int-quantized``: ``weight`` × ``weight_scale``; ``input_scale`` /
+  ``input_zero_point``, or per-token dynamic (scale = max|x| / 127.5) from the config;
+* Ascend (``quant_model_description.json``): ``(weight − weight_offset) · weight_scale``;
+  W8A8 ``input_scale`` / ``input_offset``; W8A8_DYNAMIC per token (max|x| / 127).
+
+Used to evaluate Ascend checkpoints on CPU (no CPU loader exists for that format) and as
+the reference the tests compare transformers' own compressed-tensors loader against.
+
+    from dist_quant.fakequant import load_fake_quant_model
+    model = load_fake_quant_model("outputs/model-flexsmooth_w8a8")
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .formats import ascend
+from .quant.activations import StaticActParams, fake_quant_dynamic, fake_quant_static
+
+
+def read_tensors(directory: Path, index_name: str) -> dict[str, torch.Tensor]:
+    index = directory / index_name
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+    out: dict[str, torch.Tensor] = {}
+    for name in files:
+        with safe_open(directory / name, framework="pt") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+    return out
+
+
+def _act_hook(kind: str, params: StaticActParams | None = None, divisor: float = 127.5):
+    def hook(module, args):
+        x = args[0]
+        if kind == "static":
+            x = fake_quant_static(x, params)
+        elif kind == "dynamic":
+            x = fake_quant_dynamic(x, divisor)
+        return (x, *args[1:])
+    return hook
+
+
+def _linear_plan_ct(tensors, config: dict):
+    qc = config["quantization_config"]
+    if qc.get("format") != "int-quantized":
+        raise ValueError(f"fake-quant model: compressed-tensors format {qc.get('format')!r} is not W8A8 "
+                         "int-quantized (transformers loads weight-only formats itself)")
+    inputs = qc["config_groups"]["group_0"].get("input_activations")
+    plan = {}
+    for key, t in tensors.items():
+        if not key.endswith(".weight") or t.dtype != torch.int8:
+            continue
+        mod = key[: -len(".weight")]
+        w = t.float() * tensors[mod + ".weight_scale"].float()
+        if mod + ".weight_zero_point" in tensors:
+            w = (t.float() - tensors[mod + ".weight_zero_point"].float()) * tensors[mod + ".weight_scale"].float()
+        if inputs is None:
+            act = ("none", None, 0.0)
+        elif inputs.get("dynamic"):
+            act = ("dynamic", None, 127.5)
+        else:
+            zp = tensors.get(mod + ".input_zero_point")
+            params = StaticActParams(tensors[mod + ".input_scale"].float().reshape(1),
+                                     zp.float().reshape(1) if zp is not None else torch.zeros(1))
+            act = ("static", params, 0.0)
+        plan[mod] = (w, act)
+    return plan
+
+
+def _linear_plan_ascend(tensors, desc: dict):
+    plan = {}
+    for key, kind in desc.items():
+        if not key.endswith(".weight") or kind == "FLOAT" or key not in tensors:
+            continue
+        mod = key[: -len(".weight")]
+        q = tensors[key].float()
+        scale = tensors[mod + ".weight_scale"].float()
+        offset = tensors[mod + ".weight_offset"].float()
+        cols = q.shape[1] // scale.shape[1]
+        w = (q - offset.repeat_interleave(cols, dim=1)) * scale.repeat_interleave(cols, dim=1)
+        if kind == "W8A8":
+            params = StaticActParams(tensors[mod + ".input_scale"].float().reshape(1),
+                                     tensors[mod + ".input_offset"].float().reshape(1))
+            act = ("static", params, 0.0)
+        elif kind == "W8A8_DYNAMIC":
+            act = ("dynamic", None, 127.0)
+        elif kind == "W8A16":
+            act = ("none", None, 0.0)
+        else:
+            raise ValueError(f"fake-quant model: unsupported Ascend type {kind!r} for {key!r}")
+        plan[mod] = (w, act)
+    return plan
+
+
+def load_fake_quant_model(directory, dtype: torch.dtype = torch.float32) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    if (directory / ascend.DESCRIPTION).is_file():
+        tensors = read_tensors(directory, ascend.INDEX)
+        plan = _linear_plan_ascend(tensors, json.loads((directory / ascend.DESCRIPTION).read_text()))
+    else:
+        tensors = read_tensors(directory, "model.safetensors.index.json")
+        plan = _linear_plan_ct(tensors, config)
+    plain = {k: v for k, v in config.items() if k not in ("quantization_config", "quantize")}
+    hf_config = AutoConfig.for_model(**plain)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    state = {}
+    for name in model.state_dict():
+        mod = name.rsplit(".", 1)[0]
+        if mod in plan and name.endswith(".weight"):
+            state[name] = plan[mod][0]
+        elif name in tensors:
+            state[name] = tensors[name].float()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and hf_config.tie_word_embeddings)]
+    if missing:
+        raise ValueError(f"fake-quant model: checkpoint lacks {missing[:3]}")
+    if hf_config.tie_word_embeddings:
+        model.tie_weights()
+    for mod, (_, (kind, params, divisor)) in plan.items():
+        if kind != "none":
+            model.get_submodule(mod).register_forward_pre_hook(_act_hook(kind, params, divisor))
+    return model.eval()

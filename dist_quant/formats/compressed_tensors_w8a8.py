@@ -1,0 +1,65 @@
+"""compressed-tensors W8A8 (``format: int-quantized``), produced with the compressed-tensors
+library: its ``QuantizationArgs``/``QuantizationScheme`` models for the config and its
+int (naive) quantization compressor for the weights.
+
+Per linear: ``weight`` int8 [out, in], ``weight_scale`` [out, 1] (int8 per-channel
+symmetric); static activations add ``input_scale`` [1] and ``input_zero_point`` int8 [1]
+(per-tensor asymmetric); dynamic per-token activations store nothing.
+"""
+from __future__ import annotations
+
+import compressed_tensors
+import torch
+from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+from ..quant.activations import ActQuantArgs, StaticActParams
+from ..quant.qparams import QuantArgs, QuantResult
+from ..tensorspec import TensorSpec
+
+FORMAT = "int-quantized"
+
+
+def scheme(act: ActQuantArgs) -> QuantizationScheme:
+    weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel", dynamic=False)
+    if act.dynamic:
+        inputs = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+    else:
+        inputs = QuantizationArgs(num_bits=8, type="int", symmetric=False, strategy="tensor", dynamic=False)
+    return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs)
+
+
+def quantization_config(act: ActQuantArgs, ignore: list[str]) -> dict:
+    qc = QuantizationConfig(config_groups={"group_0": scheme(act)}, format=FORMAT,
+                            quantization_status="compressed", ignore=list(ignore))
+    return {
+        "version": compressed_tensors.__version__,
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {},
+        "transform_config": {},
+        **qc.model_dump(exclude={"quant_method"}, mode="json"),
+    }
+
+
+def compress_linear(name: str, result: QuantResult, args: QuantArgs, act: ActQuantArgs,
+                    act_params: StaticActParams | None) -> dict[str, torch.Tensor]:
+    state = {"weight": result.dequantize(args), "weight_scale": result.scale}
+    out = IntQuantizationCompressor.compress(state, scheme(act))
+    if not torch.equal(out["weight"], result.q):  # the compressor re-derives the integers
+        raise AssertionError(f"{name}: compressed-tensors re-quantization differs from the solve")
+    out["weight_scale"] = result.scale.to(args.scale_dtype)
+    if not act.dynamic:
+        assert act_params is not None, f"{name}: static activation parameters missing"
+        out["input_scale"] = act_params.scale.to(args.scale_dtype).reshape(1)
+        out["input_zero_point"] = act_params.zero.to(torch.int8).reshape(1)
+    return {f"{name}.{key}": value.contiguous() for key, value in out.items()}
+
+
+def linear_specs(name: str, out_features: int, in_features: int, args: QuantArgs,
+                 act: ActQuantArgs) -> list[TensorSpec]:
+    sd = TensorSpec.dtype_of(args.scale_dtype)
+    specs = [TensorSpec(f"{name}.weight", "I8", (out_features, in_features)),
+             TensorSpec(f"{name}.weight_scale", sd, (out_features, 1))]
+    if not act.dynamic:
+        specs += [TensorSpec(f"{name}.input_scale", sd, (1,)), TensorSpec(f"{name}.input_zero_point", "I8", (1,))]
+    return specs

@@ -1,0 +1,118 @@
+"""The output format of a job (``output.format`` × the quant preset): which tensors each
+quantized linear becomes, and what the finished directory holds besides the part files.
+
+* compressed-tensors, weights only (W4A16/W8A16): ``pack-quantized`` (formats/compressed_tensors.py);
+* compressed-tensors, W8A8: ``int-quantized`` (formats/compressed_tensors_w8a8.py);
+* ascend: the msModelSlim description format (formats/ascend.py).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, JobConfig
+from ..quant.activations import ActQuantArgs, StaticActParams
+from ..quant.qparams import QuantArgs, QuantResult
+from ..tensorspec import TensorSpec
+from ..writer import PartFile, write_index
+from . import ascend
+from . import compressed_tensors as ct
+from . import compressed_tensors_w8a8 as ct8
+
+
+class OutputFormat:
+    """compressed-tensors ``pack-quantized`` (weights only)."""
+
+    name = "compressed-tensors"
+    part_prefix = "model"
+    index_name = "model.safetensors.index.json"
+
+    def __init__(self, args: QuantArgs, act: ActQuantArgs | None = None):
+        self.args, self.act = args, act
+
+    def linear_specs(self, name: str, out_features: int, in_features: int,
+                     bias: TensorSpec | None) -> list[TensorSpec]:
+        return ct.linear_specs(name, out_features, in_features, self.args) + ([bias] if bias else [])
+
+    def pack_linear(self, name: str, result: QuantResult, bias: torch.Tensor | None,
+                    act_params: StaticActParams | None) -> dict[str, torch.Tensor]:
+        out = ct.compress_linear(name, result, self.args)
+        if bias is not None:
+            out[f"{name}.bias"] = bias
+        return out
+
+    def quantization_config(self, ignore: list[str]) -> dict:
+        return ct.quantization_config(self.args, ignore)
+
+    def finish(self, directory: Path, parts: list[PartFile], weight_map: dict[str, str], config: dict,
+               ignore: list[str], quantized: list[str]) -> None:
+        """Index and config.json (the part files are already written)."""
+        write_index(directory, parts, weight_map, name=self.index_name)
+        config = dict(config)
+        config["quantization_config"] = self.quantization_config(ignore)
+        (Path(directory) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+class CompressedTensorsW8A8(OutputFormat):
+    """compressed-tensors ``int-quantized``: int8 weights and int8 activations."""
+
+    def linear_specs(self, name, out_features, in_features, bias):
+        return ct8.linear_specs(name, out_features, in_features, self.args, self.act) + ([bias] if bias else [])
+
+    def pack_linear(self, name, result, bias, act_params):
+        out = ct8.compress_linear(name, result, self.args, self.act, act_params)
+        if bias is not None:
+            out[f"{name}.bias"] = bias
+        return out
+
+    def quantization_config(self, ignore):
+        return ct8.quantization_config(self.act, ignore)
+
+
+class Ascend(OutputFormat):
+    """msModelSlim description format."""
+
+    name = "ascend"
+    part_prefix = ascend.PREFIX
+    index_name = ascend.INDEX
+
+    @property
+    def quant_type(self) -> str:
+        return ascend.quant_type(self.args, self.act)
+
+    def linear_specs(self, name, out_features, in_features, bias):
+        return ascend.linear_specs(name, out_features, in_features, self.args, self.act, bias)
+
+    def pack_linear(self, name, result, bias, act_params):
+        return ascend.pack_linear(name, result, self.args, self.act, act_params, bias)
+
+    def finish(self, directory, parts, weight_map, config, ignore, quantized):
+        write_index(directory, parts, weight_map, name=self.index_name)
+        types = {name: self.quant_type for name in quantized}
+        desc = ascend.description(weight_map, types, self.quant_type)
+        (Path(directory) / ascend.DESCRIPTION).write_text(json.dumps(desc, indent=2) + "\n")
+        config = dict(config)
+        config["quantize"] = self.quant_type.lower()  # MindIE reads the scheme from config.json
+        (Path(directory) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def act_args(cfg: JobConfig, args: QuantArgs) -> ActQuantArgs | None:
+    """The activation quantizer of the job (None: weights only)."""
+    if cfg.quant.act_bits is None:
+        return None
+    return ActQuantArgs(dynamic=cfg.quant.act_dynamic, scale_dtype=args.scale_dtype,
+                        token_divisor=127.0 if cfg.output.format == "ascend" else 127.5)
+
+
+def make_format(cfg: JobConfig, args: QuantArgs) -> OutputFormat:
+    act = act_args(cfg, args)
+    if cfg.output.format == "ascend":
+        if cfg.quant.bits != 8:
+            raise ConfigError(f"output.format='ascend' with quant.bits={cfg.quant.bits}: the Ascend description "
+                              "format is written for 8-bit weights (W8A8, W8A8_DYNAMIC, W8A16)")
+        return Ascend(args, act)
+    if act is not None:
+        return CompressedTensorsW8A8(args, act)
+    return OutputFormat(args, act)

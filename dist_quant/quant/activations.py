@@ -1,0 +1,75 @@
+"""int8 activation quantization: static per-tensor (asymmetric, calibrated) or dynamic
+per-token (symmetric, computed at run time). Pure tensor functions.
+
+Conventions (compressed-tensors; Ascend's ``input_offset`` is the same zero point):
+``q = clamp(round(x / scale) + zero, -128, 127)``, ``x̂ = (q - zero) · scale``.
+
+* static: ``scale = (hi - lo) / 255`` over the calibration range ``[lo, hi]`` (widened to
+  contain 0), rounded to the dtype it is stored in; ``zero = -128 - round(lo / scale)``;
+* dynamic: per token ``scale = max|x| / divisor``, ``zero = 0``; the divisor is 127.5 for
+  compressed-tensors (its ``calculate_qparams``) and 127 for Ascend's per-token kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .qparams import QuantArgs, _params_from_range
+
+QMIN, QMAX = -128, 127
+
+
+@dataclass(frozen=True)
+class ActQuantArgs:
+    dynamic: bool
+    scale_dtype: torch.dtype = torch.float32  # dtype of the stored static input_scale
+    token_divisor: float = 127.5  # dynamic: scale = max|x| / token_divisor
+
+
+@dataclass(frozen=True)
+class StaticActParams:
+    """A calibrated per-tensor quantizer: float tensors of shape [1] (zero holds an integer)."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+
+def static_params(lo: float | torch.Tensor, hi: float | torch.Tensor, args: ActQuantArgs) -> StaticActParams:
+    """Asymmetric int8 parameters for the global range ``[lo, hi]``."""
+    lo = torch.as_tensor(lo, dtype=torch.float32).reshape(1, 1)
+    hi = torch.as_tensor(hi, dtype=torch.float32).reshape(1, 1)
+    scale, zero = _params_from_range(lo, hi, QuantArgs(8, -1, symmetric=False, scale_dtype=args.scale_dtype))
+    return StaticActParams(scale.reshape(1), zero.reshape(1))
+
+
+def quantize_static(x: torch.Tensor, p: StaticActParams) -> torch.Tensor:
+    """The int8 codes (as a float tensor holding integers)."""
+    scale, zero = p.scale.to(x.device), p.zero.to(x.device)
+    return (torch.round(x.float() / scale) + zero).clamp(QMIN, QMAX)
+
+
+def fake_quant_static(x: torch.Tensor, p: StaticActParams) -> torch.Tensor:
+    scale, zero = float(p.scale), float(p.zero)  # in-place chain: one temporary, not five
+    q = x.float().div(scale).round_().add_(zero).clamp_(QMIN, QMAX).sub_(zero).mul_(scale)
+    return q.to(x.dtype)
+
+
+def dynamic_token_scale(x: torch.Tensor, divisor: float = 127.5) -> torch.Tensor:
+    """Per-token (last dimension) symmetric scale, ``[..., 1]``."""
+    amax = x.float().abs().amax(dim=-1, keepdim=True)
+    scale = amax / divisor
+    return torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float32).eps), scale)
+
+
+def fake_quant_dynamic(x: torch.Tensor, divisor: float = 127.5) -> torch.Tensor:
+    scale = dynamic_token_scale(x, divisor)
+    return x.float().div(scale).round_().clamp_(QMIN, QMAX).mul_(scale).to(x.dtype)
+
+
+def fake_quant(x: torch.Tensor, args: ActQuantArgs, params: StaticActParams | None) -> torch.Tensor:
+    """What a W8A8 linear sees of its input ``x``."""
+    if args.dynamic:
+        return fake_quant_dynamic(x, args.token_divisor)
+    assert params is not None, "static activation quantization needs calibrated parameters"
+    return fake_quant_static(x, params)

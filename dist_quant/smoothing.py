@@ -1,0 +1,322 @@
+"""W8A8 inside the layer loop: smoothing (SmoothQuant, Flex smooth) and activation
+quantization, stage by stage, before each stage's weight solve.
+
+For a stage of layer i (q/k/v, o, gate/up, down), :meth:`W8A8Stages.prepare` runs after
+the stage's input has been computed and before the capture → reduce → solve of its
+linears (pipeline.py):
+
+1. **norm → linears** pairs folded in this stage (input_layernorm → q/k/v,
+   post_attention_layernorm → gate/up): per-channel max |x| of the stage input (MAX-reduced
+   over ranks), scales chosen (given α/β, or the Flex smooth search), 1/s folded into the
+   norm weight and s into the consumers' weight columns; the stage input is recomputed
+   with the folded norm.
+2. **linear → linear** pairs whose producer is solved in this stage (v_proj → o_proj in
+   the q/k/v stage, up_proj → down_proj in the gate/up stage). The producer must be
+   smoothed *before* it is quantized, but the consumer's input does not exist yet: it is
+   computed once here with the (norm-smoothed) float weights of this stage — attention
+   with float q/k/v, or ``act(gate)·up`` with float gate/up — only to take its channel
+   maxima (and the search tokens). 1/s goes into the producer's output rows (and bias),
+   s into the consumer's columns; for v → o the scale is shared by the heads of a kv group.
+   The consumer's real input is computed later by the normal propagation, with the
+   quantized producer.
+3. **activation quantization** of the stage input: static per-tensor (range MIN/MAX
+   reduced over ranks, asymmetric int8 scale and offset) or dynamic per-token; the stage
+   input is replaced by its fake-quantized value, so the Hessian of the solve and the
+   propagation to the next stage (and layer) see what the served model computes.
+
+Everything folded is kept as an *override* of a checkpoint tensor (the writer and the
+solve read overrides first): norm weights and biases in the checkpoint dtype, weights to
+be quantized in float32. A norm weight is stored rounded to the checkpoint dtype; the
+consumers' columns are scaled by the *effective* ratio ``w / round(w / s)``, so the float
+product is unchanged exactly, rounding included.
+
+Distributed: activation maxima and ranges are MAX-reduced; the Flex smooth search's
+error sums are SUM-reduced (each rank scores its own tokens); no rank gathers
+activations. Every rank reaches the same scales.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .algorithms.flex_smooth import candidate_errors, flex_scales, two_stage_search
+from .algorithms.smoothquant import smoothquant_scales
+from .arch.smooth_pairs import SmoothPair, smooth_pairs
+from .quant.activations import (ActQuantArgs, StaticActParams, fake_quant, fake_quant_dynamic,
+                                fake_quant_static, static_params)
+from .quant.qparams import QuantArgs
+from .stats import ChannelRangeStat
+
+log = logging.getLogger("dist_quant")
+
+
+def pattern_matches(pattern: str, fqn: str) -> bool:
+    """Full name, a dotted suffix (``self_attn.o_proj``) or an fnmatch pattern."""
+    return fqn == pattern or fqn.endswith("." + pattern) or fnmatch.fnmatchcase(fqn, pattern) \
+        or fnmatch.fnmatchcase(fqn, "*." + pattern)
+
+
+@dataclass(frozen=True)
+class Heads:
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+    def group_max(self, t: torch.Tensor) -> torch.Tensor:
+        """[heads·d] per-o-channel values → [kv_heads·d]: the max over the heads of each kv group."""
+        return t.reshape(self.kv_heads, self.group, self.head_dim).amax(dim=1).reshape(-1)
+
+    def expand(self, t: torch.Tensor) -> torch.Tensor:
+        """[kv_heads·d] → [heads·d]: each kv channel repeated for the heads of its group."""
+        kv = t.reshape(self.kv_heads, 1, self.head_dim)
+        return kv.expand(self.kv_heads, self.group, self.head_dim).reshape(-1)
+
+    @staticmethod
+    def from_config(config: dict) -> "Heads":
+        heads = int(config.get("num_attention_heads") or 1)
+        kv = int(config.get("num_key_value_heads") or heads)
+        head_dim = config.get("head_dim") or int(config.get("hidden_size", heads)) // heads
+        return Heads(heads, kv, int(head_dim))
+
+
+# -- folding: pure module/tensor updates (tests call these directly) -----------------------------
+
+def fold_norm(norm_weight: torch.Tensor, s: torch.Tensor, norm_bias: torch.Tensor | None = None):
+    """1/s into a norm: returns (new weight in the norm's dtype, new bias or None, effective s).
+    The effective s (``w / new_w``) is what the consumers' columns must be multiplied by."""
+    w32 = norm_weight.float()
+    new_w = (w32 / s).to(norm_weight.dtype)
+    s_eff = torch.where(new_w != 0, w32 / new_w.float(), s)
+    new_b = (norm_bias.float() / s_eff).to(norm_bias.dtype) if norm_bias is not None else None
+    return new_w, new_b, s_eff
+
+
+def fold_rows(weight: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None = None):
+    """1/s into a producer linear's output rows (and bias)."""
+    new_w = (weight.float() / s[:, None]).to(weight.dtype)
+    new_b = (bias.float() / s).to(bias.dtype) if bias is not None else None
+    return new_w, new_b
+
+
+def fold_columns(weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """s into a consumer linear's input columns."""
+    return (weight.float() * s[None, :]).to(weight.dtype)
+
+
+class W8A8Stages:
+    def __init__(self, cfg, comm, plan, ckpt, device: torch.device, args: QuantArgs, act: ActQuantArgs | None,
+                 overrides: dict[str, torch.Tensor]):
+        """``act`` None: smooth only, activations stay float (the Flex smooth search, which
+        scores int8 products, then assumes dynamic per-token activations)."""
+        self.cfg, self.comm, self.plan, self.ckpt, self.device = cfg, comm, plan, ckpt, device
+        self.args, self.act, self.overrides = args, act, overrides
+        self.q = cfg.quant
+        self.arch = plan.arch
+        self.quantized = {lin.name for lin in plan.linears}
+        self.stage_of = {rel: stage.name for stage in self.arch.stages for rel in stage.linears}
+        self.pairs = smooth_pairs(self.arch.name) if self.q.smooth != "none" else ()
+        self.heads = Heads.from_config(ckpt.config)
+        self.act_params: dict[str, StaticActParams | None] = {}  # linear FQN → its input quantizer
+        self._select: list[torch.Tensor] | None = None
+        self._skipped_logged: set[str] = set()
+
+    # -- which pairs ---------------------------------------------------------------------
+    def fold_stage(self, pair: SmoothPair) -> str:
+        return self.stage_of[pair.consumers[0]] if pair.kind == "norm" else self.stage_of[pair.producer]
+
+    def layer_pairs(self, index: int) -> list[SmoothPair]:
+        prefix = self.arch.layer_prefix(index)
+        out = []
+        for pair in self.pairs:
+            consumers = [prefix + c for c in pair.consumers]
+            linears = consumers + ([prefix + pair.producer] if pair.kind != "norm" else [])
+            why = None
+            hit = next((p for p in self.q.disable_anti_names for c in consumers if pattern_matches(p, c)), None)
+            if hit is not None:
+                why = f"quant.disable_anti_names has {hit!r}"
+            elif any(name not in self.quantized for name in linears):
+                why = "a linear of the pair is not quantized (quant.ignore)"
+            if why is None:
+                out.append(pair)
+            elif pair.name not in self._skipped_logged:
+                self._skipped_logged.add(pair.name)
+                log.info("smoothing: skip %s (%s)", pair.name, why)
+        return out
+
+    # -- the stage hook --------------------------------------------------------------------
+    def prepare(self, layer, index: int, k: int, ops, xs, prev, inputs, masks, linears, record, phase):
+        stage = self.arch.stages[k]
+        pairs = [p for p in self.layer_pairs(index) if self.fold_stage(p) == stage.name]
+        for pair in sorted(pairs, key=lambda p: p.kind != "norm"):
+            if pair.kind == "norm":
+                with phase("smooth"):
+                    s = self._choose(pair, index, inputs, masks, record)
+                    self._fold_norm(layer, index, pair, s)
+                with phase("propagate"):
+                    inputs = [ops[k].make_input(x, p) for x, p in zip(xs, prev)]
+            else:
+                if k + 1 >= len(ops) or self.stage_of[pair.consumers[0]] != self.arch.stages[k + 1].name:
+                    raise RuntimeError(f"smoothing pair {pair.name}: consumers must be in the stage after "
+                                       f"the producer's ({stage.name})")
+                with phase("smooth"):
+                    acts = [ops[k + 1].make_input(x, i) for x, i in zip(xs, inputs)]
+                    s = self._choose(pair, index, acts, masks, record)
+                    del acts
+                    self._fold_linear(layer, index, pair, s)
+        if self.act is None:  # smoothing only (tests)
+            return inputs
+        with phase("act_calib"):
+            params = self._calibrate(inputs, masks)
+            for lin in linears:
+                self.act_params[lin.name] = params
+            inputs = [fake_quant(x, self.act, params) for x in inputs]
+        return inputs
+
+    def _calibrate(self, inputs, masks) -> StaticActParams | None:
+        if self.act.dynamic:
+            return None
+        neg_min = torch.tensor(float("-inf"), device=self.device)
+        hi = torch.tensor(float("-inf"), device=self.device)
+        for x, m in zip(inputs, masks):
+            real = x[m]
+            if real.numel():
+                lo_b, hi_b = torch.aminmax(real)
+                neg_min = torch.maximum(neg_min, -lo_b.float())
+                hi = torch.maximum(hi, hi_b.float())
+        flat = self.comm.all_reduce(torch.stack([neg_min, hi]), "max").cpu()
+        return static_params(-flat[0], flat[1], self.act)
+
+    # -- scale choice ----------------------------------------------------------------------
+    def _weight(self, fqn: str) -> torch.Tensor:
+        w = self.overrides.get(fqn + ".weight")
+        if w is None:
+            w = self.ckpt.get(fqn + ".weight")
+        return w.to(self.device, torch.float32)
+
+    def _choose(self, pair: SmoothPair, index: int, acts, masks, record) -> torch.Tensor:
+        """Scales over the consumers' input channels (for v → o: shared within kv groups)."""
+        prefix = self.arch.layer_prefix(index)
+        weight = torch.cat([self._weight(prefix + c) for c in pair.consumers])
+        stat = ChannelRangeStat(weight.shape[1], self.device)
+        for a, m in zip(acts, masks):
+            stat.add(a, m)
+        stat.unpack(self.comm.all_reduce(stat.packed(), "max"))
+        a_max, w_max = stat.absmax(), weight.abs().amax(dim=0)
+        if pair.kind == "ov":
+            h = self.heads
+            a_max, w_max = h.group_max(a_max), h.group_max(w_max)
+            expand = h.expand
+        else:
+            def expand(t):
+                return t
+
+        q = self.q
+        searched, err = False, None
+        if q.smooth == "smoothquant":
+            alpha = 0.5 if q.alpha is None else float(q.alpha)
+            beta = round(1.0 - alpha, 6)
+            s = smoothquant_scales(a_max, w_max, alpha)
+        else:
+            alpha, beta = q.alpha, q.beta
+            if alpha is None or beta is None:
+                alpha, beta, err = self._search(a_max, w_max, expand, stat, acts, masks, weight, alpha)
+                searched = True
+            s = flex_scales(a_max, w_max, alpha, beta)
+        s = expand(s).contiguous()
+        name = prefix + pair.name
+        record.smoothing[name] = {"alpha": alpha, "beta": beta, "searched": searched, "rel_error": err,
+                                  "scale_sha1": hashlib.sha1(s.cpu().numpy().tobytes()).hexdigest()[:16],
+                                  "scale_min": float(s.min()), "scale_max": float(s.max())}
+        log.debug("smoothing %s: alpha=%s beta=%s%s", name, alpha, beta,
+                  f" (searched, rel. error {err:.4g})" if searched else "")
+        return s
+
+    def _selection(self, masks) -> list[torch.Tensor]:
+        """The search tokens of this rank's batches: a fixed random subset of all ranks'
+        calibration tokens (same on every rank, so the union does not depend on the ranks)."""
+        if self._select is None:
+            n, length = self.cfg.calib.num_samples, masks[0].shape[1]
+            total = n * length
+            g = torch.Generator().manual_seed(self.cfg.seed + 7919)
+            chosen = torch.zeros(total, dtype=torch.bool)
+            chosen[torch.randperm(total, generator=g)[: min(self.q.search_tokens, total)]] = True
+            chosen = chosen.reshape(n, length)
+            offset = self.comm.rank * n // self.comm.world_size
+            self._select = []
+            for m in masks:
+                self._select.append(chosen[offset:offset + m.shape[0]].to(m.device) & m)
+                offset += m.shape[0]
+        return self._select
+
+    def _search(self, a_max, w_max, expand, stat: ChannelRangeStat, acts, masks, weight, alpha):
+        x = torch.cat([a[sel] for a, sel in zip(acts, self._selection(masks))]).float()
+        lo_c, hi_c = stat.min, stat.max
+
+        def act_fq(xs: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            if self.act is None or self.act.dynamic:
+                return fake_quant_dynamic(xs, self.act.token_divisor if self.act else 127.5)
+            # the global per-tensor range of x/s follows from the per-channel ranges (s > 0)
+            params = static_params((lo_c / s).min(), (hi_c / s).max(), self.act)
+            return fake_quant_static(xs, params)
+
+        def scales(a: float, b: float) -> torch.Tensor:
+            return expand(flex_scales(a_max, w_max, a, b))
+
+        def evaluate(candidates):
+            num, den = candidate_errors(x, weight, scales, candidates, act_fq, self.args)
+            flat = self.comm.all_reduce(torch.cat([num, den.reshape(1)]).to(self.device), "sum").cpu()
+            den = float(flat[-1])
+            return (flat[:-1] / den).sqrt() if den > 0 else flat[:-1].sqrt()
+
+        return two_stage_search(evaluate, alpha=alpha)
+
+    # -- folding into the layer and the overrides ------------------------------------------------
+    def _set(self, module, attr: str, value: torch.Tensor) -> None:
+        getattr(module, attr).data.copy_(value.to(getattr(module, attr).dtype))
+
+    def _fold_norm(self, layer, index: int, pair: SmoothPair, s: torch.Tensor) -> None:
+        prefix = self.arch.layer_prefix(index)
+        norm = layer.get_submodule(pair.producer)
+        wname, bname = prefix + pair.producer + ".weight", prefix + pair.producer + ".bias"
+        bias = self.ckpt.get(bname) if bname in self.ckpt else None
+        new_w, new_b, s_eff = fold_norm(self.ckpt.get(wname).to(self.device), s,
+                                        bias.to(self.device) if bias is not None else None)
+        self.overrides[wname] = new_w
+        self._set(norm, "weight", new_w)
+        if new_b is not None:
+            self.overrides[bname] = new_b
+            self._set(norm, "bias", new_b)
+        for c in pair.consumers:
+            w = fold_columns(self._weight(prefix + c), s_eff)
+            self.overrides[prefix + c + ".weight"] = w
+            self._set(layer.get_submodule(c), "weight", w)
+
+    def _fold_linear(self, layer, index: int, pair: SmoothPair, s_consumer: torch.Tensor) -> None:
+        prefix = self.arch.layer_prefix(index)
+        s_producer = s_consumer
+        if pair.kind == "ov":  # back from o's channels to v's: every head of a group has the same value
+            h = self.heads
+            s_producer = s_consumer.reshape(h.kv_heads, h.group, h.head_dim)[:, 0].reshape(-1)
+        pname = prefix + pair.producer
+        producer = layer.get_submodule(pair.producer)
+        bias = None
+        if pname + ".bias" in self.ckpt:
+            bias = self.overrides.get(pname + ".bias", self.ckpt.get(pname + ".bias")).to(self.device)
+        new_w, new_b = fold_rows(self._weight(pname), s_producer, bias)
+        self.overrides[pname + ".weight"] = new_w
+        self._set(producer, "weight", new_w)
+        if new_b is not None:
+            self.overrides[pname + ".bias"] = new_b
+            self._set(producer, "bias", new_b)
+        for c in pair.consumers:
+            w = fold_columns(self._weight(prefix + c), s_consumer)
+            self.overrides[prefix + c + ".weight"] = w
+            self._set(layer.get_submodule(c), "weight", w)
