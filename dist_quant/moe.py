@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .quant.activations import fake_quant
 from .quant.qparams import QuantResult
 from .stats import HessianStat
 
@@ -203,6 +204,7 @@ def moe_block(qz, layer, index: int, xs: list[torch.Tensor], masks: list[torch.T
     if getattr(qz, "expert_store", None) is None:
         qz.expert_store = ExpertStore(qz.ckpt, qz.device)
 
+    seen = _input_quantizer(qz, linears)  # W8A8: what each quantized linear sees of its input
     with phase("propagate"):
         hs = [getattr(layer, arch.post_attn_norm)(x) for x in xs]
     if dense.get("moe_in"):
@@ -212,21 +214,29 @@ def moe_block(qz, layer, index: int, xs: list[torch.Tensor], masks: list[torch.T
             qz.router_warned = True
             log.warning("the router (%s) is quantized (not in quant.moe_ignore): vLLM keeps MoE routers in float and "
                         "transformers 5 cannot load a quantized router (it is not an nn.Linear there)", router)
-        qz._quantize_stage(layer, dense["moe_in"], hs, masks, record, phase)
+        with phase("propagate"):
+            h_in = [seen(dense["moe_in"][0].name, h) for h in hs]
+        qz._quantize_stage(layer, dense["moe_in"], h_in, masks, record, phase)
+        del h_in
     shared = [None] * len(xs)
     if spec.shared:
         se, sgate = getattr(block, spec.shared), getattr(block, spec.shared_gate)
+        p = arch.layer_prefix(index) + f"{spec.block}.{spec.shared}."
+        gate_name = arch.layer_prefix(index) + f"{spec.block}.{spec.shared_gate}"
         with phase("propagate"):
-            s_in = [se.act_fn(se.gate_proj(h)) * se.up_proj(h) for h in hs]
+            s_in = [se.act_fn(se.gate_proj(seen(p + "gate_proj", h))) * se.up_proj(seen(p + "up_proj", h))
+                    for h in hs]
+            s_in = [seen(p + "down_proj", s) for s in s_in]
         if dense.get("shared_out"):
             qz._quantize_stage(layer, dense["shared_out"], s_in, masks, record, phase)
         with phase("propagate"):
-            shared = [torch.sigmoid(sgate(h)) * se.down_proj(s) for h, s in zip(hs, s_in)]
+            shared = [torch.sigmoid(sgate(seen(gate_name, h))) * se.down_proj(s) for h, s in zip(hs, s_in)]
         del s_in
 
     with phase("propagate"):
         # routed per batch: the same GEMM shapes whatever the world size
-        routing = [getattr(block, spec.router)(h[m]) for h, m in zip(hs, masks)]
+        router = arch.layer_prefix(index) + spec.router_name
+        routing = [getattr(block, spec.router)(seen(router, h[m])) for h, m in zip(hs, masks)]
         if routing:
             h_flat = torch.cat([h[m] for h, m in zip(hs, masks)])
             weights, chosen = torch.cat([r[1] for r in routing]), torch.cat([r[2] for r in routing])
@@ -267,7 +277,7 @@ def moe_block(qz, layer, index: int, xs: list[torch.Tensor], masks: list[torch.T
         sel = order[(starts[e - 1] if e else 0):starts[e]]
         rows, w = recv.row[sel], recv.weight[sel]
         _quantize_expert(qz, index, e, experts_of[e], recv.h[rows], rows, w, all_h, fb, int(counts[e]),
-                         act, out_rows, record, phase)
+                         act, out_rows, record, phase, seen)
 
     with phase("propagate"):
         routed = combine(comm, recv, out_rows, h_flat.shape[0], moved).to(qz.dtype)
@@ -297,7 +307,23 @@ def moe_block(qz, layer, index: int, xs: list[torch.Tensor], masks: list[torch.T
     return new_xs
 
 
-def _quantize_expert(qz, index, e, lins, x_e, rows, w, all_h, fallback, routed, act, out_rows, record, phase):
+def _input_quantizer(qz, linears):
+    """``seen(name, x)``: the input linear ``name`` sees — int8 fake-quantized per token in
+    W8A8 jobs (dynamic activations, see plan.py) when ``name`` is quantized, else ``x``."""
+    w8a8 = getattr(qz, "w8a8", None)
+    if w8a8 is None or w8a8.act is None:
+        return lambda name, x: x
+    quantized = {lin.name for lin in linears}
+    for name in quantized:
+        w8a8.act_params[name] = None  # dynamic: nothing to store
+
+    def seen(name, x):
+        return fake_quant(x, w8a8.act, None) if name in quantized else x
+    return seen
+
+
+def _quantize_expert(qz, index, e, lins, x_e, rows, w, all_h, fallback, routed, act, out_rows, record, phase,
+                     seen=lambda name, x: x):
     """Load expert ``e``, quantize gate/up then down with their statistics, add its
     weighted outputs for its routed rows into ``out_rows``, write, free."""
     gate, up, down = sorted(lins, key=lambda lin: ("gate", "up", "down").index(_role(qz, lin)))
@@ -306,7 +332,8 @@ def _quantize_expert(qz, index, e, lins, x_e, rows, w, all_h, fallback, routed, 
     basis = "all_tokens" if stats_all else "routed_tokens"
     with phase("load"):
         w_gate, w_up, w_down = qz.expert_store.load(index, e, (gate.name, up.name, down.name))
-    x_stat = all_h if stats_all else x_e
+    x_e = seen(gate.name, x_e)  # per-token quantization: the same on any rank, for any subset of tokens
+    x_stat = _chunked(lambda x: seen(gate.name, x), all_h) if stats_all else x_e
 
     with phase("capture"):
         h_in, n_in = hessian_of(x_stat, qz.device)
@@ -322,8 +349,9 @@ def _quantize_expert(qz, index, e, lins, x_e, rows, w, all_h, fallback, routed, 
     _write(qz, up, res[up.name], phase)
 
     with phase("propagate"):
-        a_e = act(F.linear(x_e, g_hat)) * F.linear(x_e, u_hat)
-        a_stat = a_e if x_stat is x_e else _chunked_act(act, x_stat, g_hat, u_hat)
+        a_e = seen(down.name, act(F.linear(x_e, g_hat)) * F.linear(x_e, u_hat))
+        a_stat = a_e if x_stat is x_e else _chunked(
+            lambda x: seen(down.name, act(F.linear(x, g_hat)) * F.linear(x, u_hat)), x_stat)
     with phase("capture"):
         h_out, n_out = hessian_of(a_stat, qz.device)
     del a_stat
@@ -344,9 +372,11 @@ def _quantize_expert(qz, index, e, lins, x_e, rows, w, all_h, fallback, routed, 
     qz.expert_store.release(index, e)
 
 
-def _chunked_act(act, x, g, u):
-    return torch.cat([act(F.linear(x[i:i + HESSIAN_CHUNK], g)) * F.linear(x[i:i + HESSIAN_CHUNK], u)
-                      for i in range(0, x.shape[0], HESSIAN_CHUNK)]) if x.shape[0] else x.new_zeros(0, g.shape[0])
+def _chunked(fn, x):
+    """``fn`` over fixed-size row chunks of ``x`` (bounded transients; chunks independent of ranks)."""
+    if not x.shape[0]:
+        return fn(x)
+    return torch.cat([fn(x[i:i + HESSIAN_CHUNK]) for i in range(0, x.shape[0], HESSIAN_CHUNK)])
 
 
 def _role(qz, lin) -> str:

@@ -145,13 +145,14 @@ class Restored:
 
 def _record_to_dict(record) -> dict:
     return {"layer": record.layer, "seconds": dict(record.seconds), "modules": record.modules,
-            "moe": getattr(record, "moe", {})}
+            "smoothing": getattr(record, "smoothing", {}), "moe": getattr(record, "moe", {})}
 
 
 def _record_from_dict(d: dict):
     from .pipeline import LayerRecord
 
-    return LayerRecord(d["layer"], defaultdict(float, d["seconds"]), d["modules"], d.get("moe", {}))
+    return LayerRecord(d["layer"], defaultdict(float, d["seconds"]), d["modules"],
+                       smoothing=d.get("smoothing", {}), moe=d.get("moe", {}))
 
 
 class Progress:

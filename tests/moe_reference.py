@@ -53,8 +53,11 @@ class QLinear:
 
 
 def quantized_linears(tensors: dict[str, torch.Tensor], bits: int) -> dict[str, QLinear]:
+    """pack-quantized (``weight_packed``) and int-quantized (int8 ``weight``) linears."""
     out = {}
     for name, t in tensors.items():
+        if name.endswith(".weight") and t.dtype == torch.int8 and name + "_scale" in tensors:
+            out[name[: -len(".weight")]] = QLinear(t.long(), tensors[name + "_scale"], None)
         if name.endswith(".weight_packed"):
             base = name[: -len(".weight_packed")]
             shape = tuple(tensors[base + ".weight_shape"].tolist())
@@ -75,15 +78,24 @@ _ROLE = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate"
 
 def load_fake_quant(model_dir: Path, out_dir: Path, dtype=torch.float32, attn: str = "eager"):
     """The float model of ``model_dir`` with every linear quantized in ``out_dir`` replaced by
-    its dequantized weight (routed experts into the fused in-memory tensors)."""
+    its dequantized weight (routed experts into the fused in-memory tensors), and every float
+    tensor of ``out_dir`` (norms changed by smoothing, biases, router, ...) copied in: the
+    output checkpoint, dequantized, without transformers' loader."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation=attn).eval()
     bits = weight_bits(out_dir)
     params = dict(model.named_parameters())
     done = set()
+    tensors = read_tensors(out_dir)
+    qlinears = quantized_linears(tensors, bits)
     with torch.no_grad():
-        for name, ql in quantized_linears(read_tensors(out_dir), bits).items():
+        for name, t in tensors.items():
+            base = name.rsplit(".", 1)[0]
+            mem = name.replace(".block_sparse_moe.", ".mlp.")
+            if not (name.endswith(".weight") and base in qlinears) and t.is_floating_point() and mem in params:
+                params[mem].copy_(t.to(dtype))
+        for name, ql in qlinears.items():
             w = ql.dequantize().to(dtype)
             m = _EXPERT.match(name)
             if m:
@@ -122,3 +134,43 @@ def router_counts(model, input_ids: torch.Tensor, mask: torch.Tensor | None = No
         for h in handles:
             h.remove()
     return counts
+
+
+def act_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token symmetric int8 (compressed-tensors: scale = max|x| / 127.5)."""
+    scale = x.float().abs().amax(dim=-1, keepdim=True) / 127.5
+    scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float32).eps), scale)
+    return (torch.round(x.float() / scale).clamp(-128, 127) * scale).to(x.dtype)
+
+
+def emulate_dynamic_activations(model, quantized: set[str]) -> None:
+    """Make ``model`` see its quantized linears' inputs as int8 per token: a pre-hook on every
+    quantized ``nn.Linear`` (checkpoint names in ``quantized``), and for the fused experts
+    an expert loop of our own that quantizes each expert's input and its down projection's input."""
+    import types
+
+    from torch import nn
+
+    mem = {n.replace(".block_sparse_moe.", ".mlp.") for n in quantized}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name in mem:
+            module.register_forward_pre_hook(lambda mod, args: (act_fake_quant(args[0]),) + tuple(args[1:]))
+    for i, layer in enumerate(model.model.layers):
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is None or not any(f"layers.{i}." in n and ".experts." in n for n in mem):
+            continue
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            out = torch.zeros_like(hidden_states)
+            for e in range(self.num_experts):
+                tok, slot = torch.where(top_k_index == e)
+                if tok.numel() == 0:
+                    continue
+                x = act_fake_quant(hidden_states[tok])
+                gate, up = nn.functional.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+                a = act_fake_quant(self.act_fn(gate) * up)
+                y = nn.functional.linear(a, self.down_proj[e]) * top_k_weights[tok, slot, None]
+                out.index_add_(0, tok, y.to(out.dtype))
+            return out
+
+        experts.forward = types.MethodType(forward, experts)

@@ -33,6 +33,7 @@ CASES = {  # name → (arch, overrides, bits)
     **{f"gptq-{a}": (a, ("quant=gptq_w4a16", "quant.group_size=32"), 4) for a in MOE_ARCHS},
     "rtn_w8-qwen3_moe": ("qwen3_moe", ("quant=rtn_w8a16",), 8),
     "all_experts-qwen2_moe": ("qwen2_moe", ("quant=gptq_w4a16", "quant.group_size=32", "calib.all_experts=true"), 4),
+    "w8a8-qwen3_moe": ("qwen3_moe", ("quant=smoothquant_w8a8", "quant.act_dynamic=true"), 8),
 }
 PARALLEL = 2  # two-rank jobs in the background at once
 
@@ -87,7 +88,7 @@ def test_two_ranks_match_one_rank(runs, name):
     assert set(one) == set(two)
     qa, qb = quantized_linears(one, bits), quantized_linears(two, bits)
     assert sum(".experts." in n for n in qa) == 2 * 3 * EXPERTS[CASES[name][0]]
-    quant = {f"{lin}{s}" for lin in qa for s in (".weight_packed", ".weight_scale")}
+    quant = {f"{lin}{s}" for lin in qa for s in (".weight_packed", ".weight", ".weight_scale")}
     for n in set(one) - quant:
         assert one[n].dtype == two[n].dtype and torch.equal(one[n], two[n]), n
     same = total = 0
