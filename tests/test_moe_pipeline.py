@@ -310,3 +310,18 @@ def test_w8a8_static_activations_refused_for_moe(env):
     cfg = load_config([f"model.path={env.models['qwen3_moe']}", "quant=w8a8"])
     with pytest.raises(ConfigError, match="act_dynamic=true"):
         prepare(cfg, str(env.models["qwen3_moe"]), 1)
+
+
+def test_ascend_w8a8_dynamic_describes_every_expert(env):
+    """output.format=ascend: msModelSlim description with one entry per expert tensor under
+    the checkpoint's names (W8A8_DYNAMIC), the router FLOAT."""
+    run = job(env, "ascend", "mixtral", "quant=w8a8", "quant.act_dynamic=true", "output.format=ascend",
+              capture=False)
+    desc = json.loads((run.out / "quant_model_description.json").read_text())
+    assert desc["model_quant_type"] == "W8A8_DYNAMIC"
+    for i in range(2):
+        assert desc[f"model.layers.{i}.block_sparse_moe.gate.weight"] == "FLOAT"
+        for e in range(EXPERTS["mixtral"]):
+            for w in ("w1", "w2", "w3"):
+                for t in ("weight", "weight_scale", "weight_offset"):
+                    assert desc[f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.{t}"] == "W8A8_DYNAMIC"
