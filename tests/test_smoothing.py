@@ -167,7 +167,7 @@ def test_candidate_error_matches_a_direct_computation():
     lo_t, hi_t = min(xs.min().item(), 0.0), max(xs.max().item(), 0.0)
     sc = (hi_t - lo_t) / 255
     zp = -128 - round(lo_t / sc)
-    xq = ((torch.round(xs / sc) + zp).clamp(-128, 127) - zp) * sc
+    xq = (torch.round(xs / sc + zp).clamp(-128, 127) - zp) * sc
     wsc = ws.abs().amax(1, keepdim=True) / 127.5
     wq = torch.round(ws / wsc).clamp(-128, 127) * wsc
     ref = x @ w.T
