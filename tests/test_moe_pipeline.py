@@ -175,7 +175,9 @@ def independent_rtn(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 
 
 def test_fallback_rtn_below_min_tokens(env):
-    run = job(env, "fb_rtn", "qwen3_moe", "calib.min_expert_tokens=1000000", "calib.expert_fallback=rtn")
+    # min/max scales, as the independent RTN reference computes them (the preset's default is mse)
+    run = job(env, "fb_rtn", "qwen3_moe", "calib.min_expert_tokens=1000000", "calib.expert_fallback=rtn",
+              "quant.observer=minmax")
     check_propagation(env, "qwen3_moe", run)
     src = read_tensors(env.models["qwen3_moe"])
     out = quantized_linears(read_tensors(run.out), 4)
@@ -223,7 +225,7 @@ def test_expert_routed_no_token_is_never_skipped(env, monkeypatch, fallback):
 
     monkeypatch.setattr(modeling_qwen2_moe.Qwen2MoeTopKRouter, "forward", _never_expert_zero)
     run = job(env, f"zero_{fallback}", "qwen2_moe", "calib.min_expert_tokens=0",
-              f"calib.expert_fallback={fallback}")
+              f"calib.expert_fallback={fallback}", "quant.observer=minmax")
     check_propagation(env, "qwen2_moe", run)  # the reference uses the same masked router
     for layer in run.report["moe"]["layers"]:
         assert layer["tokens_per_expert"][0] == 0

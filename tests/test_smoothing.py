@@ -167,7 +167,7 @@ def test_candidate_error_matches_a_direct_computation():
     lo_t, hi_t = min(xs.min().item(), 0.0), max(xs.max().item(), 0.0)
     sc = (hi_t - lo_t) / 255
     zp = -128 - round(lo_t / sc)
-    xq = ((torch.round(xs / sc) + zp).clamp(-128, 127) - zp) * sc
+    xq = (torch.round(xs / sc + zp).clamp(-128, 127) - zp) * sc
     wsc = ws.abs().amax(1, keepdim=True) / 127.5
     wq = torch.round(ws / wsc).clamp(-128, 127) * wsc
     ref = x @ w.T
@@ -254,3 +254,18 @@ def test_presets_and_weight_solver():
     given = load_config(["quant=flexsmooth_w8a8", "quant.alpha=0.8", "quant.beta=0.7"]).quant
     assert (given.alpha, given.beta) == (0.8, 0.7)
     assert load_config(["quant=gptq_w8a16", "output.format=ascend"]).output.format == "ascend"
+
+
+def test_static_fake_quant_matches_compressed_tensors_on_ties():
+    """Ties (x/scale exactly k + 0.5) and a nonzero zero point: the same rounding as
+    compressed-tensors' fake quantization (zero point added before rounding)."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    p = static_params(-0.9, 3.1, ActQuantArgs(dynamic=False))
+    assert p.zero.item() % 2 == 1  # an odd zero point: round(v) + zero != round(v + zero) at ties
+    k = torch.arange(-200, 200, dtype=torch.float32)
+    x = torch.cat([(k + 0.5) * p.scale, torch.randn(1000) * 2]).reshape(4, -1)
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=False, strategy="tensor", dynamic=False)
+    ref = fake_quantize(x, p.scale, p.zero.to(torch.int8), args)
+    assert torch.equal(fake_quant_static(x, p), ref)

@@ -163,12 +163,12 @@ def test_static_input_scale_is_the_calibration_range_of_the_smoothed_input(env):
 # -- Ascend -------------------------------------------------------------------------------------
 
 def int_linear(module_name: str, t: dict, x: torch.Tensor) -> torch.Tensor:
-    """Independent integer-arithmetic W8A8 linear: x_q = clamp(round(x/s) + offset);
+    """Independent integer-arithmetic W8A8 linear: x_q = clamp(round(x/s + offset));
     y = deq_scale · (x_q · W_qᵀ + quant_bias), deq_scale = input_scale · weight_scale."""
     s_in = t[module_name + ".input_scale"].float()
     off = t[module_name + ".input_offset"].float()
     wq = t[module_name + ".weight"].to(torch.int64)
-    xq = (torch.round(x.float() / s_in) + off).clamp(-128, 127).to(torch.int64)
+    xq = torch.round(x.float() / s_in + off).clamp(-128, 127).to(torch.int64)
     acc = xq @ wq.T + t[module_name + ".quant_bias"].to(torch.int64)
     deq = (s_in * t[module_name + ".weight_scale"].float().reshape(-1))
     return acc.double() * deq.double()

@@ -9,8 +9,8 @@ streaming writer, like every other format).
 Per quantized linear ``X`` (weights int8 per output channel, ``w = (q - offset) · scale``):
 
 * W8A8 (static activations): ``X.weight`` int8 [out, in], ``X.input_scale`` and
-  ``X.input_offset`` ([1], the model dtype; ``x_q = clamp(round(x / input_scale) +
-  input_offset)``), ``X.deq_scale`` = input_scale · weight_scale per output channel ([out],
+  ``X.input_offset`` ([1], the model dtype; ``x_q = clamp(round(x / input_scale +
+  input_offset))``), ``X.deq_scale`` = input_scale · weight_scale per output channel ([out],
   fp32 for bf16/fp32 models; the fp32 bits reinterpreted as int64 for fp16 models),
   ``X.quant_bias`` int32 = round(bias / deq_scale − Σ_k W_q[:, k] · input_offset), so that
   ``y = deq_scale · (x_q · W_qᵀ + quant_bias)``; also ``X.weight_scale``/``X.weight_offset``

@@ -2,7 +2,11 @@
 per-token (symmetric, computed at run time). Pure tensor functions.
 
 Conventions (compressed-tensors; Ascend's ``input_offset`` is the same zero point):
-``q = clamp(round(x / scale) + zero, -128, 127)``, ``x̂ = (q - zero) · scale``.
+``q = clamp(round(x / scale + zero), -128, 127)``, ``x̂ = (q - zero) · scale``. The zero
+point is added *before* rounding, as compressed-tensors' fake quantization and Ascend's
+``x / input_scale + input_offset`` do: with round-half-to-even and float32 rounding of the
+sum, ``round(v) + zero`` differs from it on rare ties, and one flipped step of a smoothed
+outlier channel is visible in the output.
 
 * static: ``scale = (hi - lo) / 255`` over the calibration range ``[lo, hi]`` (widened to
   contain 0), rounded to the dtype it is stored in; ``zero = -128 - round(lo / scale)``;
@@ -46,12 +50,12 @@ def static_params(lo: float | torch.Tensor, hi: float | torch.Tensor, args: ActQ
 def quantize_static(x: torch.Tensor, p: StaticActParams) -> torch.Tensor:
     """The int8 codes (as a float tensor holding integers)."""
     scale, zero = p.scale.to(x.device), p.zero.to(x.device)
-    return (torch.round(x.float() / scale) + zero).clamp(QMIN, QMAX)
+    return torch.round(x.float() / scale + zero).clamp(QMIN, QMAX)
 
 
 def fake_quant_static(x: torch.Tensor, p: StaticActParams) -> torch.Tensor:
     scale, zero = float(p.scale), float(p.zero)  # in-place chain: one temporary, not five
-    q = x.float().div(scale).round_().add_(zero).clamp_(QMIN, QMAX).sub_(zero).mul_(scale)
+    q = x.float().div(scale).add_(zero).round_().clamp_(QMIN, QMAX).sub_(zero).mul_(scale)
     return q.to(x.dtype)
 
 
