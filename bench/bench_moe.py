@@ -53,7 +53,8 @@ def quantize(model: Path, out: Path, ranks: int, args) -> dict:
     cmd = [sys.executable, "-m", "dist_quant"] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port=29741",
         "-m", "dist_quant"]
-    cmd += [f"model.path={model}", "quant=gptq_w4a16", f"quant.group_size={args.group_size}",
+    cmd += [f"model.path={model}", "quant=gptq_w4a16", "quant.observer=minmax",
+            f"quant.group_size={args.group_size}",
             f"calib.path={args.data}", f"calib.num_samples={args.samples}", f"calib.seq_len={args.seq_len}",
             f"calib.batch_size={args.batch_size}", f"output.dir={out}", "output.overwrite=true",
             f"runtime.run_dir={out}.run", f"runtime.threads={args.threads}"]
