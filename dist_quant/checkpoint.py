@@ -207,6 +207,13 @@ class Checkpoint:
             self._handles[info.file] = handle
         return handle.get_tensor(name)
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Close the open safetensors handles. A handle memory-maps its whole file, and every
+        page read through it stays in this process's RSS until the handle closes; the layer
+        loop calls this after each layer so that resident memory does not grow with depth
+        (tensors still alive keep their own pages mapped until they are freed)."""
         self._handles.clear()
+
+    def close(self) -> None:
+        self.release()
         self._pickled.clear()

@@ -21,6 +21,7 @@ from .checkpoint import Checkpoint
 from .config import JobConfig
 from .formats.registry import OutputFormat, make_format
 from .layer_forward import build_skeleton, dense_stage_ops, load_layer, unload_layer
+from .memory import trim_heap
 from .numerics import check_result, check_weight
 from .plan import LinearInfo, ModelPlan, OwnerPlan
 from .quant.qparams import QuantArgs, QuantResult
@@ -151,6 +152,7 @@ class LayerwiseQuantizer:
                     self._write_layer_tensors(i)
                 unload_layer(layer)
                 self.overrides.clear()
+                self.ckpt.release()  # the layer's checkpoint pages leave the RSS with the handles
             records.append(record)
             if resume is not None:
                 resume.layer_done(i, xs, records)
@@ -176,11 +178,16 @@ class LayerwiseQuantizer:
             if stage_linears and self.w8a8 is not None:  # smoothing + activation quantization
                 inputs = self.w8a8.prepare(layer, index, k, ops, xs, prev, inputs, masks, stage_linears,
                                            record, phase)
+            # The previous stage's activations are no longer needed once this stage's inputs exist;
+            # freeing them (and handing their pages back) keeps about two activation sets alive.
+            prev = [None] * len(xs)
+            trim_heap()
             if stage_linears:
                 self._quantize_stage(layer, stage_linears, inputs, masks, record, phase)
             if op.advance is not None:
                 with phase("propagate"):
-                    xs = [op.advance(x, a) for x, a in zip(xs, inputs)]
+                    for j, a in enumerate(inputs):  # in place: each old batch is freed as it is replaced
+                        xs[j] = op.advance(xs[j], a)
             prev = inputs
         if sparse:  # the MoE block: shared expert, routing, experts on their owners
             from .moe import moe_block

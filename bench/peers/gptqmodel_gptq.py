@@ -1,0 +1,51 @@
+"""Peer run: GPTQModel's GPTQ on exactly the job of bench/bench_gptq.py.
+
+SmolLM2-135M-Instruct (the bf16 checkpoint made by dist_quant.demo_model), W4 symmetric
+group 64, 128 x 512 calibration tokens from the start of WikiText-2 valid cut the way
+dist_quant cuts them, GPTQModel's defaults otherwise (group-aware reordering, its default
+damping). Runs in its own virtual environment (see bench/README.md). GPTQModel writes
+its own GPTQ format, so the perplexity of its output is measured here, after the timed
+part, through GPTQModel's loader with dist_quant.eval.perplexity on the held-out windows
+of bench_gptq.py (the repository on PYTHONPATH).
+
+    /work/venv-gptqm/bin/python bench/peers/gptqmodel_gptq.py MODEL_DIR DATA OUT_DIR
+
+Prints one JSON line: wall seconds of the quantization (load to saved), peak RSS, perplexity.
+"""
+import json
+import resource
+import sys
+import time
+
+import torch
+from _job import SAMPLES, SEQ, WINDOWS, calibration_rows  # bench/peers is on sys.path when run as a script
+from transformers import AutoTokenizer
+
+from gptqmodel import GPTQModel, QuantizeConfig
+
+
+def main(model_dir: str, data: str, out: str) -> None:
+    t0 = time.time()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = calibration_rows(tok, data)
+    calib = [{"input_ids": r[None], "attention_mask": torch.ones_like(r)[None]} for r in rows]
+    qc = QuantizeConfig(bits=4, group_size=64, sym=True)
+    model = GPTQModel.load(model_dir, qc, device="cpu")
+    model.quantize(calib, batch_size=8)
+    model.save(out)
+    wall = time.time() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    del model
+
+    from dist_quant.eval import perplexity
+    from dist_quant.textdata import read_text, split_text
+
+    held = tok(split_text(read_text(data), 0.5, 1.0), add_special_tokens=False)["input_ids"]
+    qmodel = GPTQModel.load(out, device="cpu")
+    ppl = perplexity(qmodel.model, torch.tensor(held), SEQ, WINDOWS, 4)["ppl"]
+    print(json.dumps({"tool": "gptqmodel", "damp_percent": qc.damp_percent, "act_group_aware": qc.act_group_aware,
+                      "wall_s": wall, "peak_rss_gb": peak / 2**30, "ppl": ppl}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

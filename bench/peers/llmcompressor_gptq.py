@@ -1,0 +1,46 @@
+"""Peer run: llm-compressor's GPTQ on exactly the job of bench/bench_gptq.py.
+
+SmolLM2-135M-Instruct (the bf16 checkpoint made by dist_quant.demo_model), W4 symmetric
+group 64, 128 x 512 calibration tokens taken from the start of WikiText-2 valid the same way
+dist_quant does (one token stream cut into 128 rows), llm-compressor's own defaults otherwise
+(sequential pipeline, static act order, dampening 0.01). Runs in its own virtual environment
+(llm-compressor pins transformers <= 5.17 and compressed-tensors 0.19); see bench/README.md.
+
+    /work/venv-llmc/bin/python bench/peers/llmcompressor_gptq.py MODEL_DIR DATA OUT_DIR
+
+Prints one JSON line: wall seconds of the quantization (load to saved), peak RSS.
+Perplexity is measured afterwards with dist_quant.eval (same windows as bench_gptq.py).
+"""
+import json
+import resource
+import sys
+import time
+
+import torch
+from datasets import Dataset
+from _job import SAMPLES, SEQ, calibration_rows  # bench/peers is on sys.path when run as a script
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+
+
+def main(model_dir: str, data: str, out: str) -> None:
+    t0 = time.time()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = calibration_rows(tok, data).tolist()
+    ds = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * SEQ] * SAMPLES})
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    recipe = GPTQModifier(ignore=["lm_head"], config_groups={"group_0": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}}})
+    oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=SEQ, num_calibration_samples=SAMPLES)
+    model.save_pretrained(out, save_compressed=True)
+    tok.save_pretrained(out)
+    wall = time.time() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"tool": "llmcompressor", "wall_s": wall, "peak_rss_gb": peak / 2**30}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
