@@ -2,7 +2,7 @@
 (the token stream from the start of the file, cut into SAMPLES rows of SEQ tokens)."""
 import torch
 
-SAMPLES, SEQ, WINDOWS = 128, 512, 40
+SAMPLES, SEQ, WINDOWS = 128, 512, 40  # rows, tokens per row, held-out windows
 
 
 def calibration_rows(tok, data: str) -> torch.Tensor:
