@@ -2,6 +2,8 @@
 the way srun starts them, with no launcher to stop the others)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import subprocess
@@ -60,21 +62,41 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[float]:
     return [ended[i] for i in range(len(procs))]
 
 
-def call_main(argv: list[str]) -> int:
-    """``dist_quant.__main__.main(argv)`` in this process (world size 1), then close the log
-    handlers it opened and restore torch's thread count."""
+@contextlib.contextmanager
+def isolated_main():
+    """Around an in-process ``dist_quant.__main__.main``: afterwards restore torch's thread
+    count and close the log handlers it opened."""
     import logging
 
     import torch
 
-    from dist_quant.__main__ import main
-
     threads = torch.get_num_threads()
     try:
-        return main(argv)
+        yield
     finally:
         torch.set_num_threads(threads)
         logger = logging.getLogger("dist_quant")
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
             handler.close()
+
+
+def call_main(argv: list[str]) -> int:
+    """``dist_quant.__main__.main(argv)`` in this process (world size 1); output goes where
+    this process's goes."""
+    from dist_quant.__main__ import main
+
+    with isolated_main():
+        return main(argv)
+
+
+def run_main(argv: list[str]) -> tuple[int, str, str]:
+    """``dist_quant.__main__.main(argv)`` in this process (world size 1): the same code path
+    as ``python -m dist_quant`` without paying the imports again. Returns (exit code, stdout,
+    stderr)."""
+    from dist_quant.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with isolated_main(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()

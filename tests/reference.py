@@ -55,6 +55,16 @@ def command(overrides: list[str], nproc: int = 1, port: int | None = None) -> li
             "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "dist_quant", *overrides]
 
 
+def check_done(job) -> Path:
+    """``job.out`` of a run that exited 0 and printed ``done: <out>`` (fails the calling test
+    otherwise, with the ends of its stdout and stderr). ``job`` has name, returncode, stdout,
+    stderr and out."""
+    assert job.returncode == 0, (f"{job.name}: exit {job.returncode}\n--- stdout\n{job.stdout[-3000:]}"
+                                 f"\n--- stderr\n{job.stderr[-6000:]}")
+    assert f"done: {job.out}" in job.stdout, job.stdout
+    return job.out
+
+
 @dataclass
 class Job:
     name: str
@@ -88,10 +98,7 @@ class Job:
 
     def check(self) -> Path:
         """The output dir of a successful run (fails the calling test otherwise)."""
-        assert self.returncode == 0, (f"{self.name}: exit {self.returncode}\n--- stdout\n{self.stdout[-3000:]}"
-                                      f"\n--- stderr\n{self.stderr[-6000:]}")
-        assert f"done: {self.out}" in self.stdout, self.stdout
-        return self.out
+        return check_done(self)
 
 
 def make_job(name: str, model: Path, out: Path, run_dir: Path, calib: Path, quant: str,

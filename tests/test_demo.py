@@ -3,19 +3,16 @@ overrides beat, and the before/after summary (run here on a tiny model: the real
 minutes on a CPU)."""
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import re
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reference import REPO  # noqa: E402
+from procs import run_main  # noqa: E402
 from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant import demo_data  # noqa: E402
@@ -71,25 +68,15 @@ def test_explicit_overrides_beat_demo_defaults(overrides, expected):
 
 
 def test_demo_summary_on_a_tiny_run(tmp_path):
-    from dist_quant.__main__ import main
     from dist_quant.demo import demo_summary
 
     model = make_tiny_model(tmp_path / "model", layers=2)
     calib = tmp_path / "calib.txt"
     calib.write_text(WIKI.read_text(encoding="utf-8")[:40_000] if WIKI.is_file() else corpus_text(40_000))
     out = tmp_path / "out"
-    threads = torch.get_num_threads()
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-            code = main([f"model.path={model}", f"calib.path={calib}", "calib.num_samples=8", "calib.seq_len=32",
-                         "quant.group_size=32", f"output.dir={out}", f"runtime.run_dir={tmp_path / 'run'}"])
-    finally:
-        torch.set_num_threads(threads)
-        for handler in list(logging.getLogger("dist_quant").handlers):
-            logging.getLogger("dist_quant").removeHandler(handler)
-            handler.close()
-    assert code == 0, err.getvalue()
+    code, _, err = run_main([f"model.path={model}", f"calib.path={calib}", "calib.num_samples=8", "calib.seq_len=32",
+                             "quant.group_size=32", f"output.dir={out}", f"runtime.run_dir={tmp_path / 'run'}"])
+    assert code == 0, err
     lines = demo_summary(out, 12.5)
     text = "\n".join(lines)
     assert lines[0].startswith("demo summary: model, gptq_w4a16 (group size 32), calibration 8 x 32 tokens")

@@ -8,8 +8,6 @@
   gloo group, and the result equals the same job on one rank."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import subprocess
@@ -23,6 +21,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reference import REPO, free_ports, job_env, read_quant_linears  # noqa: E402
+from procs import run_main  # noqa: E402
 from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant.config import ConfigError  # noqa: E402
@@ -117,23 +116,6 @@ def _torch_npu_importable() -> bool:
 
 
 # -- the hccl path on CPU, end to end --------------------------------------------------------------
-def _run_in_process(overrides: list[str]) -> tuple[int, str, str]:
-    from dist_quant.__main__ import main
-
-    out, err = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(overrides)
-    finally:
-        torch.set_num_threads(threads)
-        logger = logging.getLogger("dist_quant")
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-            handler.close()
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_hccl_backend_two_ranks_on_cpu(tmp_path):
     model = make_tiny_model(tmp_path / "model", layers=2)
     calib = tmp_path / "calib.txt"
@@ -148,7 +130,7 @@ def test_hccl_backend_two_ranks_on_cpu(tmp_path):
         cwd=tmp_path, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # meanwhile, the same job on one rank (gloo, in this process) as the reference
     out1 = tmp_path / "out-one"
-    code, stdout, stderr = _run_in_process([*common, f"output.dir={out1}", f"runtime.run_dir={tmp_path / 'run-one'}"])
+    code, stdout, stderr = run_main([*common, f"output.dir={out1}", f"runtime.run_dir={tmp_path / 'run-one'}"])
     assert code == 0, stderr
     stdout2, stderr2 = proc.communicate(timeout=600)
     assert proc.returncode == 0, f"--- stdout\n{stdout2[-3000:]}\n--- stderr\n{stderr2[-6000:]}"

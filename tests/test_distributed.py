@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reference import (LINEARS, free_ports, hash_dir, make_job, part_file_contents,  # noqa: E402
                        quantized_linears, read_quant_linear, read_tensors, small_calib_file)
+from procs import isolated_main  # noqa: E402
 from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
 
 NUM_SAMPLES, SEQ_LEN, BATCH = 16, 64, 4  # 8 samples per rank: batches of 4 align with one rank's
@@ -67,7 +68,6 @@ def _run_in_process(job) -> None:
     path as ``python -m dist_quant`` without paying the ~5 s of imports again."""
     import contextlib
     import io
-    import logging
     import time
 
     from dist_quant.__main__ import main
@@ -75,19 +75,12 @@ def _run_in_process(job) -> None:
     overrides = job.argv[job.argv.index("dist_quant") + 1:]
     out, err = io.StringIO(), io.StringIO()
     t0 = time.time()
-    threads = torch.get_num_threads()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with isolated_main(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             job.returncode = main(overrides)
     except BaseException as exc:  # noqa: BLE001 - reported by job.check()
         job.returncode = -1
         err.write(f"{type(exc).__name__}: {exc}")
-    finally:
-        torch.set_num_threads(threads)
-        logger = logging.getLogger("dist_quant")
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-            handler.close()
     job.stdout, job.stderr, job.seconds = out.getvalue(), err.getvalue(), time.time() - t0
 
 

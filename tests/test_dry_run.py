@@ -3,10 +3,7 @@ safetensors headers only (no tensor data, no process group), and the same errors
 would give, exit 2."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -18,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reference import REPO, LINEARS, header_data_bytes, job_env  # noqa: E402
+from procs import run_main  # noqa: E402
 from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant.checkpoint import Checkpoint  # noqa: E402
@@ -45,22 +43,6 @@ def no_tensor_reads(monkeypatch):
     monkeypatch.setattr(torch, "load", lambda *a, **k: refuse(None, "torch.load"))
 
 
-def _main(overrides: list[str]) -> tuple[int, str, str]:
-    from dist_quant.__main__ import main
-
-    out, err = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(overrides)
-    finally:
-        torch.set_num_threads(threads)
-        for handler in list(logging.getLogger("dist_quant").handlers):
-            logging.getLogger("dist_quant").removeHandler(handler)
-            handler.close()
-    return code, out.getvalue(), err.getvalue()
-
-
 def _args(tiny, *extra):
     root, model, calib = tiny
     return [f"model.path={model}", f"calib.path={calib}", "calib.num_samples=8", "calib.seq_len=32",
@@ -68,7 +50,7 @@ def _args(tiny, *extra):
 
 
 def test_plan_for_four_ranks_reads_no_tensor_data(tiny, no_tensor_reads):
-    code, out, err = _main(_args(tiny, "dry_run=true", "runtime.world_size=4"))
+    code, out, err = run_main(_args(tiny, "dry_run=true", "runtime.world_size=4"))
     assert code == 0, err
     assert "world size 4" in out
     assert not (tiny[0] / "out").exists() and not (tiny[0] / "out.partial").exists()
@@ -127,7 +109,7 @@ def test_estimate_matches_the_plan_and_the_documented_formula(tiny, no_tensor_re
 
 def test_planned_part_files_are_what_a_run_writes(tiny):
     root = tiny[0]
-    code, out, err = _main(_args(tiny, "dry_run=true", "runtime.world_size=1", "output.part_file_size=100KB"))
+    code, out, err = run_main(_args(tiny, "dry_run=true", "runtime.world_size=1", "output.part_file_size=100KB"))
     assert code == 0, err
     planned = {}
     for line in out[out.index("part files:"):out.index("plan (module")].splitlines()[1:]:
@@ -135,7 +117,7 @@ def test_planned_part_files_are_what_a_run_writes(tiny):
             fields = line.split()
             planned[fields[0]] = fields
     real = root / "out-real"
-    code, _, err = _main(_args(tiny, "output.part_file_size=100KB", f"output.dir={real}",
+    code, _, err = run_main(_args(tiny, "output.part_file_size=100KB", f"output.dir={real}",
                                f"runtime.run_dir={root / 'run-real'}"))
     assert code == 0, err
     files = sorted(p.name for p in real.glob("*.safetensors"))
@@ -149,7 +131,7 @@ def test_planned_part_files_are_what_a_run_writes(tiny):
     ("model.path=/nonexistent/model", "is not a directory"),
 ])
 def test_impossible_settings_fail_in_one_line_exit_2(tiny, no_tensor_reads, override, needle):
-    code, out, err = _main(_args(tiny, "dry_run=true", "runtime.world_size=8", override))
+    code, out, err = run_main(_args(tiny, "dry_run=true", "runtime.world_size=8", override))
     assert code == 2
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
@@ -161,12 +143,12 @@ def test_unsupported_architecture_fails_exit_2(tiny, tmp_path, no_tensor_reads):
     config = json.loads((model / "config.json").read_text())
     config["model_type"] = "gpt_neox"
     (model / "config.json").write_text(json.dumps(config))
-    code, out, err = _main(_args(tiny, "dry_run=true", f"model.path={model}"))
+    code, out, err = run_main(_args(tiny, "dry_run=true", f"model.path={model}"))
     assert code == 2 and "model_type='gpt_neox' is not supported" in err and "Traceback" not in err
 
 
 def test_more_ranks_than_samples_warns(tiny, no_tensor_reads):
-    code, out, err = _main(_args(tiny, "dry_run=true", "runtime.world_size=16"))
+    code, out, err = run_main(_args(tiny, "dry_run=true", "runtime.world_size=16"))
     assert code == 0, err
     assert "warning: calib.num_samples=8 < world size 16" in out
 

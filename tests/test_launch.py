@@ -21,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import REPO, free_ports, job_env  # noqa: E402
+from reference import REPO, check_done, free_ports, job_env  # noqa: E402
 from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant.runtime import (RankInfo, first_slurm_host, rank_info_from_env,  # noqa: E402
@@ -76,10 +76,7 @@ class Launch(SimpleNamespace):
         return self
 
     def check(self) -> Path:
-        assert self.returncode == 0, (f"{self.name}: exit {self.returncode}\n--- stdout\n{self.stdout[-3000:]}"
-                                      f"\n--- stderr\n{self.stderr[-6000:]}")
-        assert f"done: {self.out}" in self.stdout, self.stdout
-        return self.out
+        return check_done(self)
 
     def run_dirs(self) -> list[Path]:
         return sorted(p for p in (self.cwd / "runs").iterdir() if p.is_dir())

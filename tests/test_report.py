@@ -2,7 +2,6 @@
 and the per-layer progress output."""
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -17,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reference import LINEARS  # noqa: E402
+from procs import run_main  # noqa: E402
 from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant.pipeline import PHASES  # noqa: E402
@@ -30,8 +30,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A one-rank job run in this process (the code path of ``python -m dist_quant``)."""
-    from dist_quant.__main__ import main
-
     root = tmp_path_factory.mktemp("report")
     model = make_tiny_model(root / "model", layers=LAYERS)
     calib = root / "calib.txt"
@@ -40,20 +38,10 @@ def run(tmp_path_factory):
     argv = [f"model.path={model}", f"calib.path={calib}", "calib.num_samples=8", "calib.seq_len=32",
             "quant.group_size=32", f"output.dir={out}", f"runtime.run_dir={root / 'run'}", "runtime.threads=1",
             "output.part_file_size=100KB"]
-    stdout, stderr = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = main(argv)
-    finally:
-        torch.set_num_threads(threads)
-        for handler in list(logging.getLogger("dist_quant").handlers):
-            logging.getLogger("dist_quant").removeHandler(handler)
-            handler.close()
-    assert code == 0, stderr.getvalue()
+    code, stdout, stderr = run_main(argv)
+    assert code == 0, stderr
     report = json.loads((out / REPORT_NAME).read_text())
-    return SimpleNamespace(root=root, model=model, out=out, report=report, stdout=stdout.getvalue(),
-                           stderr=stderr.getvalue())
+    return SimpleNamespace(root=root, model=model, out=out, report=report, stdout=stdout, stderr=stderr)
 
 
 def test_report_fields(run):

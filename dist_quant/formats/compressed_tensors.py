@@ -28,7 +28,12 @@ def scheme(args: QuantArgs) -> QuantizationScheme:
 
 def quantization_config(args: QuantArgs, ignore: list[str]) -> dict:
     """The ``quantization_config`` entry of config.json (as ModelCompressor writes it)."""
-    qc = QuantizationConfig(config_groups={"group_0": scheme(args)}, format=FORMAT,
+    return config_entry(scheme(args), FORMAT, ignore)
+
+
+def config_entry(one_scheme: QuantizationScheme, fmt: str, ignore: list[str]) -> dict:
+    """``quantization_config`` for one config group of ``one_scheme`` stored as ``fmt``."""
+    qc = QuantizationConfig(config_groups={"group_0": one_scheme}, format=fmt,
                             quantization_status="compressed", ignore=list(ignore))
     return {
         "version": compressed_tensors.__version__,

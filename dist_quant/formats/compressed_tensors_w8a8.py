@@ -8,11 +8,11 @@ symmetric); static activations add ``input_scale`` [1] and ``input_zero_point`` 
 """
 from __future__ import annotations
 
-import compressed_tensors
 import torch
 from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
-from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
+from .compressed_tensors import config_entry
 from ..quant.activations import ActQuantArgs, StaticActParams
 from ..quant.qparams import QuantArgs, QuantResult
 from ..tensorspec import TensorSpec
@@ -30,15 +30,7 @@ def scheme(act: ActQuantArgs) -> QuantizationScheme:
 
 
 def quantization_config(act: ActQuantArgs, ignore: list[str]) -> dict:
-    qc = QuantizationConfig(config_groups={"group_0": scheme(act)}, format=FORMAT,
-                            quantization_status="compressed", ignore=list(ignore))
-    return {
-        "version": compressed_tensors.__version__,
-        "quant_method": "compressed-tensors",
-        "sparsity_config": {},
-        "transform_config": {},
-        **qc.model_dump(exclude={"quant_method"}, mode="json"),
-    }
+    return config_entry(scheme(act), FORMAT, ignore)
 
 
 def compress_linear(name: str, result: QuantResult, args: QuantArgs, act: ActQuantArgs,
