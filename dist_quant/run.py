@@ -124,7 +124,7 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
 
         default_text = demo_calibration_text()
     calib = load_calibration(cfg.calib, tokenizer, default_text)
-    mine = calib.rank_slice(comm.rank, comm.world_size)
+    mine = calib.rank_slice(comm.rank, comm.world_size, cfg.calib.batch_size)
     log.info("calibration: %d samples x %d tokens (%d real tokens); this rank: %d samples",
              calib.input_ids.shape[0], calib.input_ids.shape[1], calib.tokens, mine.input_ids.shape[0])
 
