@@ -39,7 +39,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import provenance as prov  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+# the benchmark text: shared/ beside the checkout (or beside its parent, for a worktree)
+DATA = next((d / "shared" / "data" / "wikitext-2" / "valid.txt" for d in (ROOT.parent, ROOT.parent.parent)
+             if (d / "shared" / "data" / "wikitext-2" / "valid.txt").is_file()),
+            ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt")
 README = ROOT / "bench" / "README.md"
 PHASE_COLUMNS = ("capture", "propagate", "solve", "reduce", "broadcast", "smooth", "act_calib", "load", "write")
 
