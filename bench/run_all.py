@@ -268,7 +268,8 @@ def write_tables(readme: Path, tables: dict[str, str]) -> None:
 # -- command line ---------------------------------------------------------------------------------
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the smallest job: 4 x 128 tokens, 4 windows, 1 rank")
+    p.add_argument("--quick", action="store_true", help="the smallest job: 4 x 128 tokens, 4 windows, 1 rank, "
+                   "runs fp,gptq_1r and the GPTQ peers")
     p.add_argument("--smooth", action="store_true", help="the W8A8 / smoothing job instead of GPTQ W4")
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
@@ -287,8 +288,9 @@ def parse(argv=None) -> argparse.Namespace:
                       ("msmodelslim", "MSMODELSLIM_PYTHON")):
         p.add_argument(f"--{tool}-python", default=os.environ.get(var), help=f"python of the {tool} venv (${var})")
     a = p.parse_args(argv)
-    if a.quick:
+    if a.quick:  # dist_quant GPTQ on 1 rank and the GPTQ peers, on the smallest job
         a.samples, a.seq_len, a.windows, a.ranks = 4, 128, 4, "1"
+        a.runs = a.runs or "fp,gptq_1r,llmcompressor,gptqmodel"
     a.rank_list = [int(r) for r in a.ranks.split(",") if r]
     return a
 
@@ -299,6 +301,7 @@ def job_name(a) -> str:
 
 def main(argv=None) -> int:
     a = parse(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the in-process evaluations' progress bars
     if not Path(a.data).is_file():
         print(f"error: --data={a.data!r}: file not found", file=sys.stderr)
         return 2
