@@ -18,7 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a number depends on: the package, its presets, the benchmark scripts and peers.
-CODE_PATHS = ("dist_quant", "conf", "bench/peers", "bench/run_all.py", "bench/provenance.py", "pyproject.toml")
+CODE_PATHS = ("dist_quant", "conf", "bench/peers", "bench/run_all.py", "bench/provenance.py", "bench/bench_smooth.py",
+              "pyproject.toml")
 PACKAGES = ("torch", "transformers", "compressed-tensors", "safetensors", "tokenizers", "numpy", "hydra-core")
 
 
