@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import (LINEARS, free_ports, hash_dir, make_job, part_file_contents,  # noqa: E402
                        quantized_linears, read_quant_linear, read_tensors, small_calib_file)
 from procs import isolated_main  # noqa: E402
-from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
+from tiny import corpus_text, make_tiny_model  # noqa: E402
 
 NUM_SAMPLES, SEQ_LEN, BATCH = 16, 64, 4  # 8 samples per rank: batches of 4 align with one rank's
 LAYERS = 2
@@ -35,7 +35,7 @@ CASE_IDS = [f"{m}-{q}" for m, q in CASES]
 def dist(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     source = root / "wiki.txt"
-    source.write_text(WIKI.read_text(encoding="utf-8")[:60_000] if WIKI.is_file() else corpus_text(60_000),
+    source.write_text(corpus_text(60_000),
                       encoding="utf-8")
     calib = small_calib_file(root / "calib.txt", source, 40_000)
     ports = iter(free_ports(len(CASES)))

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import torch
 
-WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
-FALLBACK_TEXT = ("The quick brown fox jumps over the lazy dog. " * 50 + "\n") * 20
+# The package's own WikiText-2 excerpt (CC BY-SA 3.0, dist_quant/data/DEMO_TEXT_LICENSE.md): the tests
+# need nothing outside the repository.
+WIKI = Path(__file__).resolve().parents[1] / "dist_quant" / "data" / "demo_text.txt"
 
 
 def corpus_text(chars: int = 200_000) -> str:
-    if WIKI.is_file():
-        return WIKI.read_text(encoding="utf-8")[:chars]
-    return (FALLBACK_TEXT * (chars // len(FALLBACK_TEXT) + 1))[:chars]
+    text = WIKI.read_text(encoding="utf-8")
+    return (text * (chars // len(text) + 1))[:chars]
 
 
 def make_tokenizer(directory: Path, vocab_size: int = 512):
