@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import call_main  # noqa: E402
+from helpers import call_main  # noqa: E402
 from tiny import WIKI, make_tiny_model  # noqa: E402
 
 @pytest.fixture(scope="module")

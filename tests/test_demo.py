@@ -11,8 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import REPO  # noqa: E402
-from procs import run_main  # noqa: E402
+from helpers import REPO, run_main  # noqa: E402
 from tiny import corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant import demo_data  # noqa: E402

@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import REPO, free_ports, job_env, read_quant_linears  # noqa: E402
-from procs import run_main  # noqa: E402
+from reference import read_quant_linears  # noqa: E402
+from helpers import REPO, free_ports, job_env, run_main  # noqa: E402
 from tiny import corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant.config import ConfigError  # noqa: E402

@@ -15,9 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import (LINEARS, free_ports, hash_dir, make_job, part_file_contents,  # noqa: E402
-                       quantized_linears, read_quant_linear, read_tensors, small_calib_file)
-from procs import isolated_main  # noqa: E402
+from reference import LINEARS, part_file_contents, quantized_linears, read_quant_linear, read_tensors  # noqa: E402
+from helpers import free_ports, hash_dir, make_job, small_calib_file, isolated_main  # noqa: E402
 from tiny import corpus_text, make_tiny_model  # noqa: E402
 
 NUM_SAMPLES, SEQ_LEN, BATCH = 16, 64, 4  # 8 samples per rank: batches of 4 align with one rank's

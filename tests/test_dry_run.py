@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import REPO, LINEARS, header_data_bytes, job_env  # noqa: E402
-from procs import run_main  # noqa: E402
+from reference import LINEARS, header_data_bytes  # noqa: E402
+from helpers import REPO, job_env, run_main  # noqa: E402
 from tiny import corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant.checkpoint import Checkpoint  # noqa: E402

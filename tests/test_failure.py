@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import ranks, wait_all  # noqa: E402
+from helpers import ranks, wait_all  # noqa: E402
 from tiny import WIKI, make_tiny_model  # noqa: E402
 
 HANG_TIMEOUT_S = 20  # runtime.timeout_s of the hang job (also bounds its rendezvous under load)

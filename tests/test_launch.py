@@ -21,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import REPO, check_done, free_ports, job_env  # noqa: E402
+from helpers import REPO, check_done, free_ports, job_env  # noqa: E402
 from tiny import corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant.runtime import (RankInfo, first_slurm_host, rank_info_from_env,  # noqa: E402

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from moe_jobs import run_inprocess  # noqa: E402
-from moe_reference import load_fake_quant, quantized_linears, read_tensors, router_counts  # noqa: E402
+from moe_reference import load_fake_quant, quantized_linears, router_counts  # noqa: E402
+from reference import read_tensors  # noqa: E402
 from tiny import corpus_text  # noqa: E402
 from tiny_moe import MOE_ARCHS, make_tiny_moe  # noqa: E402
 

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reference import LINEARS  # noqa: E402
-from procs import run_main  # noqa: E402
+from helpers import run_main  # noqa: E402
 from tiny import corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant.pipeline import PHASES  # noqa: E402

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import call_main, torchrun, wait_all  # noqa: E402
+from helpers import call_main, torchrun, wait_all  # noqa: E402
 from tiny import WIKI, make_tiny_model  # noqa: E402
 
 from dist_quant.tensorspec import TensorSpec  # noqa: E402
