@@ -270,7 +270,7 @@ def test_w8a8_dynamic_activations_through_the_moe_block(env, arch):
     int8 activations in the statistics and the propagation, the router sees float ones.
     The propagated hidden states equal our own reference: the output checkpoint dequantized
     (int-quantized experts included) with per-token int8 activations emulated in front of
-    every quantized linear. transformers 5.23 cannot load int-quantized experts (README)."""
+    every quantized linear. transformers 5.23 cannot load int-quantized experts (docs/moe.md)."""
     run = job(env, "w8a8", arch, "quant=smoothquant_w8a8", "quant.act_dynamic=true")
     from moe_reference import emulate_dynamic_activations
 
