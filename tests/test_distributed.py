@@ -163,7 +163,8 @@ def test_per_rank_logs_in_shared_run_dir(dist, model_key, quant_key):
     out = job.check()
     assert job.stdout.count("done:") == 1  # rank 0 only
     logs = sorted(p.name for p in job.run_dir.iterdir())
-    assert logs == ["rank0.log", "rank1.log"]
+    assert logs == [".hydra", "rank0.log", "rank1.log"]  # the run record is written once, by rank 0
+    assert sorted(p.name for p in (job.run_dir / ".hydra").iterdir()) == ["config.yaml", "overrides.yaml"]
     for rank in (0, 1):
         text = (job.run_dir / f"rank{rank}.log").read_text()
         assert f"[rank {rank}]" in text and f"[rank {1 - rank}]" not in text
