@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import call_main, ranks, wait_all  # noqa: E402
+from helpers import call_main, ranks, wait_all  # noqa: E402
 from reference import read_tensors  # noqa: E402
 from tiny import corpus_text, make_tiny_model  # noqa: E402
 

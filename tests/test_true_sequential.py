@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from moe_reference import load_fake_quant, quantized_linears, read_tensors, router_counts  # noqa: E402
-from procs import call_main  # noqa: E402
+from helpers import call_main  # noqa: E402
 from tiny import corpus_text, make_tiny_model  # noqa: E402
 from tiny_moe import make_tiny_moe  # noqa: E402
 

@@ -3,9 +3,11 @@ int8 activations, min/max; per-channel symmetric int8 weights) on SmolLM2-135M-I
 with SAMPLES x 512 calibration rows cut the way dist_quant cuts them. Runs on CPU in a
 virtual environment with msmodelslim installed (see bench/README.md, "Smoothing / W8A8").
 
-    VENV/bin/python bench/peers/msmodelslim_flex.py MODEL_DIR DATA OUT_DIR [--samples N] [--seq-len L] [--windows W] [--dtype D]
+    VENV/bin/python bench/peers/msmodelslim_flex.py MODEL_DIR DATA WORK_DIR [--samples N] [--seq-len L] [--windows W] [--dtype D]
 
-(OUT_DIR is unused: the calibrated model is not saved.)
+msModelSlim's anti-outlier stage saves its activation statistics (``features.npy``) into the
+current directory; the script runs inside WORK_DIR (created if needed; the calibrated model
+itself is not saved) so nothing lands in the caller's directory or the repository.
 
 Prints one JSON line: wall seconds (model load to the calibrated model; saving is left
 out), peak RSS, and the perplexity of msModelSlim's own fake-quantized model on the 40
@@ -13,8 +15,8 @@ held-out windows of bench/bench_smooth.py (dist_quant.eval.perplexity, repositor
 PYTHONPATH).
 """
 import json
+import os
 import resource
-import sys
 import time
 
 import torch
@@ -26,6 +28,9 @@ from msmodelslim.pytorch.llm_ptq.llm_ptq_tools import Calibrator, QuantConfig
 
 
 def main(a) -> None:
+    a.model, a.data = os.path.abspath(a.model), os.path.abspath(a.data)
+    os.makedirs(a.out, exist_ok=True)
+    os.chdir(a.out)  # its features.npy goes here
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(a.model)
     rows = calibration_rows(tok, a.data, a.samples, a.seq_len)
