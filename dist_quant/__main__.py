@@ -12,6 +12,7 @@ from .arch import UnsupportedModel
 from .calibration import CalibrationError
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from . import stop
 
 # runtime.DeviceError (an unusable device or backend) is a ConfigError: it names the setting.
 USER_ERRORS = (ConfigError, CheckpointError, CalibrationError, UnsupportedModel)
@@ -107,12 +108,18 @@ def main(argv: list[str] | None = None) -> int:
         from .failure import Watch
         from .run import run_job
 
-        with Watch(comm):  # any rank's failure stops every rank, with its error shown
+        # any rank's failure stops every rank, with its error shown; SIGTERM/SIGUSR1 stop every
+        # rank after the last completed layer
+        with stop.Handlers(), Watch(comm):
             final = run_job(cfg, comm, device, run_dir)
         if info.rank == 0:
             print(f"done: {final}")
     except USER_ERRORS as exc:
         return user_error(exc, info.rank)
+    except stop.Stopped as exc:
+        # rank 0 on the console; every rank in its log file
+        (log.warning if info.rank == 0 else log.info)("%s", exc)
+        return exc.exit_code
     finally:
         if comm is not None:
             comm.close()

@@ -113,6 +113,16 @@ class LayerwiseQuantizer:
         self.overrides: dict[str, torch.Tensor] = {}
         self.w8a8 = (W8A8Stages(cfg, comm, plan, ckpt, device, args, self.fmt.act, self.overrides)
                      if self.fmt.act is not None else None)
+        self.check_stop = None  # resume.Progress.check_stop: every rank, each layer and stage
+
+    def _prefetch(self, index: int) -> None:
+        """Start reading layer ``index``'s tensors that this rank will read (routed experts:
+        only its own) in the background (``runtime.prefetch``)."""
+        if not self.cfg.runtime.prefetch or index >= self.plan.num_layers:
+            return
+        prefix, rank = self.plan.arch.layer_prefix(index), self.comm.rank
+        self.ckpt.prefetch([n for n in self.ckpt.tensors if n.startswith(prefix) and (
+            ".experts." not in n or self.owners.owner.get(n.rsplit(".", 1)[0], rank) == rank)])
 
     def _tensor(self, name: str) -> torch.Tensor:
         t = self.overrides.get(name)
@@ -141,12 +151,18 @@ class LayerwiseQuantizer:
         records = list(restored.records) if restored is not None else []
         if restored is not None and progress is not None:
             progress.update(restored.layer + 1)
-        for i in range(restored.layer + 1 if restored is not None else 0, self.plan.num_layers):
+        first = restored.layer + 1 if restored is not None else 0
+        self.check_stop = resume.check_stop if resume is not None else None
+        self._prefetch(first)
+        for i in range(first, self.plan.num_layers):
+            if self.check_stop is not None:
+                self.check_stop(i)
             record = LayerRecord(i)
             phase = _Phase(record, progress)
             with torch.no_grad():
                 with phase("load"):
                     layer = load_layer(skel, self.ckpt, arch, i, self.device)
+                self._prefetch(i + 1)  # read while this layer computes
                 xs = self._layer(layer, i, xs, masks, pos_emb, record, phase)
                 with phase("write"):
                     self._write_layer_tensors(i)
@@ -172,6 +188,8 @@ class LayerwiseQuantizer:
         sparse = arch.moe is not None and arch.moe.is_sparse(index, self.ckpt.config)
         stages = arch.stages[:2] if sparse else arch.stages  # a sparse MLP is run by moe.py
         for k, (stage, op) in enumerate(zip(stages, ops)):
+            if self.check_stop is not None and k > 0:
+                self.check_stop(index)
             with phase("propagate" if stage is not arch.stages[0] else "capture"):
                 inputs = [op.make_input(x, p) for x, p in zip(xs, prev)]
             stage_linears = [lin for lin in linears if lin.stage == stage.name]
