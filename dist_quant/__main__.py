@@ -130,5 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(argv: list[str] | None = None) -> None:
+    """``main``, then exit. After a requested stop (status 128 + signal) the state is on disk
+    and the logs are flushed here: skip the interpreter's teardown (seconds with torch loaded),
+    the launcher or scheduler may be counting down to SIGKILL."""
+    code = main(argv)
+    if code >= 128:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

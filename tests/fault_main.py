@@ -12,6 +12,6 @@ if __name__ == "__main__":
     import faults
 
     faults.install_from_env()
-    from dist_quant.__main__ import main
+    from dist_quant.__main__ import run
 
-    sys.exit(main())
+    run()
