@@ -161,7 +161,9 @@ class CalibConfig:
     path: Optional[str] = None
     """Plain text file, or .jsonl with a text field per line. Empty: built-in demo text."""
     num_samples: int = 128
+    """Calibration samples (all ranks together; each rank takes its slice)."""
     seq_len: int = 512
+    """Tokens per calibration sample."""
     batch_size: int = 8
     """Samples per forward batch (per rank)."""
     text_field: str = "text"
@@ -256,6 +258,7 @@ class JobConfig:
     start fresh otherwise; false: start fresh. A run that differs (model, config, world size,
     calibration tokens) is refused."""
     seed: int = 0
+    """Seed of every random choice (calibration subsets of the smoothing search)."""
 
     def __post_init__(self) -> None:
         resume = self.resume

@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import call_main, ranks, torchrun, wait_all  # noqa: E402
-from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
+from helpers import call_main, ranks, torchrun, wait_all  # noqa: E402
+from tiny import WIKI, make_tiny_model  # noqa: E402
 
 from dist_quant.tensorspec import TensorSpec  # noqa: E402
 from dist_quant.writer import RankWriter, plan_parts  # noqa: E402
@@ -40,9 +40,6 @@ def job(tmp_path_factory):
     (started with ``resume=auto`` and nothing to resume: a fresh start)."""
     root = tmp_path_factory.mktemp("resume")
     calib = WIKI
-    if not calib.is_file():
-        calib = root / "calib.txt"
-        calib.write_text(corpus_text())
     model = make_tiny_model(root / "model", layers=2)
     ref = root / "ref"
     proc = torchrun(2, overrides(model, calib, ref, root / "run_ref", "resume=auto"), root / "ref.txt")
