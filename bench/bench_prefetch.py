@@ -102,7 +102,7 @@ def main() -> None:
         sel = [r for r in rows if r["prefetch"] == prefetch]
         print(f"| {str(prefetch).lower()} | {statistics.median(r['wall'] for r in sel):.1f} | "
               f"{statistics.median(r['load'] for r in sel):.2f} | "
-              f"{', '.join(f'{r['loadavg']:.1f}' for r in sel)} |")
+              ", ".join(f"{r['loadavg']:.1f}" for r in sel) + " |")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from tiny import WIKI, make_tiny_model  # noqa: E402
 from dist_quant.tensorspec import TensorSpec  # noqa: E402
 from dist_quant.writer import RankWriter, plan_parts  # noqa: E402
 
-STOP_BOUND_S = 30  # signal -> every rank gone (measured: a few seconds)
+STOP_BOUND_S = 30  # signal -> every rank gone (measured: 0.6 s; 13 s under a load average of 20)
+AGENT_BOUND_S = 120  # SIGTERM to torchrun -> torchrun gone (measured 13 s, 47 s at load average 30)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,9 @@ def test_stop_signal_then_requeue_with_resume_auto(job, tmp_path):
     ends = wait_all([job_a, *job_b], 120)
 
     assert job_a.returncode != 0
-    assert max(ends[0], t_a) - t_a < STOP_BOUND_S
+    # torchrun's own shutdown (it SIGKILLs workers still alive 30 s after forwarding the signal,
+    # then exits itself) takes longer than the workers' stop; the log lines below show theirs
+    assert max(ends[0], t_a) - t_a < AGENT_BOUND_S
     assert [p.returncode for p in job_b] == [128 + signal.SIGUSR1] * 2, (b / "out0.txt").read_text()[-3000:]
     assert max(ends[1:]) - t_b < STOP_BOUND_S
     print(f"stop: torchrun gone {ends[0] - t_a:.1f} s after SIGTERM, both ranks {max(ends[1:]) - t_b:.1f} s "
