@@ -2,13 +2,23 @@
 cold page cache.
 
 Writes a synthetic bf16 Llama checkpoint (random weights; default 8 layers of hidden 1536 /
-intermediate 4096, 50 MB a layer), then quantizes it on one rank with prefetch off and on,
-alternating, each run starting with the checkpoint's pages evicted from the page cache
-(``posix_fadvise(POSIX_FADV_DONTNEED)`` on its files, checked with ``fincore`` when that
-tool is installed; no root needed). Prints wall time, the summed ``load`` phase (where the
-layer loop waits for the disk) and the load average.
+intermediate 4096, 50 MB a layer). Every run starts with the checkpoint's pages evicted from
+the page cache (``posix_fadvise(POSIX_FADV_DONTNEED)`` on its files, checked with ``fincore``
+when that tool is installed; no root needed). Prefetch off and on alternate.
 
-    python bench/bench_prefetch.py [--layers 8] [--hidden 1536] [--intermediate 4096] [--repeats 2]
+* ``--mode loop`` (default): the layer loop's reads alone, in this process: per layer, every
+  tensor of the layer through ``Checkpoint.get`` (timed: the wait for the disk), the next
+  layer's ``Checkpoint.prefetch`` as the pipeline calls it, then ``--compute`` seconds of
+  sleep standing in for the layer's computation on an accelerator (the CPU idle meanwhile).
+  Independent of the CPU load of a shared machine.
+* ``--mode job``: the real job (``python -m dist_quant``, one rank, RTN W4A16), summing the
+  ``load`` phase of its report; on a loaded CPU the conversion work in ``load`` and the noise
+  of the other phases hide the disk time.
+
+Prints the reads' wait and the load average.
+
+    python bench/bench_prefetch.py [--mode loop|job] [--compute 1.0] [--layers 8] [--hidden 1536]
+        [--intermediate 4096] [--repeats 2]
 """
 from __future__ import annotations
 
@@ -73,8 +83,34 @@ def run(model: Path, work: Path, prefetch: bool, args) -> dict:
             "loadavg": os.getloadavg()[0]}
 
 
+def run_loop(model: Path, prefetch: bool, compute: float) -> dict:
+    from dist_quant.checkpoint import Checkpoint
+
+    residency = evict(model)
+    ckpt = Checkpoint(model)
+    layers = ckpt.config["num_hidden_layers"]
+    names = [[n for n in ckpt.tensors if n.startswith(f"model.layers.{i}.")] for i in range(layers)]
+    waits = []
+    t0 = time.perf_counter()
+    for i in range(layers):
+        t = time.perf_counter()
+        tensors = [ckpt.get(n) for n in names[i]]
+        waits.append(time.perf_counter() - t)
+        if prefetch and i + 1 < layers:
+            ckpt.prefetch(names[i + 1])
+        time.sleep(compute)
+        del tensors
+        ckpt.release()
+    wall = time.perf_counter() - t0
+    ckpt.close()
+    return {"prefetch": prefetch, "wall": wall, "load": sum(waits), "first": waits[0],
+            "rest": sum(waits[1:]), "residency": residency, "loadavg": os.getloadavg()[0]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--mode", choices=("loop", "job"), default="loop")
+    p.add_argument("--compute", type=float, default=1.0, help="loop mode: seconds of 'compute' per layer")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--intermediate", type=int, default=4096)
@@ -87,22 +123,26 @@ def main() -> None:
     work = Path(args.work)
     model = make_model(work / f"llama{args.layers}x{args.hidden}", args.layers, args.hidden, args.intermediate)
     size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    print(f"checkpoint {model}: {size / 1e6:.0f} MB, {args.layers} layers; quant={args.quant}, "
-          f"{args.samples} x {args.seq_len} tokens; load average before: {os.getloadavg()}", flush=True)
+    what = (f"loop mode, {args.compute} s of compute per layer" if args.mode == "loop" else
+            f"job mode, quant={args.quant}, {args.samples} x {args.seq_len} tokens")
+    print(f"checkpoint {model}: {size / 1e6:.0f} MB, {args.layers} layers; {what}; load average before: "
+          f"{os.getloadavg()}", flush=True)
     rows = []
     for _ in range(args.repeats):
         for prefetch in (False, True):
-            rows.append(run(model, work, prefetch, args))
+            rows.append(run_loop(model, prefetch, args.compute) if args.mode == "loop"
+                        else run(model, work, prefetch, args))
             r = rows[-1]
-            print(f"prefetch={str(prefetch).lower():5s} wall {r['wall']:6.1f} s, load phase {r['load']:6.2f} s "
-                  f"({r['residency']}; load average {r['loadavg']:.1f})", flush=True)
-    print("\n| prefetch | wall s (median) | load phase s (median) | load average |")
+            detail = (f" (layer 0 {r['first']:.2f} s, layers 1.. {r['rest']:.2f} s)" if "first" in r else "")
+            print(f"prefetch={str(prefetch).lower():5s} wall {r['wall']:6.1f} s, waiting for reads "
+                  f"{r['load']:6.2f} s{detail} ({r['residency']}; load average {r['loadavg']:.1f})", flush=True)
+    print("\n| prefetch | wall s (median) | waiting for reads s (median) | load average |")
     print("|---|---|---|---|")
     for prefetch in (False, True):
         sel = [r for r in rows if r["prefetch"] == prefetch]
+        loads = ", ".join(f"{r['loadavg']:.1f}" for r in sel)
         print(f"| {str(prefetch).lower()} | {statistics.median(r['wall'] for r in sel):.1f} | "
-              f"{statistics.median(r['load'] for r in sel):.2f} | "
-              ", ".join(f"{r['loadavg']:.1f}" for r in sel) + " |")
+              f"{statistics.median(r['load'] for r in sel):.2f} | {loads} |")
 
 
 if __name__ == "__main__":

@@ -153,7 +153,6 @@ class LayerwiseQuantizer:
             progress.update(restored.layer + 1)
         first = restored.layer + 1 if restored is not None else 0
         self.check_stop = resume.check_stop if resume is not None else None
-        self._prefetch(first)
         for i in range(first, self.plan.num_layers):
             if self.check_stop is not None:
                 self.check_stop(i)
