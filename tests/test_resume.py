@@ -178,28 +178,28 @@ def test_stop_between_stages_keeps_nothing_of_the_layer(job, tmp_path, monkeypat
     """A stop requested while layer 1's first stage runs (1 rank, in process) takes effect at
     the next stage boundary: exit 143, layer 0 complete; what layer 1 had already written past
     the checkpoint is cut back on resume, and the output equals an uninterrupted 1-rank run's."""
-    from dist_quant import pipeline, stop
+    from dist_quant import stage, stop
 
     model, calib, _ = job
     out, ref = tmp_path / "out", tmp_path / "ref"
     assert call_main(overrides(model, calib, ref, tmp_path / "run_ref")) == 0
-    original = pipeline.LayerwiseQuantizer._quantize_stage
+    original = stage.StageContext._quantize
     seen = []
 
-    def stage_then_signal(self, layer, linears, *args):
+    def stage_then_signal(self, linears, *args):
         seen.append((linears[0].layer, stop.requested()))
         if linears[0].layer == 1:
             stop.request(signal.SIGTERM)  # what the handler does when SIGTERM arrives
-        return original(self, layer, linears, *args)
+        return original(self, linears, *args)
 
-    monkeypatch.setattr(pipeline.LayerwiseQuantizer, "_quantize_stage", stage_then_signal)
+    monkeypatch.setattr(stage.StageContext, "_quantize", stage_then_signal)
     assert call_main(overrides(model, calib, out, tmp_path / "run", "resume=auto")) == 128 + signal.SIGTERM
     assert seen[-1] == (1, 0) and [i for i, _ in seen].count(1) == 1  # stopped after one stage of layer 1
     log = (tmp_path / "run" / "rank0.log").read_text()
     assert "stopped by SIGTERM during layer 1 of 2: layers 0..0 are complete" in log
     state = tmp_path / "out.partial" / ".resume"
     assert json.loads((state / "progress.json").read_text())["layer"] == 0
-    monkeypatch.setattr(pipeline.LayerwiseQuantizer, "_quantize_stage", original)
+    monkeypatch.setattr(stage.StageContext, "_quantize", original)
     assert call_main(overrides(model, calib, out, tmp_path / "run2", "resume=auto")) == 0
     assert "continuing with layer 1 of 2" in (tmp_path / "run2" / "rank0.log").read_text()
     assert_same_output(out, ref)
