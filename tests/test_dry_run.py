@@ -14,9 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import REPO, LINEARS, header_data_bytes, job_env  # noqa: E402
-from procs import run_main  # noqa: E402
-from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
+from reference import LINEARS, header_data_bytes  # noqa: E402
+from helpers import REPO, job_env, run_main  # noqa: E402
+from tiny import corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant.checkpoint import Checkpoint  # noqa: E402
 
@@ -30,7 +30,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("dry")
     model = make_tiny_model(root / "model", layers=LAYERS, hidden=HIDDEN, intermediate=INTER)
     calib = root / "calib.txt"
-    calib.write_text(WIKI.read_text(encoding="utf-8")[:40_000] if WIKI.is_file() else corpus_text(40_000))
+    calib.write_text(corpus_text(40_000))
     return root, model, calib
 
 
@@ -150,7 +150,8 @@ def test_unsupported_architecture_fails_exit_2(tiny, tmp_path, no_tensor_reads):
 def test_more_ranks_than_samples_warns(tiny, no_tensor_reads):
     code, out, err = run_main(_args(tiny, "dry_run=true", "runtime.world_size=16"))
     assert code == 0, err
-    assert "warning: calib.num_samples=8 < world size 16" in out
+    assert ("warning: calib.num_samples=8 in batches of calib.batch_size=2 is 4 batches < world size 16: "
+            "12 rank(s) get no calibration samples") in out
 
 
 def test_dry_run_script(tiny):
