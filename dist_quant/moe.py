@@ -220,7 +220,9 @@ def moe_block(qz, layer, index: int, xs: list[torch.Tensor], masks: list[torch.T
         del h_in
     shared = [None] * len(xs)
     if spec.shared:
-        se, sgate = getattr(block, spec.shared), getattr(block, spec.shared_gate)
+        # qwen2_moe gates its shared expert with sigmoid(shared_expert_gate(h)); DeepSeek-V3 adds it as is
+        se = getattr(block, spec.shared)
+        sgate = getattr(block, spec.shared_gate) if spec.shared_gate else None
         p = arch.layer_prefix(index) + f"{spec.block}.{spec.shared}."
         gate_name = arch.layer_prefix(index) + f"{spec.block}.{spec.shared_gate}"
         with phase("propagate"):
@@ -230,7 +232,8 @@ def moe_block(qz, layer, index: int, xs: list[torch.Tensor], masks: list[torch.T
         if dense.get("shared_out"):
             qz._quantize_stage(layer, dense["shared_out"], s_in, masks, record, phase)
         with phase("propagate"):
-            shared = [torch.sigmoid(sgate(seen(gate_name, h))) * se.down_proj(s) for h, s in zip(hs, s_in)]
+            shared = [se.down_proj(s) if sgate is None else torch.sigmoid(sgate(seen(gate_name, h))) * se.down_proj(s)
+                      for h, s in zip(hs, s_in)]
         del s_in
 
     with phase("propagate"):

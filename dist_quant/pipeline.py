@@ -20,7 +20,7 @@ from .calibration import CalibrationSet
 from .checkpoint import Checkpoint
 from .config import JobConfig
 from .formats.registry import OutputFormat, make_format
-from .layer_forward import build_skeleton, dense_stage_ops, load_layer, unload_layer
+from .layer_forward import build_skeleton, load_layer, unload_layer
 from .memory import trim_heap
 from .numerics import check_result, check_weight
 from .plan import LinearInfo, ModelPlan, OwnerPlan
@@ -166,18 +166,18 @@ class LayerwiseQuantizer:
 
     def _layer(self, layer, index, xs, masks, pos_emb, record, phase):
         arch = self.plan.arch
-        ops = dense_stage_ops(layer, arch, pos_emb)
         linears = self.plan.layer_linears(index)
+        ops = arch.stage_ops(layer, pos_emb, _seen(self, linears, arch.layer_prefix(index)))
         prev: list[torch.Tensor | None] = [None] * len(xs)
         sparse = arch.moe is not None and arch.moe.is_sparse(index, self.ckpt.config)
-        stages = arch.stages[:2] if sparse else arch.stages  # a sparse MLP is run by moe.py
+        stages = arch.forward_stages(index, self.ckpt.config)  # a sparse MLP is run by moe.py
         for k, (stage, op) in enumerate(zip(stages, ops)):
-            with phase("propagate" if stage is not arch.stages[0] else "capture"):
+            with phase("propagate" if k else "capture"):
                 inputs = [op.make_input(x, p) for x, p in zip(xs, prev)]
             stage_linears = [lin for lin in linears if lin.stage == stage.name]
             if stage_linears and self.w8a8 is not None:  # smoothing + activation quantization
                 inputs = self.w8a8.prepare(layer, index, k, ops, xs, prev, inputs, masks, stage_linears,
-                                           record, phase)
+                                           record, phase, stages=stages)
             # The previous stage's activations are no longer needed once this stage's inputs exist;
             # freeing them (and handing their pages back) keeps about two activation sets alive.
             prev = [None] * len(xs)
@@ -270,3 +270,16 @@ class LayerwiseQuantizer:
         for name in self.plan.layer_tensors[index]:
             if self.owners.owner[name] == self.comm.rank:
                 self.writer.add(name, self._tensor(name))
+
+
+def _seen(qz: LayerwiseQuantizer, linears: list[LinearInfo], prefix: str):
+    """``seen(rel, x)``: what the quantized linear ``prefix + rel`` sees of its input — int8
+    fake-quantized per token in W8A8 dynamic jobs — or None (weights only, or static
+    activations, which the stage hook applies to the stage inputs)."""
+    w8a8 = qz.w8a8
+    if w8a8 is None or w8a8.act is None or not w8a8.act.dynamic:
+        return None
+    from .quant.activations import fake_quant
+
+    quantized = {lin.name for lin in linears}
+    return lambda rel, x: fake_quant(x, w8a8.act, None) if prefix + rel in quantized else x

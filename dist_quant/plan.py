@@ -36,6 +36,9 @@ class ModelPlan:
     global_tensors: tuple[str, ...]  # embeddings, final norm, lm_head
     tied_embeddings: bool
     ignored: tuple[str, ...] = ()  # FQNs of linears left in float by quant.ignore
+    # ``ignore`` entries of the output config for modules written through in float outside the
+    # decoder layers (DeepSeek-V3's MTP layer: a regex over its prefix)
+    float_modules: tuple[str, ...] = ()
 
     def layer_linears(self, layer: int) -> list[LinearInfo]:
         return [lin for lin in self.linears if lin.layer == layer]
@@ -99,14 +102,19 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
         layer_tensors.append(tuple(others))
 
     in_layers = tuple(arch.layer_prefix(i) for i in range(num_layers))
+    extra = arch.extra_layers(cfg)
+    extra_prefixes = tuple(arch.layer_prefix(i) for i in range(num_layers, num_layers + extra))
+    float_modules = tuple("re:^" + p.replace(".", r"\.") + ".*" for p in extra_prefixes
+                          if any(n.startswith(p) for n in ckpt.tensors))
     stray_layers = sorted(n for n in ckpt.tensors if n.startswith(arch.layers_prefix + ".")
-                          and not n.startswith(in_layers))
+                          and not n.startswith(in_layers + extra_prefixes))
     if stray_layers:
-        raise CheckpointError(f"checkpoint has tensors of layers beyond num_hidden_layers={num_layers}, "
-                              f"e.g. {stray_layers[0]!r}")
+        raise CheckpointError(f"checkpoint has tensors of layers beyond num_hidden_layers={num_layers}"
+                              f"{f' + {extra} MTP layer(s)' if extra else ''}, e.g. {stray_layers[0]!r}")
     global_tensors = tuple(sorted(n for n in ckpt.tensors if not n.startswith(in_layers)))
     tied = arch.lm_head not in ckpt
-    return ModelPlan(arch, num_layers, tuple(linears), tuple(layer_tensors), global_tensors, tied, tuple(ignored))
+    return ModelPlan(arch, num_layers, tuple(linears), tuple(layer_tensors), global_tensors, tied, tuple(ignored),
+                     float_modules)
 
 
 @dataclass(frozen=True)

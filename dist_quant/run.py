@@ -163,7 +163,8 @@ def _finish(cfg, ckpt, plan, owners, fmt, parts, gathered, partial: Path, final:
         if clash:
             raise RuntimeError(f"tensor written by two ranks: {sorted(clash)[0]!r}")
         weight_map.update(g["weight_map"])
-    fmt.finish(partial, parts, weight_map, ckpt.output_config(), ["lm_head", *plan.ignored],
+    fmt.finish(partial, parts, weight_map, ckpt.output_config(),
+               ["lm_head", *plan.ignored, *plan.float_modules],
                [lin.name for lin in plan.linears])
     for name in TOKENIZER_FILES:
         if (ckpt.root / name).is_file():

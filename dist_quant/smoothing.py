@@ -138,6 +138,8 @@ class W8A8Stages:
         for pair in self.pairs:
             consumers = [prefix + c for c in pair.consumers]
             linears = consumers + ([prefix + pair.producer] if pair.kind != "norm" else [])
+            if any(name + ".weight" not in self.ckpt for name in linears):
+                continue  # not this layer's shape (an MoE layer's MLP, MLA without q_lora_rank)
             why = None
             hit = next((p for p in self.q.disable_anti_names for c in consumers if pattern_matches(p, c)), None)
             if hit is not None:
@@ -152,8 +154,11 @@ class W8A8Stages:
         return out
 
     # -- the stage hook --------------------------------------------------------------------
-    def prepare(self, layer, index: int, k: int, ops, xs, prev, inputs, masks, linears, record, phase):
-        stage = self.arch.stages[k]
+    def prepare(self, layer, index: int, k: int, ops, xs, prev, inputs, masks, linears, record, phase,
+                stages=None):
+        """``stages``: the layer's stages that ``ops`` run (default: the architecture's)."""
+        stages = self.arch.stages if stages is None else stages
+        stage = stages[k]
         pairs = [p for p in self.layer_pairs(index) if self.fold_stage(p) == stage.name]
         for pair in sorted(pairs, key=lambda p: p.kind != "norm"):
             if pair.kind == "norm":
@@ -163,7 +168,7 @@ class W8A8Stages:
                 with phase("propagate"):
                     inputs = [ops[k].make_input(x, p) for x, p in zip(xs, prev)]
             else:
-                if k + 1 >= len(ops) or self.stage_of[pair.consumers[0]] != self.arch.stages[k + 1].name:
+                if k + 1 >= len(ops) or self.stage_of[pair.consumers[0]] != stages[k + 1].name:
                     raise RuntimeError(f"smoothing pair {pair.name}: consumers must be in the stage after "
                                        f"the producer's ({stage.name})")
                 with phase("smooth"):

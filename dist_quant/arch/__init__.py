@@ -41,6 +41,23 @@ class ArchSpec:
         """The stages of decoder layer ``index`` (MoE architectures vary them per layer)."""
         return self.stages
 
+    def forward_stages(self, index: int, config: dict) -> tuple[Stage, ...]:
+        """The stages of layer ``index`` that the layer loop runs with :meth:`stage_ops` (a
+        sparse MoE block is run by dist_quant/moe.py)."""
+        return self.stages
+
+    def stage_ops(self, layer, position_embeddings, seen=None) -> list:
+        """One :class:`dist_quant.layer_forward.StageOps` per stage of :meth:`forward_stages`
+        (``seen(name, x)``: what a linear sees of its input, see dist_quant/arch/mla.py)."""
+        from ..layer_forward import dense_stage_ops
+
+        return dense_stage_ops(layer, self, position_embeddings)
+
+    def extra_layers(self, config: dict) -> int:
+        """Layers stored after the last decoder layer that the model class does not build
+        (DeepSeek-V3's multi-token-prediction layer); written through in float."""
+        return 0
+
     def memory_name(self, rel: str) -> str:
         """In-memory (transformers module) name of a checkpoint name relative to the layer."""
         return rel
@@ -64,6 +81,10 @@ ARCHS: dict[str, ArchSpec] = {
 from .moe import MOE_ARCHS  # noqa: E402  (MoE architectures: qwen2_moe, qwen3_moe, mixtral)
 
 ARCHS.update(MOE_ARCHS)
+
+from .deepseek import DEEPSEEK_ARCHS  # noqa: E402  (deepseek_v3, kimi_k2)
+
+ARCHS.update(DEEPSEEK_ARCHS)
 
 
 def get_arch(model_type: str) -> ArchSpec:

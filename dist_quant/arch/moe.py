@@ -40,6 +40,7 @@ class MoeSpec:
     shared_gate: str | None = None  # qwen2_moe: sigmoid gate of the shared expert, a [1, hidden] linear
     sparse_step_key: str | None = None  # qwen: layer i is sparse iff (i + 1) % step == 0 ...
     mlp_only_key: str | None = None  # ... and i is not listed here
+    first_dense_key: str | None = None  # deepseek_v3: layers below config[key] are dense
 
     def _configured(self, config: dict):
         return next((config[k] for k in self.num_experts_keys if k in config), None)
@@ -54,6 +55,8 @@ class MoeSpec:
     def is_sparse(self, index: int, config: dict) -> bool:
         """The rule transformers uses to build layer ``index`` with an MoE block."""
         if self.mlp_only_key and index in (config.get(self.mlp_only_key) or ()):
+            return False
+        if self.first_dense_key and index < (config.get(self.first_dense_key) or 0):
             return False
         if self.sparse_step_key:
             step = config.get(self.sparse_step_key) or 1
@@ -87,11 +90,20 @@ class MoeArchSpec(ArchSpec):
         m = self.moe
         if not m.is_sparse(index, config):
             return DENSE_STAGES
+        return DENSE_STAGES[:2] + self.moe_stages(config)
+
+    def forward_stages(self, index: int, config: dict) -> tuple[Stage, ...]:
+        return DENSE_STAGES[:2] if self.moe.is_sparse(index, config) else DENSE_STAGES
+
+    def moe_stages(self, config: dict) -> tuple[Stage, ...]:
+        """The stages of the MoE block (after the attention)."""
+        m = self.moe
         b = m.block
         moe_in = [m.router_name]
-        stages = list(DENSE_STAGES[:2])
+        stages = []
         if m.shared:
-            moe_in += [f"{b}.{m.shared}.gate_proj", f"{b}.{m.shared}.up_proj", f"{b}.{m.shared_gate}"]
+            moe_in += [f"{b}.{m.shared}.gate_proj", f"{b}.{m.shared}.up_proj"]
+            moe_in += [f"{b}.{m.shared_gate}"] if m.shared_gate else []
         stages.append(Stage("moe_in", tuple(moe_in)))
         if m.shared:
             stages.append(Stage("shared_out", (f"{b}.{m.shared}.down_proj",)))
