@@ -55,6 +55,12 @@ class TensorInfo:
     # then what :meth:`Checkpoint.get` returns, the dequantized float32 tensor)
     stored_dtype: str | None = None
     scale: TensorInfo | None = None
+    write_dtype: str | None = None  # written through unquantized in this dtype (FP8: the model's float dtype)
+
+    @property
+    def out_dtype(self) -> str:
+        """The dtype of the tensor where an output writes it through unquantized."""
+        return self.write_dtype or self.dtype
 
     @property
     def nbytes(self) -> int:
@@ -202,13 +208,26 @@ class Checkpoint:
                                 self.fp8_source)
             except fp8.SourceQuantError as exc:
                 raise CheckpointError(str(exc)) from None
-            self.tensors[name] = TensorInfo(name, info.shape, FP8_READ_DTYPE, info.file, info.dtype, scale)
+            self.tensors[name] = TensorInfo(name, info.shape, FP8_READ_DTYPE, info.file, info.dtype, scale,
+                                            self._float_dtype())
             scales.discard(scale.name)
             del self.tensors[scale.name]
         if self.fp8_source is not None and scales:
             stray = sorted(scales)[0]
             raise CheckpointError(f"{stray!r} is a scale without the float8 tensor "
                                   f"{stray[:-len(fp8.SCALE_SUFFIX)]!r} it belongs to")
+
+    def _float_dtype(self) -> str:
+        """The release's float dtype (config ``torch_dtype``/``dtype``; BF16 when not said): an FP8
+        weight that is written through unquantized (DeepSeek-V3's MTP layer) is written in it,
+        as DeepSeek's own fp8_cast_bf16.py converts the release."""
+        name = self.config.get("torch_dtype") or self.config.get("dtype")
+        return {"float16": "F16", "float32": "F32"}.get(name, "BF16")
+
+    def for_output(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (read with :meth:`get`) in the dtype the output stores ``name`` in."""
+        want = TORCH_DTYPES[self.tensors[name].out_dtype]
+        return tensor if tensor.dtype == want else tensor.to(want)
 
     def output_config(self) -> dict:
         """The source config less what described the source's own storage (an FP8 release's

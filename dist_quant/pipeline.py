@@ -44,7 +44,7 @@ def output_specs(plan: ModelPlan, owners: OwnerPlan, ckpt: Checkpoint, args: Qua
 
     def raw(name: str) -> TensorSpec:
         info = ckpt.tensors[name]
-        return TensorSpec(name, info.dtype, info.shape)
+        return TensorSpec(name, info.out_dtype, info.shape)
 
     for i in range(plan.num_layers):
         for lin in plan.layer_linears(i):
@@ -161,7 +161,7 @@ class LayerwiseQuantizer:
         with torch.no_grad():
             for name in self.plan.global_tensors:
                 if self.owners.owner[name] == self.comm.rank:
-                    self.writer.add(name, self.ckpt.get(name))
+                    self.writer.add(name, self.ckpt.for_output(name, self.ckpt.get(name)))
         return records
 
     def _layer(self, layer, index, xs, masks, pos_emb, record, phase):
@@ -269,7 +269,7 @@ class LayerwiseQuantizer:
     def _write_layer_tensors(self, index: int) -> None:
         for name in self.plan.layer_tensors[index]:
             if self.owners.owner[name] == self.comm.rank:
-                self.writer.add(name, self._tensor(name))
+                self.writer.add(name, self.ckpt.for_output(name, self._tensor(name)))
 
 
 def _seen(qz: LayerwiseQuantizer, linears: list[LinearInfo], prefix: str):

@@ -181,3 +181,25 @@ def test_other_source_quantizations_refused(pair, tmp_path, qc, match):
     with pytest.raises(CheckpointError, match=match) as e:
         Checkpoint(d)
     assert "\n" not in str(e.value)
+
+
+def test_fp8_weight_left_float_is_written_in_the_release_dtype(pair, tmp_path):
+    """An FP8 weight written through unquantized (here o_proj via quant.ignore; in DeepSeek-V3 the
+    MTP layer) is stored in the release's float dtype (BF16 when config.json does not say),
+    as w = fp8 · scale_inv rounded once, not as float32."""
+    from tiny import corpus_text
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(corpus_text(20_000), encoding="utf-8")
+    model = Path(shutil.copytree(pair / "fp8", tmp_path / "bf16_release"))
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.pop("dtype", None)
+    cfg["torch_dtype"] = "bfloat16"  # as DeepSeek-V3's config.json says
+    (model / "config.json").write_text(json.dumps(cfg))
+    _job(model, tmp_path / "out", calib, "quant.ignore=[lm_head,o_proj]")
+    out = _tensors(tmp_path / "out")
+    src = load_file(str(pair / "fp8" / "model.safetensors"))
+    name = "model.layers.1.self_attn.o_proj.weight"
+    want = ref_dequantize(src[name], src[name + "_scale_inv"], BLOCK).to(torch.bfloat16)
+    assert out[name].dtype == torch.bfloat16 and torch.equal(out[name], want)
+    assert out["model.layers.1.input_layernorm.weight"].dtype == torch.float32  # float tensors: as stored
