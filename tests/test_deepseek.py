@@ -313,3 +313,14 @@ def test_two_ranks_write_the_one_rank_checkpoint(env, key, extra):
     differ = [n for n in a if not (a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]))]
     assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
     assert two.report["moe"]["tokens_moved_per_layer"] > 0
+
+
+def test_tokenizer_code_named_by_auto_map_is_copied_not_run(tmp_path):
+    from dist_quant.run import TOKENIZER_FILES, tokenizer_code_files
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}}))
+    (tmp_path / "tokenization_kimi.py").write_text("raise SystemExit('must not run')\n")
+    assert tokenizer_code_files(tmp_path) == ["tokenization_kimi.py"] and "tiktoken.model" in TOKENIZER_FILES
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["../evil.X", None]}}))
+    assert tokenizer_code_files(tmp_path) == []
