@@ -49,7 +49,10 @@ def quantize(model: Path, out: Path, ranks: int, a) -> dict:
             f"output.dir={out}", "output.overwrite=true", f"runtime.run_dir={out}.run", f"runtime.threads={a.threads}"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1", OMP_NUM_THREADS=str(a.threads))
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    if a.reuse and (out / "quant_report.json").is_file():  # the time model again, from the last runs
+        proc = subprocess.CompletedProcess(cmd, 0)
+    else:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.time() - t0
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
@@ -60,7 +63,7 @@ def quantize(model: Path, out: Path, ranks: int, a) -> dict:
         sec = layer["seconds_by_rank"].get("0", next(iter(layer["seconds_by_rank"].values())))
         phases[layer["layer"]] = {k: round(v, 2) for k, v in sec.items() if v >= 0.005}
     moe = report["moe"]
-    return {"wall_s": wall, "job_s": report["wall_seconds"], "phases_rank0_by_layer": phases,
+    return {"wall_s": None if a.reuse else wall, "job_s": report["wall_seconds"], "phases_rank0_by_layer": phases,
             "peak_rss_gb": {r: v / 2**30 for r, v in report["peak_rss_bytes_by_rank"].items()},
             "tokens_moved_per_layer": moe["tokens_moved_per_layer"], "mb_moved_per_layer": moe["bytes_moved_per_layer"] / 1e6,
             "tokens_per_expert": [moe["min_tokens_per_expert"], moe["median_tokens_per_expert"],
@@ -97,19 +100,21 @@ def layer_work(c: dict, tokens: int) -> dict:
 
 
 def time_model(measured: dict, synth: dict, full: dict, synth_tokens: int, full_tokens: int, ranks: int,
-               speedup: dict) -> dict:
-    """Seconds per MoE layer and for the model: each phase's measured seconds per unit of work
-    on the synthetic model (rank 0, 1 rank, median over its MoE layers) times the full model's
-    work per rank, divided by an assumed device speedup over this CPU per phase."""
+               device_rate: dict) -> dict:
+    """Per MoE layer and for the model: the work of each phase (``layer_work``) on the synthetic
+    model against its measured seconds (rank 0, 1 rank, median over its MoE layers) gives this
+    CPU's achieved rate; the full model's work per rank divided by an *assumed* achieved device
+    rate per phase gives its time. The device rates are assumptions (command-line flags),
+    not measurements."""
     ws, wf = layer_work(synth, synth_tokens), layer_work(full, full_tokens)
     phase_of = {"forward": "propagate", "capture": "capture", "solve": "solve"}
-    out = {}
+    out = {"cpu_rate": {}, "full_work_per_rank": {}, "seconds_per_moe_layer": {}}
     for kind, phase in phase_of.items():
-        sec = measured[phase]
-        rate = ws[kind] / sec if sec > 0 else float("inf")  # CPU units per second
-        out[kind] = wf[kind] / ranks / rate / speedup[kind]
+        out["cpu_rate"][kind] = ws[kind] / measured[phase] if measured[phase] > 0 else None
+        out["full_work_per_rank"][kind] = wf[kind] / ranks
+        out["seconds_per_moe_layer"][kind] = wf[kind] / ranks / device_rate[kind]
     layers = full["num_hidden_layers"] - full["first_k_dense_replace"]
-    out["per_moe_layer_s"] = sum(out[k] for k in phase_of)
+    out["per_moe_layer_s"] = sum(out["seconds_per_moe_layer"].values())
     out["model_s"] = out["per_moe_layer_s"] * layers
     return out
 
@@ -126,10 +131,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "deepseek"))
-    # device speedup over this CPU, per phase (assumptions, stated in the output)
-    p.add_argument("--speedup-forward", type=float, default=2000.0)
-    p.add_argument("--speedup-capture", type=float, default=500.0)
-    p.add_argument("--speedup-solve", type=float, default=200.0)
+    p.add_argument("--reuse", action="store_true", help="read the reports of the last runs instead of running")
+    # achieved device rates per phase, FLOP/s (assumptions for an H100, stated in the output): bf16
+    # GEMMs of the forward, float32 GEMMs of the Hessians (no TF32), GPTQ's column loop
+    p.add_argument("--rate-forward", type=float, default=300e12)
+    p.add_argument("--rate-capture", type=float, default=40e12)
+    p.add_argument("--rate-solve", type=float, default=5e12)
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,12 +155,16 @@ def main() -> None:
     full = json.loads((ROOT / "bench" / "configs" / "deepseek_v3.json").read_text())
     moe_layers = [ph for i, ph in res["w1"]["phases_rank0_by_layer"].items() if int(i) >= 1]
     med = {k: sorted(ph.get(k, 0.0) for ph in moe_layers)[len(moe_layers) // 2] for k in PHASES}
-    speed = {"forward": a.speedup_forward, "capture": a.speedup_capture, "solve": a.speedup_solve}
-    tm = time_model(med, synth, full, a.samples * a.seq_len, 512 * 4096, 8, speed)
-    res["time_model"] = {"assumed_speedup_over_this_cpu": speed, "measured_moe_layer_phases_s": med, **tm}
-    print(f"\ntime model, DeepSeek-V3 on 8 ranks, 512 x 4096 tokens (assumed device/CPU speedups {speed}): "
-          f"forward {tm['forward']:.0f} s, capture {tm['capture']:.0f} s, solve {tm['solve']:.0f} s per MoE layer; "
-          f"{tm['model_s'] / 3600:.1f} h for the 58 MoE layers (MoE-Quant, published: ~2 h on 8xH100)")
+    rate = {"forward": a.rate_forward, "capture": a.rate_capture, "solve": a.rate_solve}
+    tm = time_model(med, synth, full, a.samples * a.seq_len, 512 * 4096, 8, rate)
+    res["time_model"] = {"assumed_device_rate": rate, "measured_moe_layer_phases_s": med, **tm}
+    sec = tm["seconds_per_moe_layer"]
+    print(f"\nmeasured on this CPU (MoE layer, rank 0, 1 rank): " + ", ".join(
+        f"{k} {v / 1e9:.2f} GFLOP/s" for k, v in tm["cpu_rate"].items() if v))
+    print(f"time model, DeepSeek-V3 on 8 ranks, 512 x 4096 tokens, assumed achieved device rates "
+          f"{ {k: f'{v / 1e12:g} TFLOP/s' for k, v in rate.items()} }: forward {sec['forward']:.0f} s, capture "
+          f"{sec['capture']:.0f} s, solve {sec['solve']:.0f} s per MoE layer; {tm['model_s'] / 3600:.2f} h for the "
+          f"58 MoE layers, plus reading ~104 GB per rank (bench/fullsize.py) (MoE-Quant, published: ~2 h on 8xH100)")
     (out / "bench_deepseek.json").write_text(json.dumps(res, indent=2))
 
 
