@@ -100,7 +100,7 @@ def test_fp8_tensors_read_as_their_float32_dequantization(pair):
 
 
 def _job(model: Path, out: Path, calib: Path, *extra: str) -> None:
-    from procs import run_main
+    from helpers import run_main
 
     rc, _, err = run_main([f"model.path={model}", "quant=gptq_w4a16", "quant.group_size=8",
                            f"calib.path={calib}", "calib.num_samples=8", "calib.seq_len=32",

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import fullsize  # noqa: E402
-from procs import run_main  # noqa: E402
+from helpers import run_main  # noqa: E402
 
 from dist_quant.checkpoint import Checkpoint  # noqa: E402
 
