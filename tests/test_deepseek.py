@@ -219,10 +219,11 @@ def test_statistics_from_true_inputs_in_one_pass_order(env):
         w, w_hat = src[n + ".weight"], refp[n + ".weight"].detach()
         want = _rel_error(x_true[n], w, w_hat)
         got = _modules(run)[n]["rel_output_error"]
-        assert got == pytest.approx(want, rel=1e-4), n
+        assert got == pytest.approx(want, rel=2e-5), n
         if n != "model.layers.0.self_attn.q_a_proj" and n != "model.layers.0.self_attn.kv_a_proj_with_mqa":
-            # downstream of a quantized linear: the float model's input is a different statistic
-            assert abs(_rel_error(x_float[n], w, w_hat) - want) > 1e-3 * want, n
+            # downstream of a quantized linear: the float model's input is a different statistic,
+            # farther from the report than the recomputation's tolerance
+            assert abs(_rel_error(x_float[n], w, w_hat) - got) > 1e-4 * want, n
 
 
 def test_q_proj_when_q_lora_rank_is_null(env):
