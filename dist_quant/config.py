@@ -105,12 +105,13 @@ class QuantConfig:
     """Flex smooth search: calibration tokens (over all ranks) that score each candidate."""
 
     def __post_init__(self) -> None:
-        _check(self.weight_solver in (None, "gptq", "rtn"), "quant.weight_solver", self.weight_solver,
-               "expected gptq or rtn")
+        solvers = _solver_names()
+        _check(self.weight_solver is None or self.weight_solver in solvers, "quant.weight_solver",
+               self.weight_solver, "expected " + " or ".join(solvers))
         if self.weight_solver is not None:
             object.__setattr__(self, "method", self.weight_solver)
         _check_w8a8(self)
-        _check(self.method in ("gptq", "rtn"), "quant.method", self.method, "expected gptq or rtn")
+        _check(self.method in solvers, "quant.method", self.method, "expected " + " or ".join(solvers))
         _check(self.bits in (4, 8), "quant.bits", self.bits, "supported weight bits are 4 and 8")
         _check(self.group_size == -1 or self.group_size > 0, "quant.group_size", self.group_size,
                "expected a positive group size or -1 (per-channel)")
@@ -120,7 +121,23 @@ class QuantConfig:
                "expected minmax or mse")
 
 
-SMOOTH_METHODS = ("none", "smoothquant", "flex_smooth")
+def _solver_names() -> tuple[str, ...]:
+    """Keys of the solver registry (dist_quant/algorithms/registry.py)."""
+    from .algorithms.registry import SOLVERS
+
+    return tuple(SOLVERS)
+
+
+def _smooth_methods() -> tuple[str, ...]:
+    from .algorithms.registry import smooth_methods
+
+    return smooth_methods()
+
+
+def _output_formats() -> tuple[str, ...]:
+    from .formats.registry import FORMATS
+
+    return tuple(FORMATS)
 
 
 def _check_w8a8(q: "QuantConfig") -> None:
@@ -131,7 +148,8 @@ def _check_w8a8(q: "QuantConfig") -> None:
         _check(q.bits == 8 and q.group_size == -1 and q.symmetric, "quant.act_bits", q.act_bits,
                f"W8A8 needs int8 per-channel symmetric weights (quant.bits=8, quant.group_size=-1, "
                f"quant.symmetric=true; got bits={q.bits}, group_size={q.group_size}, symmetric={q.symmetric})")
-    _check(q.smooth in SMOOTH_METHODS, "quant.smooth", q.smooth, "expected " + ", ".join(SMOOTH_METHODS))
+    methods = _smooth_methods()
+    _check(q.smooth in methods, "quant.smooth", q.smooth, "expected " + ", ".join(methods))
     if q.smooth != "none":
         _check(q.act_bits == 8, "quant.smooth", q.smooth, "smoothing moves outliers from activations "
                "into weights and is only useful with int8 activations (quant.act_bits=8)")
@@ -185,8 +203,6 @@ class CalibConfig:
         _check(self.batch_size > 0, "calib.batch_size", self.batch_size, "must be positive")
 
 
-OUTPUT_FORMATS = ("compressed-tensors", "ascend")
-
 
 @dataclass(frozen=True)
 class OutputConfig:
@@ -203,8 +219,8 @@ class OutputConfig:
     """Replace an existing non-empty output directory."""
 
     def __post_init__(self) -> None:
-        _check(self.format in OUTPUT_FORMATS, "output.format", self.format,
-               "supported formats: " + ", ".join(OUTPUT_FORMATS))
+        formats = _output_formats()
+        _check(self.format in formats, "output.format", self.format, "supported formats: " + ", ".join(formats))
         parse_size(self.part_file_size, "output.part_file_size")
 
     @property

@@ -72,7 +72,7 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
 
     layer_bytes = []  # per layer: bytes on disk of all its tensors, and elements
     layer_numel = []
-    # MoE: routed experts are read by their owners only, one expert at a time (dist_quant/moe.py)
+    # MoE: routed experts are read by their owners only, one expert at a time (arch/moe_block.py)
     experts: dict[tuple[int, int], int] = {}
     for lin in plan.linears:
         if lin.expert is not None:

@@ -41,16 +41,23 @@ def build_skeleton(model_dir: str, dtype: torch.dtype, device: torch.device) -> 
 
 
 def load_layer(skel: Skeleton, ckpt: Checkpoint, arch: ArchSpec, index: int, device: torch.device) -> nn.Module:
-    if arch.moe is not None:  # routed experts are read by their owners only (dist_quant/moe.py)
-        from .moe import load_moe_layer
-
-        return load_moe_layer(skel, ckpt, arch, index, device)
+    """Layer ``index`` filled from the checkpoint, except the parameters the architecture's
+    program reads itself (``arch.loaded_later``: MoE routed experts, which stay on the meta
+    device; their owners read them one expert at a time)."""
     layer = skel.layer(index)
     prefix = arch.layer_prefix(index)
-    layer.to_empty(device=device)
-    state = {name: ckpt.get(prefix + name).to(device=device, dtype=skel.dtype)
-             for name in layer.state_dict()}
-    layer.load_state_dict(state, strict=True)
+    names = list(layer.state_dict())
+    later = [n for n in names if arch.loaded_later(n)]
+    state = {name: ckpt.get(prefix + arch.checkpoint_name(name)).to(device=device, dtype=skel.dtype)
+             for name in names if not arch.loaded_later(name)}
+    if not later:
+        layer.to_empty(device=device)
+        layer.load_state_dict(state, strict=True)
+        return layer
+    missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
+    bad = [n for n in missing if not arch.loaded_later(n)] + list(unexpected)
+    if bad:
+        raise RuntimeError(f"layer {index}: could not load {bad[:3]}")
     return layer
 
 

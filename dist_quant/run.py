@@ -54,8 +54,7 @@ def resolve_model_path(cfg: JobConfig, comm: Comm) -> str:
     from .demo import demo_checkpoint_or_error  # the embedded demo model
 
     # rank 0 converts it once; the others wait, and every rank fails alike if it cannot
-    path, error = demo_checkpoint_or_error() if comm.rank == 0 else (None, None)
-    path, error = comm.broadcast_object((path, error), 0)
+    path, error = comm.decide(demo_checkpoint_or_error)
     if error:
         raise ConfigError(error)
     return path
@@ -178,14 +177,14 @@ def _finish(cfg, ckpt, plan, owners, fmt, parts, gathered, partial: Path, final:
             raise RuntimeError(f"tensor written by two ranks: {sorted(clash)[0]!r}")
         weight_map.update(g["weight_map"])
     fmt.finish(partial, parts, weight_map, ckpt.output_config(),
-               ["lm_head", *plan.ignored, *plan.float_modules],
+               ["lm_head", *plan.ignored],
                [lin.name for lin in plan.linears])
     for name in (*TOKENIZER_FILES, *tokenizer_code_files(ckpt.root)):
         if (ckpt.root / name).is_file():
             shutil.copy2(ckpt.root / name, partial / name)
     report = build_report(cfg, plan, owners, gathered, time.time() - t_start, model_path, parts, final)
     if plan.arch.moe is not None:
-        from .moe import log_moe_summary, moe_report
+        from .moe_report import log_moe_summary, moe_report
 
         report["moe"] = moe_report(gathered)
         log_moe_summary(report["moe"])

@@ -1,8 +1,17 @@
 """Per-architecture facts as data: where the decoder layers are, which linears each
-layer has, and in which order their inputs become available (the *stages*)."""
+layer has, in which order their inputs become available (the *stages*), and the *layer
+program* that quantizes one decoder layer over the stage API (dist_quant/stage.py):
+arch/dense.py for Llama-style layers, arch/moe_block.py for the MoE families.
+
+A new architecture is one entry of ``ARCHS`` (an ``ArchSpec``: names, stage table,
+program), its smoothing pairs in arch/smooth_pairs.py, and, when its layer is not one of
+the existing shapes, a program file of its own (see docs/architectures.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+from . import dense
 
 
 class UnsupportedModel(ValueError):
@@ -31,6 +40,12 @@ class ArchSpec:
     post_attn_norm: str = "post_attention_layernorm"
     attn: str = "self_attn"
     mlp: str = "mlp"
+    program: Callable = dense.program
+    """``program(ctx, xs) -> xs``: quantize one decoder layer and return its outputs."""
+    extra_layers_key: str | None = None
+    """config.json key counting layers stored after the last decoder layer that transformers does
+    not build (multi-token-prediction layers: ``num_nextn_predict_layers``); their tensors are
+    written through unquantized and listed in the output's ``ignore``."""
 
     moe = None  # MoE architectures: a dist_quant.arch.moe.MoeSpec (see MoeArchSpec)
 
@@ -41,22 +56,22 @@ class ArchSpec:
         """The stages of decoder layer ``index`` (MoE architectures vary them per layer)."""
         return self.stages
 
-    def forward_stages(self, index: int, config: dict) -> tuple[Stage, ...]:
-        """The stages of layer ``index`` that the layer loop runs with :meth:`stage_ops` (a
-        sparse MoE block is run by dist_quant/moe.py)."""
-        return self.stages
+    def sliding_window(self, index: int, config: dict) -> int | None:
+        """Tokens a position of layer ``index`` attends to (itself included), None for full
+        causal attention: ``sliding_window`` of config.json (Mistral), restricted to the
+        ``sliding_attention`` entries of ``layer_types`` where the config lists them (Qwen2/3)."""
+        window = config.get("sliding_window")
+        types = config.get("layer_types")
+        if not window or (types is not None and (index >= len(types) or types[index] != "sliding_attention")):
+            return None
+        if types is None and config.get("use_sliding_window") is False:
+            return None
+        return int(window)
 
-    def stage_ops(self, layer, position_embeddings, seen=None) -> list:
-        """One :class:`dist_quant.layer_forward.StageOps` per stage of :meth:`forward_stages`
-        (``seen(name, x)``: what a linear sees of its input, see dist_quant/arch/mla.py)."""
-        from ..layer_forward import dense_stage_ops
-
-        return dense_stage_ops(layer, self, position_embeddings)
-
-    def extra_layers(self, config: dict) -> int:
-        """Layers stored after the last decoder layer that the model class does not build
-        (DeepSeek-V3's multi-token-prediction layer); written through in float."""
-        return 0
+    def loaded_later(self, name: str) -> bool:
+        """In-memory parameter names (relative to the layer) the layer load skips because the
+        program reads them itself (MoE: routed experts, read one at a time by their owner)."""
+        return False
 
     def memory_name(self, rel: str) -> str:
         """In-memory (transformers module) name of a checkpoint name relative to the layer."""
@@ -82,7 +97,7 @@ from .moe import MOE_ARCHS  # noqa: E402  (MoE architectures: qwen2_moe, qwen3_m
 
 ARCHS.update(MOE_ARCHS)
 
-from .deepseek import DEEPSEEK_ARCHS  # noqa: E402  (deepseek_v3, kimi_k2)
+from .deepseek import DEEPSEEK_ARCHS  # noqa: E402  (deepseek_v3, kimi_k2: MLA, arch/mla.py)
 
 ARCHS.update(DEEPSEEK_ARCHS)
 

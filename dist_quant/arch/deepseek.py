@@ -4,7 +4,7 @@ sigmoid group-limited router; plus the multi-token-prediction (MTP) layers store
 last decoder layer. Layer names are the checkpoint's (transformers' ``modeling_deepseek_v3``
 uses the same ones, routed experts fused in memory).
 
-Stages (each linear's input in the one-pass order, see dist_quant/arch/mla.py):
+Stages (each linear's input in the one-pass order; the layer program is dist_quant/arch/mla.py):
 
 * ``attn_in``: ``q_a_proj`` (or ``q_proj`` when ``q_lora_rank`` is null) and
   ``kv_a_proj_with_mqa``, both reading ``input_layernorm(x)``. vLLM fuses ``q_a_proj`` and
@@ -25,11 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import DENSE_STAGES, Stage, UnsupportedModel
+from .mla import program as mla_program
 from .moe import MOE_STAGE_NAMES, MoeArchSpec, MoeSpec
 
 ATTN = "self_attn."
 MLA_STAGE_NAMES = ("attn_in", "q_b", "kv_b", "attn_out")
-MTP_KEY = "num_nextn_predict_layers"
 DEEPSEEK_ARCHITECTURE = "DeepseekV3ForCausalLM"
 
 
@@ -46,30 +46,15 @@ def mla_stages(config: dict) -> tuple[Stage, ...]:
 
 @dataclass(frozen=True)
 class DeepseekArchSpec(MoeArchSpec):
-    """MLA attention + dense MLP (first layers) or MoE block; MTP layers after the last."""
+    """MLA attention + dense MLP (first layers) or MoE block; MTP layers after the last
+    (``extra_layers_key``: written through unquantized and ignored, dist_quant/plan.py)."""
 
     def layer_stages(self, index: int, config: dict) -> tuple[Stage, ...]:
         check_config(self.name, config)
         attn = mla_stages(config)
         if not self.moe.is_sparse(index, config):
             return attn + DENSE_STAGES[2:]
-        return attn + self.moe_stages(config)
-
-    def forward_stages(self, index: int, config: dict) -> tuple[Stage, ...]:
-        return mla_stages(config) + (() if self.moe.is_sparse(index, config) else DENSE_STAGES[2:])
-
-    def stage_ops(self, layer, position_embeddings, seen=None) -> list:
-        from ..layer_forward import dense_stage_ops
-        from .mla import mla_stage_ops
-
-        return mla_stage_ops(layer, position_embeddings, seen) + dense_stage_ops(layer, self, position_embeddings)[2:]
-
-    def extra_layers(self, config: dict) -> int:
-        """MTP layers, stored as layers ``num_hidden_layers …`` (written through in float)."""
-        n = config.get(MTP_KEY) or 0
-        if not isinstance(n, int) or n < 0:
-            raise UnsupportedModel(f"config.json {MTP_KEY}={n!r} is not a number of layers")
-        return n
+        return attn + super().layer_stages(index, config)[2:]
 
 
 def check_config(name: str, config: dict) -> None:
@@ -93,5 +78,6 @@ _ORDER = (Stage("attn_in", (ATTN + "q_a_proj", ATTN + "q_proj", ATTN + "kv_a_pro
           Stage("q_b", (ATTN + "q_b_proj",)), Stage("kv_b", (ATTN + "kv_b_proj",)),
           Stage("attn_out", (ATTN + "o_proj",))) + DENSE_STAGES[2:] + tuple(Stage(n, ()) for n in MOE_STAGE_NAMES)
 
-DEEPSEEK_ARCHS = {name: DeepseekArchSpec(name=name, stages=_ORDER, moe=_DEEPSEEK)
+DEEPSEEK_ARCHS = {name: DeepseekArchSpec(name=name, stages=_ORDER, moe=_DEEPSEEK, program=mla_program,
+                                         extra_layers_key="num_nextn_predict_layers")
                   for name in ("deepseek_v3", "kimi_k2")}

@@ -41,8 +41,8 @@ SMOOTH_PAIRS: dict[str, tuple[SmoothPair, ...]] = {
     name: DENSE_PAIRS for name in ("llama", "qwen2", "qwen3", "mistral")
 }
 # MoE models: the attention pairs (the MoE block is not smoothed: its norm feeds the router and
-# every expert, whose weights live on different ranks; see dist_quant/moe.py)
-SMOOTH_PAIRS.update({name: DENSE_PAIRS[:2] for name in ("qwen2_moe", "qwen3_moe", "mixtral")})
+# every expert, whose weights live on different ranks; see arch/moe_block.py)
+SMOOTH_PAIRS.update({name: DENSE_PAIRS[:2] for name in ("qwen2_moe", "qwen3_moe", "mixtral", "glm4_moe")})
 
 
 # MLA (DeepSeek-V3, Kimi-K2), dist_quant/arch/deepseek.py. Safe: each producer's output feeds
