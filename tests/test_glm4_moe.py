@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_jobs import run_inprocess  # noqa: E402
 from moe_reference import (emulate_dynamic_activations, load_fake_quant, quantized_linears, read_tensors,  # noqa: E402
                            router_counts)
-from reference import free_ports, make_job  # noqa: E402
+from helpers import free_ports, make_job  # noqa: E402
 from tiny import corpus_text, make_tokenizer  # noqa: E402
 
 EXPERTS, LAYERS, MTP = 4, 2, 2  # layer 0 dense, layer 1 sparse, layer 2 = the MTP layer
