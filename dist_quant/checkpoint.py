@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -179,6 +183,8 @@ class Checkpoint:
             raise CheckpointError(str(exc)) from None
         self.tensors: dict[str, TensorInfo] = {}
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        self._ranges: dict[str, tuple[int, int]] = {}  # safetensors: name -> byte range in its file
+        self._prefetcher: Prefetcher | None = None
         files, pickled = _weight_files(root, allow_pickle)
         for fname, expected in files.items():
             fpath = root / fname
@@ -264,6 +270,10 @@ class Checkpoint:
             header_len = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(header_len))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        for name, v in header.items():
+            if name != "__metadata__":
+                begin, stop = v["data_offsets"]
+                self._ranges[name] = (8 + header_len + begin, 8 + header_len + stop)
         if fpath.stat().st_size < 8 + header_len + end:
             raise CheckpointError(f"weight file {str(fpath)!r} is truncated ({fpath.stat().st_size} bytes, "
                                   f"header promises {8 + header_len + end})")
@@ -297,6 +307,93 @@ class Checkpoint:
         (tensors still alive keep their own pages mapped until they are freed)."""
         self._handles.clear()
 
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Start reading these tensors' bytes from disk in a background thread and return at
+        once, so that a later :meth:`get` finds them in the page cache. The bytes pass through
+        one small buffer: the process's memory does not grow (the pages are the kernel's cache,
+        reclaimable). A new call supersedes what an earlier one has not read yet. Pickle
+        weights are not prefetched."""
+        extents: dict[Path, list[tuple[int, int]]] = {}
+        for name in names:
+            info, span = self.tensors.get(name), self._ranges.get(name)
+            if info is not None and span is not None:
+                extents.setdefault(self.root / info.file, []).append(span)
+        if not extents:
+            return
+        if self._prefetcher is None:
+            self._prefetcher = Prefetcher()
+        self._prefetcher.submit({path: merge_extents(spans) for path, spans in extents.items()})
+
+    @property
+    def prefetched_bytes(self) -> int:
+        return self._prefetcher.bytes_read if self._prefetcher is not None else 0
+
     def close(self) -> None:
         self.release()
         self._pickled.clear()
+        if self._prefetcher is not None:
+            self._prefetcher.stop()
+            self._prefetcher = None
+
+
+def merge_extents(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, with touching or overlapping byte ranges joined."""
+    out: list[list[int]] = []
+    for begin, end in sorted(spans):
+        if out and begin <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([begin, end])
+    return [(b, e) for b, e in out]
+
+
+class Prefetcher:
+    """One daemon thread that reads byte ranges of files with ``os.preadv`` (which releases the
+    GIL) into a reused buffer, filling the page cache. Only the newest request is worked on."""
+
+    CHUNK = 8 << 20
+
+    def __init__(self):
+        self._requests: queue.Queue = queue.Queue()
+        self._generation = 0
+        self.bytes_read = 0
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="dist_quant-prefetch", daemon=True)
+        self._thread.start()
+
+    def submit(self, extents: dict[Path, list[tuple[int, int]]]) -> None:
+        self._generation += 1
+        self._requests.put((self._generation, extents))
+
+    def stop(self) -> None:
+        self._generation += 1
+        self._requests.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        buf = memoryview(bytearray(self.CHUNK))
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            generation, extents = item
+            t0 = time.perf_counter()
+            for path, spans in extents.items():
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    for begin, end in spans:
+                        pos = begin
+                        while pos < end and generation == self._generation:
+                            n = os.preadv(fd, [buf[:min(self.CHUNK, end - pos)]], pos)
+                            if n <= 0:
+                                break
+                            pos += n
+                            self.bytes_read += n
+                except OSError:
+                    pass  # only a hint: the reader will see the real error, if any
+                finally:
+                    os.close(fd)
+            self.seconds += time.perf_counter() - t0

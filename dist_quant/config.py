@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -244,6 +244,9 @@ class RuntimeConfig:
     """Run directory for logs (shared by all ranks). Empty: runs/<timestamp>, chosen by rank 0."""
     threads: int = 0
     """torch intra-op threads per rank; 0: cores / local ranks."""
+    prefetch: bool = True
+    """Read the next layer's tensors from disk into the page cache in a background thread while
+    the current layer computes (no extra process memory: the pages are the kernel's cache)."""
 
     def __post_init__(self) -> None:
         _check(self.device in ("auto", "cpu", "cuda", "npu"), "runtime.device", self.device,
@@ -265,13 +268,18 @@ class JobConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     dry_run: bool = False
     """Print the plan (from config + safetensors headers only) and stop."""
-    resume: bool = False
-    """Continue the run recorded in runtime.run_dir after its last completed layer (same
-    model, config and world size; anything else is refused)."""
-
+    resume: Union[bool, str] = False
+    """true: continue the interrupted run of this output.dir (its state is kept in
+    <output.dir>.partial) after its last completed layer; auto: continue it when it exists,
+    start fresh otherwise; false: start fresh. A run that differs (model, config, world size,
+    calibration tokens) is refused."""
     seed: int = 0
     """Seed of every random choice (calibration subsets of the smoothing search)."""
 
     def __post_init__(self) -> None:
-        _check(not self.resume or bool(self.runtime.run_dir), "resume", self.resume,
-               "needs runtime.run_dir=<the run directory of the run to continue>")
+        resume = self.resume
+        if isinstance(resume, str) and resume.strip().lower() in ("true", "false", "auto"):
+            resume = {"true": True, "false": False, "auto": "auto"}[resume.strip().lower()]
+        _check(resume is True or resume is False or resume == "auto", "resume", self.resume,
+               "expected true, false or auto")
+        object.__setattr__(self, "resume", resume)

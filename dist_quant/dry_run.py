@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .calibration import rank_rows
 from .config import JobConfig
 
 DTYPE_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -89,7 +90,8 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
 
     out = []
     for r in range(world_size):
-        samples = (r + 1) * n // world_size - r * n // world_size
+        lo, hi = rank_rows(n, r, world_size, batch)
+        samples = hi - lo
         tokens = samples * seq
         b = min(batch, samples)
         mine = [lin for lin in plan.linears if owners.owner[lin.name] == r]
@@ -136,16 +138,14 @@ def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[
     ranks = estimate(cfg, ckpt, plan, owners, parts, world_size)
     q, cal = cfg.quant, cfg.calib
     warnings = []
-    if cal.num_samples < world_size:
-        warnings.append(f"calib.num_samples={cal.num_samples} < world size {world_size}: "
-                        f"{world_size - cal.num_samples} rank(s) get no calibration samples")
+    batches = -(-cal.num_samples // cal.batch_size)  # a rank calibrates on whole global batches
+    if batches < world_size:
+        warnings.append(f"calib.num_samples={cal.num_samples} in batches of calib.batch_size={cal.batch_size} "
+                        f"is {batches} batches < world size {world_size}: {world_size - batches} rank(s) get "
+                        f"no calibration samples")
     max_pos = ckpt.config.get("max_position_embeddings")
     if isinstance(max_pos, int) and cal.seq_len > max_pos:
         warnings.append(f"calib.seq_len={cal.seq_len} exceeds the model's max_position_embeddings={max_pos}")
-    per_rank = cal.num_samples / world_size
-    if per_rank != int(per_rank) or int(per_rank) % cal.batch_size:
-        warnings.append(f"calib.num_samples/world size = {per_rank:g} is not a multiple of calib.batch_size="
-                        f"{cal.batch_size}: results differ slightly from other world sizes (batching)")
 
     input_bytes = sum(t.read_bytes for t in ckpt.tensors.values())
     output_bytes = sum(p.nbytes for p in parts)

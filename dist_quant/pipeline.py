@@ -94,6 +94,15 @@ class LayerwiseQuantizer:
         self.job = Job(cfg, comm, ckpt, plan, owners, args, device, writer, self.fmt, self.dtype,
                        hooks=w8a8_hooks(cfg, comm, plan, ckpt, device, args, self.fmt.act))
 
+    def _prefetch(self, index: int) -> None:
+        """Start reading layer ``index``'s tensors that this rank will read (routed experts:
+        only its own) in the background (``runtime.prefetch``)."""
+        if not self.cfg.runtime.prefetch or index >= self.plan.num_layers:
+            return
+        prefix, rank = self.plan.arch.layer_prefix(index), self.comm.rank
+        self.ckpt.prefetch([n for n in self.ckpt.tensors if n.startswith(prefix) and (
+            ".experts." not in n or self.owners.owner.get(n.rsplit(".", 1)[0], rank) == rank)])
+
     # -- the loop -------------------------------------------------------------------------
     def run(self, calib: CalibrationSet, progress=None, resume=None) -> list[LayerRecord]:
         """``resume``: a :class:`dist_quant.resume.Progress` (restored state, per-layer checkpoints)."""
@@ -118,12 +127,16 @@ class LayerwiseQuantizer:
         records = list(restored.records) if restored is not None else []
         if restored is not None and progress is not None:
             progress.update(restored.layer + 1)
+        self.job.check_stop = resume.check_stop if resume is not None else None
         for i in range(restored.layer + 1 if restored is not None else 0, self.plan.num_layers):
+            if self.job.check_stop is not None:
+                self.job.check_stop(i)
             record = LayerRecord(i)
             phase = _Phase(record, progress)
             with torch.no_grad():
                 with phase("load"):
                     layer = load_layer(skel, self.ckpt, arch, i, self.device)
+                self._prefetch(i + 1)  # read while this layer computes
                 ctx = StageContext(self.job, layer, i, masks, record, phase)
                 xs = self._layer(layer, i, xs, masks, pos_emb, record, phase, ctx=ctx)
                 with phase("write"):

@@ -23,7 +23,7 @@ from .preflight import preflight
 from .progress import LayerProgress
 from .quant.qparams import QuantArgs
 from .report import build_report, peak_device_bytes, write_report
-from .resume import Progress, fingerprint
+from .resume import Progress, discard_state, fingerprint
 from .runtime import Comm
 from .writer import RankWriter, plan_parts, write_index
 
@@ -125,7 +125,7 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     partial = final.parent / (final.name + ".partial")
     parts = plan_parts(output_specs(plan, owners, ckpt, args, fmt), cfg.output.part_file_bytes,
                        prefix=fmt.part_prefix)
-    preflight(cfg, comm, ckpt, parts, partial, run_dir)
+    preflight(cfg, comm, ckpt, parts, partial)
     log_owner_plan(plan, owners)
 
     from transformers import AutoTokenizer
@@ -137,13 +137,13 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
 
         default_text = demo_calibration_text()
     calib = load_calibration(cfg.calib, tokenizer, default_text)
-    mine = calib.rank_slice(comm.rank, comm.world_size)
+    mine = calib.rank_slice(comm.rank, comm.world_size, cfg.calib.batch_size)
     log.info("calibration: %d samples x %d tokens (%d real tokens); this rank: %d samples",
              calib.input_ids.shape[0], calib.input_ids.shape[1], calib.tokens, mine.input_ids.shape[0])
 
     writer = RankWriter(partial, parts, comm.rank)
-    resume = Progress(run_dir, comm, writer, plan.num_layers)  # wipes or continues `partial`
-    resume.begin(cfg.resume, fingerprint(cfg, ckpt, comm.world_size, calib), partial)
+    resume = Progress(partial, comm, writer, plan.num_layers)  # wipes or continues `partial`
+    resume.begin(cfg.resume, fingerprint(cfg, ckpt, comm.world_size, calib))
     progress = LayerProgress(plan.num_layers, comm.rank)
     try:
         records = LayerwiseQuantizer(cfg, comm, ckpt, plan, owners, args, device, writer).run(
@@ -159,7 +159,7 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     if comm.rank == 0:
         _finish(cfg, ckpt, plan, owners, fmt, parts, gathered, partial, final, t_start, model_path)
     comm.barrier()
-    resume.finished(final)
+    ckpt.close()
     return final
 
 
@@ -189,6 +189,7 @@ def _finish(cfg, ckpt, plan, owners, fmt, parts, gathered, partial: Path, final:
         report["moe"] = moe_report(gathered)
         log_moe_summary(report["moe"])
     write_report(partial, report)
+    discard_state(partial)  # complete: nothing left to resume
     if final.exists():
         trash = final.parent / (final.name + ".old")
         shutil.rmtree(trash, ignore_errors=True)

@@ -46,6 +46,7 @@ import torch
 from .algorithms.flex_smooth import candidate_errors, flex_scales, two_stage_search
 from .algorithms.registry import SMOOTH_NONE, SMOOTHERS
 from .arch.smooth_pairs import SmoothPair, smooth_pairs
+from .calibration import rank_rows
 from .quant.activations import (ActQuantArgs, StaticActParams, fake_quant, fake_quant_dynamic,
                                 fake_quant_static, static_params)
 from .quant.qparams import QuantArgs
@@ -224,7 +225,7 @@ class Smoothing:
             chosen = torch.zeros(total, dtype=torch.bool)
             chosen[torch.randperm(total, generator=g)[: min(self.q.search_tokens, total)]] = True
             chosen = chosen.reshape(n, length)
-            offset = self.comm.rank * n // self.comm.world_size
+            offset = rank_rows(n, self.comm.rank, self.comm.world_size, self.cfg.calib.batch_size)[0]
             self._select = []
             for m in masks:
                 self._select.append(chosen[offset:offset + m.shape[0]].to(m.device) & m)

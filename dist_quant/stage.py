@@ -91,6 +91,7 @@ class Job:
     pos_emb: tuple | None = None
     act_params: dict[str, StaticActParams | None] = field(default_factory=dict)  # linear → input quantizer
     notes: set = field(default_factory=set)  # keys of one-time log messages already given
+    check_stop: Callable[[int], None] | None = None  # resume.Progress.check_stop (dist_quant/stop.py)
     _params: dict = field(default_factory=dict, repr=False)  # solver name → its frozen params
 
     @property
@@ -320,6 +321,8 @@ class StageContext:
         lins = self.select(linears)
         if not lins:
             return values
+        if self.job.check_stop is not None:  # every rank reaches each stage in the same order
+            self.job.check_stop(self.index)
         for hook in self.job.hooks:
             values = hook.before_solve(self, lins, values, make, downstream)
         trim_heap()
@@ -335,7 +338,7 @@ class StageContext:
             for x, m in zip(inputs, masks):
                 stat.add(x, m)
         with self.phase("reduce"):
-            flat = self.comm.reduce_to(stat.packed(), owners, "sum")
+            flat = self.comm.reduce_to(stat.packed(), owners, stat.reduce_op)
             stat.unpack(flat)
         hessian = stat.hessian() if rank in owners else None
         tokens = int(stat.count.item()) if rank in owners else 0
