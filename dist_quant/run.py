@@ -156,8 +156,7 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     gathered = comm.gather_object({"weight_map": weight_map, "records": [_record_dict(r) for r in records],
                                    "peak_rss_bytes": peak_rss, "peak_device_bytes": peak_device_bytes(device),
                                    "rank": comm.rank}, 0)
-    if comm.rank == 0:
-        _finish(cfg, ckpt, plan, owners, fmt, parts, gathered, partial, final, t_start, model_path)
+    comm.rank0(_finish, cfg, ckpt, plan, owners, fmt, parts, gathered, partial, final, t_start, model_path)
     comm.barrier()
     ckpt.close()
     return final
