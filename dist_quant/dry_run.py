@@ -83,9 +83,9 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
     for i in range(plan.num_layers):
         prefix = plan.arch.layer_prefix(i)
         infos = [t for name, t in ckpt.tensors.items() if name.startswith(prefix) and name not in expert_weights]
-        layer_bytes.append(sum(t.nbytes for t in infos))
+        layer_bytes.append(sum(t.read_bytes for t in infos))  # on disk (FP8 releases: float8 + scales)
         layer_numel.append(sum(math.prod(t.shape) for t in infos))
-    every_rank_reads = sum(layer_bytes) + ckpt.tensors[plan.arch.embed].nbytes
+    every_rank_reads = sum(layer_bytes) + ckpt.tensors[plan.arch.embed].read_bytes
     max_in_all = max((lin.in_features for lin in plan.linears), default=hidden)
 
     out = []
@@ -98,10 +98,10 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
         # reads: every layer's weights (all ranks run every layer) and the embedding; owners
         # read their linears again to solve, and re-read the other tensors they write
         reads = every_rank_reads
-        reads += sum(ckpt.tensors[lin.name + ".weight"].nbytes for lin in mine)
-        reads += sum(ckpt.tensors[lin.name + ".bias"].nbytes for lin in mine if lin.has_bias)
+        reads += sum(ckpt.tensors[lin.name + ".weight"].read_bytes for lin in mine)
+        reads += sum(ckpt.tensors[lin.name + ".bias"].read_bytes for lin in mine if lin.has_bias)
         rest = [t for grp in plan.layer_tensors for t in grp] + list(plan.global_tensors)
-        reads += sum(ckpt.tensors[t].nbytes for t in rest if owners.owner.get(t) == r)
+        reads += sum(ckpt.tensors[t].read_bytes for t in rest if owners.owner.get(t) == r)
         my_parts = [p for p in parts if p.rank == r]
         solve_in = max((lin.in_features for lin in mine), default=0)
         solve_w = max((lin.in_features * lin.out_features for lin in mine), default=0)
@@ -147,7 +147,7 @@ def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[
     if isinstance(max_pos, int) and cal.seq_len > max_pos:
         warnings.append(f"calib.seq_len={cal.seq_len} exceeds the model's max_position_embeddings={max_pos}")
 
-    input_bytes = sum(t.nbytes for t in ckpt.tensors.values())
+    input_bytes = sum(t.read_bytes for t in ckpt.tensors.values())
     output_bytes = sum(p.nbytes for p in parts)
     lines = [
         f"dry run: nothing is read but config.json and safetensors headers; no process is started",

@@ -137,6 +137,8 @@ class Smoothing:
         for pair in self.pairs:
             consumers = [prefix + c for c in pair.consumers]
             linears = consumers + ([prefix + pair.producer] if pair.kind != "norm" else [])
+            if any(name + ".weight" not in self.ckpt for name in linears):
+                continue  # not this layer's shape (an MoE layer's MLP, MLA without q_lora_rank)
             why = None
             hit = next((p for p in self.q.disable_anti_names for c in consumers if pattern_matches(p, c)), None)
             if hit is not None:
@@ -190,7 +192,7 @@ class Smoothing:
         stat = ChannelRangeStat(weight.shape[1], self.device)
         for a, m in zip(acts, masks):
             stat.add(a, m)
-        stat.unpack(self.comm.all_reduce(stat.packed(), stat.reduce_op))
+        stat.unpack(self.comm.all_reduce(stat.packed(), "max"))
         a_max, w_max = stat.absmax(), weight.abs().amax(dim=0)
         if pair.kind == "ov":
             h = self.heads
