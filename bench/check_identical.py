@@ -55,7 +55,7 @@ JOBS: dict[str, tuple[str, list[str], tuple[int, ...]]] = {
     "mixtral-rtn-w4": ("mixtral", ["quant=rtn_w4a16", G32], (1,)),
     "mixtral-gptq-fallback": ("mixtral", ["quant=gptq_w4a16", G32, "calib.min_expert_tokens=300"], (1, 2)),
 }
-SMOLLM_JOB = ("smollm", ["quant=gptq_w4a16", "calib.num_samples=32", "calib.seq_len=128",
+SMOLLM_JOB = ("smollm", ["quant=gptq_w4a16", "quant.group_size=64", "calib.num_samples=32", "calib.seq_len=128",
                          "calib.batch_size=8"], (1,))
 
 

@@ -6,6 +6,7 @@ quantized before the next stage runs with the quantized weights (one forward per
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -26,9 +27,12 @@ class Skeleton:
 
 
 def build_skeleton(model_dir: str, dtype: torch.dtype, device: torch.device) -> Skeleton:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    from .checkpoint import read_json
+    from .hf_config import hf_config
+
+    config = hf_config(read_json(Path(model_dir) / "config.json", "config.json"))
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)

@@ -40,7 +40,7 @@ def output_specs(plan: ModelPlan, owners: OwnerPlan, ckpt: Checkpoint, args: Qua
 
     def raw(name: str) -> TensorSpec:
         info = ckpt.tensors[name]
-        return TensorSpec(name, info.dtype, info.shape)
+        return TensorSpec(name, info.out_dtype, info.shape)
 
     for i in range(plan.num_layers):
         for lin in plan.layer_linears(i):
@@ -152,7 +152,7 @@ class LayerwiseQuantizer:
         with torch.no_grad():
             for name in self.plan.global_tensors:
                 if self.owners.owner[name] == self.comm.rank:
-                    self.writer.add(name, self.ckpt.get(name))
+                    self.writer.add(name, self.ckpt.for_output(name, self.ckpt.get(name)))
         return records
 
     def _layer(self, layer, index, xs, masks, pos_emb, record, phase, ctx: StageContext | None = None):

@@ -65,10 +65,12 @@ def check_model_files(ckpt: Checkpoint) -> None:
 def check_shapes(ckpt: Checkpoint) -> None:
     """Header shapes against the shapes of the model that ``config.json`` describes."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from .hf_config import hf_config
 
     try:
-        config = AutoConfig.from_pretrained(str(ckpt.root), trust_remote_code=False)
+        config = hf_config(ckpt.config)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except (ValueError, KeyError, TypeError, OSError) as exc:

@@ -46,6 +46,7 @@ import torch
 from .algorithms.flex_smooth import candidate_errors, flex_scales, two_stage_search
 from .algorithms.registry import SMOOTH_NONE, SMOOTHERS
 from .arch.smooth_pairs import SmoothPair, smooth_pairs
+from .calibration import rank_rows
 from .quant.activations import (ActQuantArgs, StaticActParams, fake_quant, fake_quant_dynamic,
                                 fake_quant_static, static_params)
 from .quant.qparams import QuantArgs
@@ -136,6 +137,8 @@ class Smoothing:
         for pair in self.pairs:
             consumers = [prefix + c for c in pair.consumers]
             linears = consumers + ([prefix + pair.producer] if pair.kind != "norm" else [])
+            if any(name + ".weight" not in self.ckpt for name in linears):
+                continue  # not this layer's shape (an MoE layer's MLP, MLA without q_lora_rank)
             why = None
             hit = next((p for p in self.q.disable_anti_names for c in consumers if pattern_matches(p, c)), None)
             if hit is not None:
@@ -189,7 +192,7 @@ class Smoothing:
         stat = ChannelRangeStat(weight.shape[1], self.device)
         for a, m in zip(acts, masks):
             stat.add(a, m)
-        stat.unpack(self.comm.all_reduce(stat.packed(), stat.reduce_op))
+        stat.unpack(self.comm.all_reduce(stat.packed(), "max"))
         a_max, w_max = stat.absmax(), weight.abs().amax(dim=0)
         if pair.kind == "ov":
             h = self.heads
@@ -222,7 +225,7 @@ class Smoothing:
             chosen = torch.zeros(total, dtype=torch.bool)
             chosen[torch.randperm(total, generator=g)[: min(self.q.search_tokens, total)]] = True
             chosen = chosen.reshape(n, length)
-            offset = self.comm.rank * n // self.comm.world_size
+            offset = rank_rows(n, self.comm.rank, self.comm.world_size, self.cfg.calib.batch_size)[0]
             self._select = []
             for m in masks:
                 self._select.append(chosen[offset:offset + m.shape[0]].to(m.device) & m)

@@ -407,4 +407,4 @@ class StageContext:
         """The layer's other tensors (norms, float linears, biases) owned by this rank."""
         for name in self.job.plan.layer_tensors[self.index]:
             if self.job.owners.owner[name] == self.comm.rank:
-                self.job.writer.add(name, self.tensor(name))
+                self.job.writer.add(name, self.job.ckpt.for_output(name, self.tensor(name)))

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import run_main  # noqa: E402
-from reference import free_ports, make_job, quantized_linears, read_quant_linear, read_tensors  # noqa: E402
+from helpers import free_ports, make_job, run_main  # noqa: E402
+from reference import quantized_linears, read_quant_linear, read_tensors  # noqa: E402
 from tiny import corpus_text, make_tokenizer  # noqa: E402
 
 FAMILIES = ("qwen3", "mistral")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_jobs import run_inprocess  # noqa: E402
 from moe_reference import (emulate_dynamic_activations, load_fake_quant, quantized_linears, read_tensors,  # noqa: E402
                            router_counts)
-from reference import free_ports, make_job  # noqa: E402
+from helpers import free_ports, make_job  # noqa: E402
 from tiny import corpus_text, make_tokenizer  # noqa: E402
 
 EXPERTS, LAYERS, MTP = 4, 2, 2  # layer 0 dense, layer 1 sparse, layer 2 = the MTP layer
@@ -196,3 +196,15 @@ def test_mtp_layer_written_through_unquantized_and_ignored(glm, quant):
     for name in ("model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.0.self_attn.q_proj.bias",
                  "model.layers.1.self_attn.q_norm.weight"):
         assert torch.equal(out[name], src[name]), name
+
+
+def test_air_variant_without_qk_norm(glm):
+    """GLM-4.5-Air: ``use_qk_norm=false`` (no q_norm / k_norm tensors); the propagated hidden
+    states still equal the fake-quant reference's."""
+    model = make_tiny_glm4_moe(glm.root / "air", use_qk_norm=False, seed=3)
+    src = read_tensors(model)
+    assert not any("q_norm" in n or "k_norm" in n for n in src)
+    run = run_inprocess(model, glm.root / "out_air", calib_args(glm.root) + QUANTS["w4a16"], capture=True)
+    ref, replaced = load_fake_quant(model, run.out)
+    assert sum(".experts." in n for n in replaced) == 3 * EXPERTS
+    check_propagation(run, ref, atol=1e-4)

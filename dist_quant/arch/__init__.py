@@ -97,6 +97,10 @@ from .moe import MOE_ARCHS  # noqa: E402  (MoE architectures: qwen2_moe, qwen3_m
 
 ARCHS.update(MOE_ARCHS)
 
+from .deepseek import DEEPSEEK_ARCHS  # noqa: E402  (deepseek_v3, kimi_k2: MLA, arch/mla.py)
+
+ARCHS.update(DEEPSEEK_ARCHS)
+
 
 def get_arch(model_type: str) -> ArchSpec:
     try:
