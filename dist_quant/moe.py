@@ -179,7 +179,7 @@ def hessian_of(x: torch.Tensor, device) -> tuple[torch.Tensor | None, int]:
     stat = HessianStat(x.shape[1], device)
     for i in range(0, x.shape[0], HESSIAN_CHUNK):
         stat.add(x[i:i + HESSIAN_CHUNK])
-    n = int(stat.count.item())
+    n = stat.tokens()
     return (stat.hessian() if n else None), n
 
 

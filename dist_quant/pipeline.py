@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .algorithms.gptq import GPTQParams, gptq_quantize
+from .algorithms.gptq import GPTQParams, gptq_quantize_
 from .algorithms.rtn import rtn_quantize
 from .calibration import CalibrationSet
 from .checkpoint import Checkpoint
@@ -27,7 +27,7 @@ from .plan import LinearInfo, ModelPlan, OwnerPlan
 from .quant.qparams import QuantArgs, QuantResult
 from .runtime import Comm
 from .smoothing import W8A8Stages
-from .stats import HessianStat, relative_output_error
+from .stats import HessianStat, error_ratio, quantized_output_error
 from .tensorspec import TensorSpec
 from .writer import RankWriter
 
@@ -198,39 +198,61 @@ class LayerwiseQuantizer:
     # -- one stage: capture → reduce → solve → broadcast ----------------------------------------
     def _quantize_stage(self, layer, linears: list[LinearInfo], inputs, masks, record, phase) -> None:
         rank = self.comm.rank
-        owners = {self.owners.owner[lin.name] for lin in linears}
+        owners = {r for lin in linears for r in self.owners.solvers(lin)}
         # RTN needs no statistics to solve, but they give its output error for the report.
         with phase("capture"):
             stat = HessianStat(linears[0].in_features, self.device)
             for x, m in zip(inputs, masks):
                 stat.add(x, m)
         with phase("reduce"):
-            flat = self.comm.reduce_to(stat.packed(), owners, "sum")
-            stat.unpack(flat)
-        hessian = stat.hessian() if rank in owners else None
-        tokens = int(stat.count.item()) if rank in owners else 0
-        del stat, flat
-        mine = [lin for lin in linears if self.owners.owner[lin.name] == rank]
+            stat.unpack(self.comm.reduce_to(stat.packed(), owners, "sum"))
+        # owners: the float32 Hessian and the solver's workspace share the reduced buffer
+        tokens = stat.tokens() if rank in owners else 0
+        hessian, work = stat.take() if rank in owners else (None, None)
+        del stat
+        # this rank's row pieces of the stage's linears (a whole linear unless its rows are split)
+        mine = [(lin, lo, hi) for lin in linears for r, lo, hi in self.owners.pieces(lin) if r == rank]
         solved: dict[str, QuantResult] = {}
         if mine:
             with phase("solve"):
-                solved = self._solve(mine, hessian, tokens, record)
+                solved = self._solve([p[0] for p in mine], hessian, tokens, record, work=work,
+                                     rows=[(lo, hi) for _, lo, hi in mine])
+        del hessian, work
         for lin in linears:
             owner = self.owners.owner[lin.name]
             module = layer.get_submodule(self.plan.arch.memory_name(lin.name[len(self.plan.arch.layer_prefix(lin.layer)):]))
-            if owner == rank:
+            pieces = self.owners.pieces(lin)
+            if len(pieces) == 1 and owner == rank:
                 result = solved[lin.name]
-            else:
+            else:  # filled by the broadcasts below (a split linear: piece by piece)
                 result = QuantResult(
                     q=torch.empty(lin.out_features, lin.in_features, dtype=torch.int8, device=self.device),
                     scale=torch.empty(lin.out_features, self.args.groups(lin.in_features), device=self.device),
                     zero=torch.empty(lin.out_features, self.args.groups(lin.in_features), dtype=torch.int8,
                                      device=self.device))
+            errors = torch.zeros(len(pieces), 4, dtype=torch.float64, device=self.device)  # num, den, s, fallback
             with phase("broadcast"):
-                for t in (result.q, result.scale, result.zero):
-                    self.comm.broadcast(t, owner)
+                for j, (src, lo, hi) in enumerate(pieces):
+                    if len(pieces) > 1 and src == rank:
+                        part = solved[lin.name, lo]
+                        for dst, t in zip((result.q, result.scale, result.zero), (part.q, part.scale, part.zero)):
+                            dst[lo:hi] = t
+                        info = record.modules.pop(f"{lin.name}[{lo}:{hi}]")
+                        errors[j] = torch.tensor([info["err_num"], info["err_den"], info["seconds"],
+                                                  float(info["fallback"] is not None)], dtype=torch.float64)
+                    for t in (result.q, result.scale, result.zero):
+                        self.comm.broadcast(t[lo:hi], src)
+                    if len(pieces) > 1:
+                        self.comm.broadcast(errors[j], src)
             module.weight.copy_(result.dequantize(self.args).to(module.weight.dtype))
             if owner == rank:
+                if len(pieces) > 1:  # the writer reports the whole linear
+                    num, den = errors[:, :2].sum(dim=0).tolist()
+                    fell = [f"{lo}:{hi}" for (_, lo, hi), e in zip(pieces, errors) if e[3] > 0]
+                    record.modules[lin.name] = {
+                        "rank": owner, "rows": [list(p) for p in pieces], "seconds": float(errors[:, 2].max()),
+                        "fallback": f"rows {', '.join(fell)} used RTN (see the solving rank's log)" if fell else None,
+                        "tokens": tokens, "rel_output_error": error_ratio(num, den)}
                 with phase("write"):
                     bias = self._tensor(lin.name + ".bias") if lin.has_bias else None
                     act = self.w8a8.act_params.get(lin.name) if self.w8a8 is not None else None
@@ -238,33 +260,49 @@ class LayerwiseQuantizer:
                         self.writer.add(name, tensor)
 
     def _solve(self, linears: list[LinearInfo], hessian: torch.Tensor, tokens: int, record,
-               weights: list[torch.Tensor] | None = None, method: str | None = None) -> dict[str, QuantResult]:
+               weights: list[torch.Tensor] | None = None, method: str | None = None,
+               work: torch.Tensor | None = None,
+               rows: list[tuple[int, int]] | None = None) -> dict:
         """Solve this rank's linears of one stage. They share the Hessian and GPTQ treats
         rows independently, so their weights are stacked and solved in one pass (one
         factorization, one column loop), then split back per module. ``weights`` (already
-        read, float32) and ``method`` override the checkpoint read and ``quant.method``."""
+        read, float32) and ``method`` override the checkpoint read and ``quant.method``;
+        ``work`` is a Hessian-sized float32 buffer the solver may overwrite; ``rows`` selects
+        row ranges (pieces of split linears: returned under ``(name, first row)`` and
+        recorded under ``name[lo:hi]``)."""
         t0 = time.perf_counter()
         if weights is None:
-            weights = [self._tensor(lin.name + ".weight").to(self.device, torch.float32) for lin in linears]
+            weights = [self._tensor(lin.name + ".weight") for lin in linears]
+        if rows is not None:
+            weights = [w[lo:hi] for w, (lo, hi) in zip(weights, rows)]
+        weights = [w.to(self.device, torch.float32) for w in weights]
         for lin, w in zip(linears, weights):
             check_weight(lin.name, w)
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+        hessian = hessian.to(torch.float32).contiguous()
         with _solver_threads(self.device):
             if (method or self.cfg.quant.method) == "gptq":
-                result = gptq_quantize(stacked, hessian, self.args, self.gptq)
+                result = gptq_quantize_(stacked, hessian, self.args, self.gptq, work)
             else:
                 result = rtn_quantize(stacked, self.args)
+        del stacked
         if result.fallback:
             log.warning("%s: %s", ", ".join(lin.name for lin in linears), result.fallback)
         seconds = time.perf_counter() - t0
-        parts = result.split([lin.out_features for lin in linears])
-        for lin, w, part in zip(linears, weights, parts):
+        parts = result.split([w.shape[0] for w in weights])
+        out = {}
+        for k, (lin, w, part) in enumerate(zip(linears, weights, parts)):
             check_result(lin.name, part, self.args)
-            record.modules[lin.name] = {
+            num, den = quantized_output_error(w, part, self.args, hessian)
+            whole = rows is None or rows[k] == (0, lin.out_features)
+            key = lin.name if whole else f"{lin.name}[{rows[k][0]}:{rows[k][1]}]"
+            record.modules[key] = {
                 "rank": self.comm.rank, "seconds": seconds / len(linears), "fallback": result.fallback,
-                "tokens": tokens,
-                "rel_output_error": relative_output_error(w, part.dequantize(self.args), hessian)}
-        return {lin.name: part for lin, part in zip(linears, parts)}
+                "tokens": tokens, "rel_output_error": error_ratio(num, den)}
+            if not whole:  # a piece: its sums travel to the writer (see _quantize_stage)
+                record.modules[key].update(err_num=num, err_den=den)
+            out[lin.name if whole else (lin.name, rows[k][0])] = part
+        return out
 
     def _write_layer_tensors(self, index: int) -> None:
         for name in self.plan.layer_tensors[index]:
