@@ -127,7 +127,8 @@ def _stage_memory(cfg, ckpt, plan, owners, shape, rank, key, lins, world_size) -
     read = [(lin.out_features, lin.in_features, DTYPE_BYTES.get(ckpt.tensors[lin.name + ".weight"].dtype, 2))
             for lin in {m[0].name: m[0] for m in mine}.values()]
     solve = mem.solve_weight_bytes(read, [(hi - lo, lin.in_features) for lin, lo, hi in mine])
-    received = mem.received_bytes([(lin.out_features, lin.in_features) for lin in lins])
+    group = cfg.quant.group_size if cfg.quant.group_size > 0 else lins[0].in_features
+    received = mem.received_bytes([(lin.out_features, lin.in_features) for lin in lins], group)
     c, b = shape.compute_bytes, shape.batch_tokens
     extra = 0
     if stage == "mlp_out":  # one batch's gate, up and act(gate)·up
@@ -196,7 +197,8 @@ def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[
         lin = split[0]
         lines += ["", f"row split: {len(split)} linear(s) solved by several ranks that share the Hessian, e.g. "
                   f"{lin.name}: " + ", ".join(f"rows {lo}-{hi} on rank {r}" for r, lo, hi in owners.pieces(lin))]
-    lines += ["", "plan (module -> owner rank; several ranks: rows split among them, the first writes it):"]
+    lines += ["", "plan (module -> owner rank):" + (" (a list: its rows are split over those ranks; the first "
+                                                    "writes it)" if split else "")]
     for i in range(plan.num_layers):
         prefix = plan.arch.layer_prefix(i)
         mods = "  ".join(f"{lin.name[len(prefix):]}->{','.join(map(str, owners.solvers(lin)))}"

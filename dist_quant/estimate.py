@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .stats import HESSIAN_ROW_BLOCK
+from .stats import DEQUANT_ROWS, HESSIAN_ROW_BLOCK, TOKEN_CHUNK
 
 DTYPE_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 PROCESS_OVERHEAD = {"cpu": int(0.45e9), "cuda": int(1.5e9), "npu": int(2.0e9)}
@@ -48,8 +48,9 @@ class Shape:
 
 def hessian_bytes(n: int, s: Shape) -> int:
     """Capture (every rank) and solve (owners) of one stage's Hessian: the float64 sums,
-    one row block of the batch product, the batch in float32 and its real-token copy."""
-    return 8 * n * n + 4 * min(HESSIAN_ROW_BLOCK, n) * n + s.batch_tokens * n * (4 + s.compute_bytes)
+    one row block of a chunk's product, one chunk of tokens in float32 and its real-token copy."""
+    chunk = min(TOKEN_CHUNK, s.batch_tokens)
+    return 8 * n * n + 4 * min(HESSIAN_ROW_BLOCK, n) * n + chunk * n * (4 + s.compute_bytes)
 
 
 def solve_weight_bytes(read: list[tuple[int, int, int]], rows_in: list[tuple[int, int]]) -> int:
@@ -59,10 +60,11 @@ def solve_weight_bytes(read: list[tuple[int, int, int]], rows_in: list[tuple[int
     return sum(m * n * e for m, n, e in read) + sum(r * n * (4 + 4 + 1 + 1) for r, n in rows_in)
 
 
-def received_bytes(stage_linears: list[tuple[int, int]]) -> int:
-    """Every rank receives each quantized linear of the stage (int8 integers, float32 scales
-    and zeros at worst one per column) and dequantizes it in row blocks."""
-    return sum(m * n * (1 + 4 + 1) for m, n in stage_linears)
+def received_bytes(stage_linears: list[tuple[int, int]], group: int) -> int:
+    """Every rank receives each quantized linear of the stage (int8 integers, a float32 scale
+    and an int8 zero per group) and dequantizes it ``DEQUANT_ROWS`` rows at a time (about four
+    float32 temporaries of a block)."""
+    return sum(m * n + m * (n // group) * 5 + 16 * min(DEQUANT_ROWS, m) * n for m, n in stage_linears)
 
 
 def stage_total(s: Shape, n: int, extra_build: int, solve: int, received: int) -> tuple[int, dict]:

@@ -27,7 +27,7 @@ from .plan import LinearInfo, ModelPlan, OwnerPlan
 from .quant.qparams import QuantArgs, QuantResult
 from .runtime import Comm
 from .smoothing import W8A8Stages
-from .stats import HessianStat, error_ratio, quantized_output_error
+from .stats import DEQUANT_ROWS, HessianStat, error_ratio, quantized_output_error
 from .tensorspec import TensorSpec
 from .writer import RankWriter
 
@@ -244,7 +244,10 @@ class LayerwiseQuantizer:
                         self.comm.broadcast(t[lo:hi], src)
                     if len(pieces) > 1:
                         self.comm.broadcast(errors[j], src)
-            module.weight.copy_(result.dequantize(self.args).to(module.weight.dtype))
+            for a in range(0, lin.out_features, DEQUANT_ROWS):  # block by block: no full float copy
+                rows = slice(a, a + DEQUANT_ROWS)
+                block = QuantResult(result.q[rows], result.scale[rows], result.zero[rows])
+                module.weight[rows].copy_(block.dequantize(self.args))
             if owner == rank:
                 if len(pieces) > 1:  # the writer reports the whole linear
                     num, den = errors[:, :2].sum(dim=0).tolist()

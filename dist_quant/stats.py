@@ -20,8 +20,10 @@ from __future__ import annotations
 import torch
 
 HESSIAN_ROW_BLOCK = 4096  # rows of x xᵀ computed per GEMM (bounds the float32 temporary)
+TOKEN_CHUNK = 4096  # tokens of a batch converted to float32 at a time
 CONVERT_ROWS = 1024  # rows converted per step in take()
 ERROR_ROWS = 1024  # weight rows per step in output_error_rows()
+DEQUANT_ROWS = 1024  # rows of a quantized linear dequantized into the layer at a time (pipeline)
 
 
 class HessianStat:
@@ -42,14 +44,21 @@ class HessianStat:
         return self.flat[self.features * self.features:]
 
     def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """``x`` [..., features]; ``mask`` [...] selects real tokens."""
-        x = x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
-        x = x.float()
+        """``x`` [..., features] (any float dtype); ``mask`` [...] selects real tokens. The
+        batch is taken ``TOKEN_CHUNK`` tokens at a time in float32 (a fixed split of the
+        batch, so the sums do not depend on the world size)."""
+        x = x.reshape(-1, x.shape[-1])
+        keep = None if mask is None else mask.reshape(-1)
         s, n = self.sum, self.features
-        for a in range(0, n, HESSIAN_ROW_BLOCK):  # float32 GEMM per row block, float64 accumulation
-            b = min(a + HESSIAN_ROW_BLOCK, n)
-            s[a:b].add_(x[:, a:b].T @ x)
-        self.count.add_(x.shape[0])
+        for t in range(0, x.shape[0], TOKEN_CHUNK):
+            xc = x[t:t + TOKEN_CHUNK]
+            if keep is not None:
+                xc = xc[keep[t:t + TOKEN_CHUNK]]
+            xc = xc.float()
+            for a in range(0, n, HESSIAN_ROW_BLOCK):  # float32 GEMM per row block, float64 accumulation
+                b = min(a + HESSIAN_ROW_BLOCK, n)
+                s[a:b].add_(xc[:, a:b].T @ xc)
+            self.count.add_(xc.shape[0])
 
     def packed(self) -> torch.Tensor:
         """The flat buffer itself (sum and count), so one in-place collective carries both."""

@@ -81,9 +81,14 @@ def inverse_cholesky_(h: torch.Tensor, work: torch.Tensor, damp: float,
             continue
         torch.cholesky_inverse(f, out=f)
         torch.linalg.cholesky_ex(f, upper=True, out=(f, info))
-        if int(info) == 0 and torch.isfinite(f).all():
+        if int(info) == 0 and _finite(work):
             return f, lam
     return None, lam
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """``isfinite(t).all()`` row block by row block (no ``n × n`` boolean temporary)."""
+    return all(bool(torch.isfinite(t[a:a + PERMUTE_CHUNK]).all()) for a in range(0, t.shape[0], PERMUTE_CHUNK))
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor | None, float]:
