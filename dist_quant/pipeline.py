@@ -205,7 +205,7 @@ class LayerwiseQuantizer:
             for x, m in zip(inputs, masks):
                 stat.add(x, m)
         with phase("reduce"):
-            stat.unpack(self.comm.reduce_to(stat.packed(), owners, "sum"))
+            stat.unpack(self.comm.reduce_to(stat.packed(), owners, stat.reduce_op))
         # owners: the float32 Hessian and the solver's workspace share the reduced buffer
         tokens = stat.tokens() if rank in owners else 0
         hessian, work = stat.take() if rank in owners else (None, None)

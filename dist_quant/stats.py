@@ -29,6 +29,8 @@ DEQUANT_ROWS = 1024  # rows of a quantized linear dequantized into the layer at 
 class HessianStat:
     """``Σ x xᵀ`` over real tokens (float64) and the token count, in one flat buffer."""
 
+    reduce_op = "sum"  # how its packed() buffer combines across ranks (the callers pass it to Comm)
+
     def __init__(self, features: int, device: torch.device):
         n = features
         self.features = n

@@ -13,8 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import run_main  # noqa: E402
-from reference import free_ports, make_job, quantized_linears, read_quant_linear, read_tensors  # noqa: E402
+from helpers import free_ports, make_job, run_main  # noqa: E402
+from reference import quantized_linears, read_quant_linear, read_tensors  # noqa: E402
 from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
 
 HIDDEN, INTER = 256, 512  # o_proj 256 rows and down_proj 256 rows: two pieces of 128 (MIN_PIECE_ROWS)
