@@ -185,9 +185,11 @@ def test_assign_owners_puts_pieces_on_distinct_ranks(tmp_path):
     info = SimpleNamespace(nbytes=1)
     ckpt = SimpleNamespace(tensors={lin.name + ".weight": info for lin in lins})
     owners = assign_owners(plan, ckpt, 4, "gptq")
+    # down: n/3 = 1365.3, m = 1024 → per-owner cost 2389.3, 1877.3, 1706.7 for k = 1, 2, 3: the third
+    # owner saves 9.1 % (< 10 %), so 2 pieces
     pieces = owners.pieces(lins[0])
-    assert len(pieces) == 4 and sorted(p[0] for p in pieces) == [0, 1, 2, 3]
-    assert [p[1] for p in pieces] == [0, 256, 512, 768] and pieces[-1][2] == 1024
+    assert len(pieces) == 2 and len({p[0] for p in pieces}) == 2
+    assert [(p[1], p[2]) for p in pieces] == [(0, 512), (512, 1024)]
     assert owners.owner[lins[0].name] == pieces[0][0]
     for lin in lins[1:]:  # gate/up: 2 linears on 4 ranks, each split in 2
         assert len({p[0] for p in owners.pieces(lin)}) == len(owners.pieces(lin)) == 2
