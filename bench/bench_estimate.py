@@ -1,5 +1,5 @@
 """Is the dry run's memory estimate honest? Synthetic Llama models (random bf16 weights,
-vocab 512, one decoder layer) of three widths are quantized with GPTQ W4A16 on one CPU rank;
+vocab 512, one decoder layer; tests/tiny.py) of three widths are quantized with GPTQ W4A16 on one CPU rank;
 the peak RSS of each run (``ru_maxrss``, from its quant_report.json) is compared with the
 dry run's estimated peak for the same job (``runtime.device=cpu``: its fixed overhead).
 
@@ -19,17 +19,14 @@ sys.path.insert(0, str(ROOT))
 
 def make_model(path: Path, hidden: int, inter: int) -> Path:
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import make_tiny_model  # random weights, its own 512-token tokenizer
 
     if (path / "config.json").is_file():
         return path
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
-                      num_attention_heads=hidden // 128, num_key_value_heads=max(1, hidden // 512),
-                      vocab_size=512, max_position_embeddings=4096, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
-    model.save_pretrained(path)
-    return path
+    return make_tiny_model(path, layers=1, hidden=hidden, intermediate=inter, heads=8, kv_heads=2,
+                           dtype=torch.bfloat16)
 
 
 def calib_file(path: Path) -> Path:
