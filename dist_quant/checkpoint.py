@@ -197,7 +197,7 @@ def read_safetensors_header(fpath: Path, fname: str) -> list[TensorInfo]:
                 or end - start != tensor_nbytes(tuple(shape), dtype):
             raise ValueError(f"tensor {name!r} has data_offsets {[start, end]} that do not match "
                              f"its shape {shape} and dtype {dtype}")
-        infos.append(TensorInfo(name, tuple(shape), dtype, fname, 8 + header_len + start))
+        infos.append(TensorInfo(name, tuple(shape), dtype, fname, offset=8 + header_len + start))
     return sorted(infos, key=lambda t: t.offset)
 
 
