@@ -272,4 +272,6 @@ class JobConfig:
     def __post_init__(self) -> None:
         _check(not self.resume or bool(self.runtime.run_dir), "resume", self.resume,
                "needs runtime.run_dir=<the run directory of the run to continue>")
+        _check(self.calib.smooth_path is None or self.quant.smooth != "none", "calib.smooth_path",
+               self.calib.smooth_path, "has no effect without smoothing (quant.smooth=none)")
     seed: int = 0

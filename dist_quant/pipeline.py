@@ -113,17 +113,26 @@ class LayerwiseQuantizer:
         self.overrides: dict[str, torch.Tensor] = {}
         self.w8a8 = (W8A8Stages(cfg, comm, plan, ckpt, device, args, self.fmt.act, self.overrides)
                      if self.fmt.act is not None else None)
+        self.calib_lane = slice(None)
 
     def _tensor(self, name: str) -> torch.Tensor:
         t = self.overrides.get(name)
         return t if t is not None else self.ckpt.get(name)
 
     # -- the loop -------------------------------------------------------------------------
-    def run(self, calib: CalibrationSet, progress=None, resume=None) -> list[LayerRecord]:
-        """``resume``: a :class:`dist_quant.resume.Progress` (restored state, per-layer checkpoints)."""
+    def run(self, calib: CalibrationSet, progress=None, resume=None,
+            smooth: CalibrationSet | None = None) -> list[LayerRecord]:
+        """``resume``: a :class:`dist_quant.resume.Progress` (restored state, per-layer checkpoints).
+        ``smooth``: this rank's slice of the smoothing set (calib.smooth_path); its batches
+        follow the calibration batches through every layer (a second lane, see smoothing.py)
+        and feed only the smoothing statistics."""
         arch = self.plan.arch
         skel = build_skeleton(str(self.ckpt.root), self.dtype, self.device)
         batches = list(calib.batches(self.cfg.calib.batch_size))
+        self.calib_lane = slice(0, len(batches))  # the batches whose statistics solve the weights
+        if smooth is not None:
+            batches += list(smooth.batches(self.cfg.calib.batch_size))
+            self.w8a8.use_smooth_lane(self.calib_lane.stop)
         masks = [m.to(self.device) for _, m in batches]
         restored = resume.restored if resume is not None else None
         with torch.no_grad():
@@ -183,7 +192,8 @@ class LayerwiseQuantizer:
             prev = [None] * len(xs)
             trim_heap()
             if stage_linears:
-                self._quantize_stage(layer, stage_linears, inputs, masks, record, phase)
+                lane = self.calib_lane
+                self._quantize_stage(layer, stage_linears, inputs[lane], masks[lane], record, phase)
             if op.advance is not None:
                 with phase("propagate"):
                     for j, a in enumerate(inputs):  # in place: each old batch is freed as it is replaced

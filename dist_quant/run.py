@@ -127,16 +127,14 @@ def read_calibration(cfg: JobConfig, ckpt: Checkpoint) -> tuple[CalibrationSet, 
         from .demo_data import demo_calibration_text
 
         default_text = demo_calibration_text()
-    kw = dict(tokenizer_factory=tokenizer_factory(ckpt.root), seed=cfg.seed,
-              vocab_size=ckpt.config.get("vocab_size"))
-    tok_box: dict = {}
+    load, tok_box = tokenizer_factory(ckpt.root), {}
 
     def shared():  # one tokenizer for both sets
         if "tok" not in tok_box:
-            tok_box["tok"] = kw["tokenizer_factory"]()
+            tok_box["tok"] = load()
         return tok_box["tok"]
 
-    kw["tokenizer_factory"] = shared
+    kw = dict(tokenizer_factory=shared, seed=cfg.seed, vocab_size=ckpt.config.get("vocab_size"))
     calib = load_calibration(cfg.calib, None, default_text, **kw)
     smooth = load_smooth_calibration(cfg.calib, **kw)
     return calib, smooth
@@ -155,18 +153,28 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     preflight(cfg, comm, ckpt, parts, partial, run_dir)
     log_owner_plan(plan, owners)
 
+    if cfg.calib.smooth_path is not None and plan.arch.moe is not None:
+        raise ConfigError(f"calib.smooth_path={cfg.calib.smooth_path!r}: not supported for MoE models "
+                          f"({plan.arch.name}) yet: the smoothing set would have to be routed through the experts")
     calib, smooth = read_calibration(cfg, ckpt)
     mine = calib.rank_slice(comm.rank, comm.world_size)
+    mine_smooth = smooth.rank_slice(comm.rank, comm.world_size) if smooth is not None else None
+    if smooth is not None:
+        log.info("smoothing set: %d samples x %d tokens (%d real tokens); this rank: %d samples",
+                 smooth.input_ids.shape[0], smooth.input_ids.shape[1], smooth.tokens,
+                 mine_smooth.input_ids.shape[0])
     log.info("calibration: %d samples x %d tokens (%d real tokens); this rank: %d samples",
              calib.input_ids.shape[0], calib.input_ids.shape[1], calib.tokens, mine.input_ids.shape[0])
 
     writer = RankWriter(partial, parts, comm.rank)
     resume = Progress(run_dir, comm, writer, plan.num_layers)  # wipes or continues `partial`
-    resume.begin(cfg.resume, fingerprint(cfg, ckpt, comm.world_size, calib), partial)
+    tokens = calib if smooth is None else CalibrationSet(torch.cat([calib.input_ids, smooth.input_ids]),
+                                                          torch.cat([calib.mask, smooth.mask]))
+    resume.begin(cfg.resume, fingerprint(cfg, ckpt, comm.world_size, tokens), partial)  # both sets' tokens
     progress = LayerProgress(plan.num_layers, comm.rank)
     try:
         records = LayerwiseQuantizer(cfg, comm, ckpt, plan, owners, args, device, writer).run(
-            mine, progress, resume)
+            mine, progress, resume, smooth=mine_smooth)
         weight_map = writer.finish()
     finally:
         writer.abort()

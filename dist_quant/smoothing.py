@@ -127,6 +127,15 @@ class W8A8Stages:
         self.act_params: dict[str, StaticActParams | None] = {}  # linear FQN → its input quantizer
         self._select: list[torch.Tensor] | None = None
         self._skipped_logged: set[str] = set()
+        # batches [0, n) are the calibration set; with calib.smooth_path, [n, ...) the smoothing set
+        self.calib_lane = self.smooth_lane = slice(None)
+        self.smooth_samples = cfg.calib.num_samples  # global samples of the set smoothing reads
+
+    def use_smooth_lane(self, n_calib_batches: int) -> None:
+        """Batches from ``n_calib_batches`` on are the smoothing set's: scales and the search
+        read them; activation ranges, Hessians and the weights read the others."""
+        self.calib_lane, self.smooth_lane = slice(0, n_calib_batches), slice(n_calib_batches, None)
+        self.smooth_samples = self.cfg.calib.smooth_num_samples or self.cfg.calib.num_samples
 
     # -- which pairs ---------------------------------------------------------------------
     def fold_stage(self, pair: SmoothPair) -> str:
@@ -155,10 +164,11 @@ class W8A8Stages:
     def prepare(self, layer, index: int, k: int, ops, xs, prev, inputs, masks, linears, record, phase):
         stage = self.arch.stages[k]
         pairs = [p for p in self.layer_pairs(index) if self.fold_stage(p) == stage.name]
+        sl, cl = self.smooth_lane, self.calib_lane
         for pair in sorted(pairs, key=lambda p: p.kind != "norm"):
             if pair.kind == "norm":
                 with phase("smooth"):
-                    s = self._choose(pair, index, inputs, masks, record)
+                    s = self._choose(pair, index, inputs[sl], masks[sl], record)
                     self._fold_norm(layer, index, pair, s)
                 with phase("propagate"):
                     inputs = [ops[k].make_input(x, p) for x, p in zip(xs, prev)]
@@ -167,14 +177,14 @@ class W8A8Stages:
                     raise RuntimeError(f"smoothing pair {pair.name}: consumers must be in the stage after "
                                        f"the producer's ({stage.name})")
                 with phase("smooth"):
-                    acts = [ops[k + 1].make_input(x, i) for x, i in zip(xs, inputs)]
-                    s = self._choose(pair, index, acts, masks, record)
+                    acts = [ops[k + 1].make_input(x, i) for x, i in zip(xs[sl], inputs[sl])]
+                    s = self._choose(pair, index, acts, masks[sl], record)
                     del acts
                     self._fold_linear(layer, index, pair, s)
         if self.act is None:  # smoothing only (tests)
             return inputs
         with phase("act_calib"):
-            params = self._calibrate(inputs, masks)
+            params = self._calibrate(inputs[cl], masks[cl])
             for lin in linears:
                 self.act_params[lin.name] = params
             inputs = [fake_quant(x, self.act, params) for x in inputs]
@@ -243,7 +253,7 @@ class W8A8Stages:
         """The search tokens of this rank's batches: a fixed random subset of all ranks'
         calibration tokens (same on every rank, so the union does not depend on the ranks)."""
         if self._select is None:
-            n, length = self.cfg.calib.num_samples, masks[0].shape[1]
+            n, length = self.smooth_samples, masks[0].shape[1]
             total = n * length
             g = torch.Generator().manual_seed(self.cfg.seed + 7919)
             chosen = torch.zeros(total, dtype=torch.bool)
