@@ -38,6 +38,9 @@ def setup(tmp_path_factory):
     g = torch.Generator().manual_seed(1)  # traffic unlike the calibration text
     smooth_ids = [torch.randint(0, len(tok), (20 + 3 * i,), generator=g).tolist() for i in range(8)]
     (base / "smooth.jsonl").write_text("".join(json.dumps({"input_ids": i}) + "\n" for i in smooth_ids))
+    chats = [[{"role": "user", "content": t[: len(t) // 2]}, {"role": "assistant", "content": t[len(t) // 2:]}]
+             for t in texts]
+    (base / "chat.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
     bare = Path(shutil.copytree(model, base / "no_tokenizer"))
     for f in bare.iterdir():
         if "token" in f.name or f.suffix in (".jinja", ".txt") or f.name in ("vocab.json", "merges.txt"):
@@ -119,15 +122,20 @@ def test_smooth_set_equal_to_the_calibration_set_changes_nothing(setup):
     assert r["config"]["calib"]["smooth_path"].endswith("ids.jsonl")
 
 
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
+
+
 def test_two_ranks_with_a_smooth_set_give_one_ranks_output(setup):
+    """Chat records tokenized on each rank (template override) and a pre-tokenized smoothing set."""
     import subprocess
 
     extra = ["quant=flexsmooth_w8a8", "quant.weight_solver=gptq", "quant.search_tokens=64",
-             f"calib.smooth_path={setup['base'] / 'smooth.jsonl'}"]
-    one = quantize(setup, "flex-smooth-1", "bare", "ids.jsonl", *extra)
+             f"calib.smooth_path={setup['base'] / 'smooth.jsonl'}", f"calib.chat_template={setup['base'] / 'chat.jinja'}"]
+    (setup["base"] / "chat.jinja").write_text(CHAT_TEMPLATE)  # a Jinja literal does not survive Hydra's parser
+    one = quantize(setup, "flex-smooth-1", "model", "chat.jsonl", *extra)
     out = setup["base"] / "out" / "flex-smooth-2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "dist_quant", f"model.path={setup['bare']}", f"calib.path={setup['base'] / 'ids.jsonl'}",
+           "-m", "dist_quant", f"model.path={setup['model']}", f"calib.path={setup['base'] / 'chat.jsonl'}",
            *CALIB, f"output.dir={out}", f"runtime.run_dir={out}.run", *extra]
     proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
                           timeout=600, env=proc_env(OMP_NUM_THREADS="1"))
