@@ -1,4 +1,6 @@
-"""dist_quant: distributed post-training quantization of LLMs."""
+"""dist_quant: distributed post-training quantization of large language models."""
+
+__version__ = "0.1.0"
 
 
 def __getattr__(name: str):

@@ -172,7 +172,9 @@ class CalibConfig:
     smooth_num_samples: Optional[int] = None
     """Samples drawn from calib.smooth_path. Empty: calib.num_samples."""
     num_samples: int = 128
+    """Calibration samples (all ranks together; each rank takes its slice)."""
     seq_len: int = 512
+    """Tokens per calibration sample."""
     batch_size: int = 8
     """Samples per forward batch (per rank)."""
     text_field: str = "text"
@@ -269,9 +271,12 @@ class JobConfig:
     """Continue the run recorded in runtime.run_dir after its last completed layer (same
     model, config and world size; anything else is refused)."""
 
+    seed: int = 0
+    """Seed of every random choice (calibration subsets of the smoothing search, the draw from a
+    calibration dataset)."""
+
     def __post_init__(self) -> None:
         _check(not self.resume or bool(self.runtime.run_dir), "resume", self.resume,
                "needs runtime.run_dir=<the run directory of the run to continue>")
         _check(self.calib.smooth_path is None or self.quant.smooth != "none", "calib.smooth_path",
                self.calib.smooth_path, "has no effect without smoothing (quant.smooth=none)")
-    seed: int = 0

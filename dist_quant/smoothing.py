@@ -247,7 +247,7 @@ class W8A8Stages:
         stat = ChannelRangeStat(weight.shape[1], self.device)
         for a, m in zip(acts, masks):
             stat.add(a, m)
-        stat.unpack(self.comm.all_reduce(stat.packed(), "max"))
+        stat.unpack(self.comm.all_reduce(stat.packed(), stat.reduce_op))
         a_max, w_max = stat.absmax(), weight.abs().amax(dim=0)
         channel_max = a_max  # per consumer input channel, for the report's outlier picture
         if pair.kind == "ov":

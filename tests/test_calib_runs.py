@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dist_quant.fakequant import read_tensors  # noqa: E402
-from procs import call_main, env as proc_env, free_port  # noqa: E402
+from helpers import call_main, free_port, job_env  # noqa: E402
 
 CALIB = ["calib.num_samples=8", "calib.seq_len=32", "calib.batch_size=2", "runtime.threads=1"]
 
@@ -138,7 +138,7 @@ def test_two_ranks_with_a_smooth_set_give_one_ranks_output(setup):
            "-m", "dist_quant", f"model.path={setup['model']}", f"calib.path={setup['base'] / 'chat.jsonl'}",
            *CALIB, f"output.dir={out}", f"runtime.run_dir={out}.run", *extra]
     proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                          timeout=600, env=proc_env(OMP_NUM_THREADS="1"))
+                          timeout=600, env=job_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "quant_report.json").read_text())["world_size"] == 2
     assert_same_tensors(one, out)

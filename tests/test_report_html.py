@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import call_main  # noqa: E402
+from helpers import call_main  # noqa: E402
 
 from dist_quant.report_html import (HTML_NAME, expert_coverage, linear_error_matrix, render_html,  # noqa: E402
                                     worst_smoothing_layers)
