@@ -74,9 +74,9 @@ def _parquet(datasets, files: list[Path]):
     return datasets.Dataset(datasets.table.InMemoryTable(table))
 
 
-def draw_order(n: int, seed: int) -> list[int]:
+def draw_order(n: int, seed: int) -> torch.Tensor:
     """The seed-fixed shuffle of ``n`` records (documented; tests recompute it)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 @register("dataset", needs_tokenizer=True, doc="a Hugging Face datasets dataset saved to disk (save_to_disk "
@@ -93,7 +93,7 @@ def read_dataset(ctx: Context) -> CalibrationSet:
 
     def values():
         for start in range(0, len(order), 256):  # read in blocks, stop once enough are drawn
-            idx = order[start:start + 256]
+            idx = order[start:start + 256].tolist()
             for i, v in zip(idx, column.select(idx)[field]):
                 yield i, v
 
