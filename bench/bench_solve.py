@@ -6,11 +6,15 @@ Shapes are SmolLM2-135M's: ``576x1536`` (out x in: down_proj), ``1536x576`` (gat
 ``2 XᵀX / n`` of random activations with per-channel scales spread over two decades, both from
 a fixed seed, so every run solves the same problem.
 
-    python bench/bench_solve.py [--shapes 576x1536,1536x576] [--threads 1,2] [--repeat 3] [--observer mse]
+    python bench/bench_solve.py [--shapes 576x1536,1536x576] [--threads 1,2] [--workers 1,2]
+                                [--repeat 3] [--observer mse]
 
-Prints the best of ``--repeat`` wall times per (shape, threads) for the whole solve and for
-the scale search of all groups, plus a digest of the integers and scales, so outputs of two
-code versions can be compared.
+``--threads``: torch intra-op (OpenMP) threads; ``--workers``: ``GPTQParams.workers``, threads
+running the column loop on row chunks (the pipeline runs solves with 1 intra-op thread and
+as many workers as the rank has cores). Prints the best of ``--repeat`` wall and CPU times
+per (shape, threads, workers) for the whole solve and the wall time of the scale search of
+all groups (one ``compute_qparams`` call per group, as GPTQ makes them), plus a digest of the
+integers and scales, so the outputs of two code versions or settings can be compared.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import hashlib
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,19 +51,21 @@ def digest(*ts: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def best(fn, repeat: int) -> tuple[float, object]:
-    times, out = [], None
+def best(fn, repeat: int) -> tuple[float, float, object]:
+    times, cpu, out = [], [], None
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         times.append(time.perf_counter() - t0)
-    return min(times), out
+        cpu.append(time.process_time() - c0)
+    return min(times), min(cpu), out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="576x1536,1536x576,3072x576,960x576,576x576")
-    p.add_argument("--threads", default="1,2")
+    p.add_argument("--threads", default="1")
+    p.add_argument("--workers", default="1,2")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--observer", default="mse", choices=("mse", "minmax"))
@@ -68,18 +75,20 @@ def main() -> None:
     params = GPTQParams()
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, {os.cpu_count()} cpus, "
           f"torch {torch.__version__}, observer {a.observer}, group {a.group_size}")
-    print("| shape (out x in) | threads | solve s | scale search s | digest |")
-    print("|---|---|---|---|---|")
+    print("| shape (out x in) | threads | workers | solve wall s | solve CPU s | scale search s | digest |")
+    print("|---|---|---|---|---|---|---|")
     for shape in a.shapes.split(","):
         out_f, in_f = map(int, shape.split("x"))
         w, h = problem(out_f, in_f)
         groups = w.reshape(out_f, in_f // args.columns_per_group(in_f), -1).transpose(0, 1)
         for threads in map(int, a.threads.split(",")):
             torch.set_num_threads(threads)
-            t_solve, r = best(lambda: gptq_quantize(w, h, args, params), a.repeat)
-            t_search, _ = best(lambda: [compute_qparams(gw, args) for gw in groups], a.repeat)
-            print(f"| {shape} | {threads} | {t_solve:.3f} | {t_search:.3f} | {digest(r.q, r.scale, r.zero)} |",
-                  flush=True)
+            t_search, _, _ = best(lambda: [compute_qparams(gw, args) for gw in groups], a.repeat)
+            for workers in map(int, a.workers.split(",")):
+                pw = replace(params, workers=workers)
+                t_solve, c_solve, r = best(lambda: gptq_quantize(w, h, args, pw), a.repeat)
+                print(f"| {shape} | {threads} | {workers} | {t_solve:.3f} | {c_solve:.3f} | {t_search:.3f} | "
+                      f"{digest(r.q, r.scale, r.zero)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,10 @@ quantization, one forward per layer) → owners stream their tensors to their pa
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ from .plan import LinearInfo, ModelPlan, OwnerPlan
 from .quant.qparams import QuantArgs, QuantResult
 from .runtime import Comm
 from .smoothing import W8A8Stages
+from .solver_threads import single_threaded, solve_workers
 from .stats import HessianStat, relative_output_error
 from .tensorspec import TensorSpec
 from .writer import RankWriter
@@ -65,22 +65,6 @@ class LayerRecord:
     modules: dict[str, dict] = field(default_factory=dict)  # filled by the owners
     smoothing: dict[str, dict] = field(default_factory=dict)  # per smoothing pair (same on every rank)
     moe: dict = field(default_factory=dict)  # sparse MoE layers: expert coverage and traffic (dist_quant/moe.py)
-
-
-@contextlib.contextmanager
-def _solver_threads(device: torch.device):
-    """GPTQ's column loop is a long chain of small ops; on CPU, OpenMP synchronization per
-    op costs more than it saves (20x slower with 2 threads on a busy 2-core machine), so
-    the solve runs single-threaded and the big GEMMs of the forward keep all threads."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class _Phase:
@@ -214,7 +198,7 @@ class LayerwiseQuantizer:
         solved: dict[str, QuantResult] = {}
         if mine:
             with phase("solve"):
-                solved = self._solve(mine, hessian, tokens, record)
+                solved = self._solve(mine, hessian, tokens, record, solvers=owners)
         for lin in linears:
             owner = self.owners.owner[lin.name]
             module = layer.get_submodule(self.plan.arch.memory_name(lin.name[len(self.plan.arch.layer_prefix(lin.layer)):]))
@@ -238,20 +222,26 @@ class LayerwiseQuantizer:
                         self.writer.add(name, tensor)
 
     def _solve(self, linears: list[LinearInfo], hessian: torch.Tensor, tokens: int, record,
-               weights: list[torch.Tensor] | None = None, method: str | None = None) -> dict[str, QuantResult]:
+               weights: list[torch.Tensor] | None = None, method: str | None = None,
+               solvers: set[int] | None = None) -> dict[str, QuantResult]:
         """Solve this rank's linears of one stage. They share the Hessian and GPTQ treats
         rows independently, so their weights are stacked and solved in one pass (one
         factorization, one column loop), then split back per module. ``weights`` (already
-        read, float32) and ``method`` override the checkpoint read and ``quant.method``."""
+        read, float32) and ``method`` override the checkpoint read and ``quant.method``.
+        ``solvers``: the ranks solving at the same time (default: all), for the thread count."""
         t0 = time.perf_counter()
         if weights is None:
             weights = [self._tensor(lin.name + ".weight").to(self.device, torch.float32) for lin in linears]
         for lin, w in zip(linears, weights):
             check_weight(lin.name, w)
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
-        with _solver_threads(self.device):
+        info = self.comm.info
+        workers = 1 if self.device.type != "cpu" else solve_workers(
+            torch.get_num_threads(), info.rank, info.local_world_size,
+            range(info.world_size) if solvers is None else solvers)
+        with single_threaded(self.device):
             if (method or self.cfg.quant.method) == "gptq":
-                result = gptq_quantize(stacked, hessian, self.args, self.gptq)
+                result = gptq_quantize(stacked, hessian, self.args, replace(self.gptq, workers=workers))
             else:
                 result = rtn_quantize(stacked, self.args)
         if result.fallback:

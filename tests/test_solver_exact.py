@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_quant.algorithms.gptq import GPTQParams, column_order, inverse_cholesky, quantize_columns
+from dist_quant.algorithms.gptq import GPTQParams, column_order, gptq_quantize, inverse_cholesky, quantize_columns
 from dist_quant.quant.qparams import QuantArgs, compute_qparams
+from dist_quant.solver_threads import solve_workers
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -154,3 +155,32 @@ def test_column_loop_matches_plain_loop(sym, group_size, block, mse):
     rq, rs, rz = ref_columns(Wp, U, perm, args, block)
     assert torch.equal(q, rq) and torch.equal(s, rs) and torch.equal(z, rz)
     assert GPTQParams().block_size == 128
+
+
+@pytest.mark.parametrize("workers", [2, 3, 8])
+@pytest.mark.parametrize("group_size", [64, -1])
+def test_workers_give_the_same_bits(workers, group_size):
+    """Row chunks in threads: the same integers, scales and zeros as one pass (and the
+    reference loop), including chunks of unequal size."""
+    args = QuantArgs(bits=4, group_size=group_size, symmetric=True, scale_dtype=torch.bfloat16, mse=True)
+    W, H = weights(389, 256, 21), hessian(256, 22)
+    one = gptq_quantize(W, H, args, GPTQParams(block_size=64))
+    many = gptq_quantize(W, H, args, GPTQParams(block_size=64, workers=workers))
+    assert torch.equal(one.q, many.q) and torch.equal(one.scale, many.scale) and torch.equal(one.zero, many.zero)
+    perm = column_order(torch.diag(H), args, act_order=True)
+    U = inverse_cholesky(H[perm][:, perm], 0.01, 0)[0].float()
+    rq, rs, rz = ref_columns(W[:, perm], U, perm, args, 64)
+    assert torch.equal(many.q, rq[:, torch.argsort(perm)].to(torch.int8)) and torch.equal(many.scale, rs)
+
+
+@pytest.mark.parametrize("threads,rank,local,solvers,expected", [
+    (1, 0, 2, {0, 1}, 1),  # 2 ranks on 2 cores, both solving: one core each
+    (1, 0, 2, {0}, 2),  # the other rank waits for our broadcast: its core is ours
+    (2, 0, 1, {0}, 2),  # 1 rank with 2 threads
+    (1, 3, 2, {0, 3}, 2),  # rank 0 solves on the other node: rank 2 (our neighbour) waits
+    (1, 2, 2, {0, 1, 2, 3}, 1),
+    (4, 1, 4, {0, 1, 2, 3}, 4),
+    (1, 5, 8, {5}, 8),
+])
+def test_solve_workers(threads, rank, local, solvers, expected):
+    assert solve_workers(threads, rank, local, solvers) == expected

@@ -12,11 +12,12 @@ weights, as in the reference implementation.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from ..quant.qparams import QuantArgs, QuantResult, compute_qparams, dequantize, quantize
+from ..quant.qparams import QuantArgs, QuantResult, compute_qparams
 from .rtn import rtn_quantize
 
 
@@ -26,6 +27,7 @@ class GPTQParams:
     block_size: int = 128
     act_order: bool = True
     damp_retries: int = 5  # each retry multiplies the dampening by 10
+    workers: int = 1  # threads running the column loop on row chunks (any count: the same bits)
 
 
 def column_order(diag: torch.Tensor, args: QuantArgs, act_order: bool) -> torch.Tensor:
@@ -77,7 +79,27 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, param
         return result
     U = upper.float()
 
-    Q, scale, zero = quantize_columns(W, U, perm, args, params.block_size)
+    return _column_loop(W, U, perm, args, params)
+
+
+MIN_CHUNK_ROWS = 64  # a thread's share of the rows: fewer and its ops are all overhead
+
+
+def _column_loop(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: QuantArgs,
+                 params: GPTQParams) -> QuantResult:
+    """The GPTQ recursion on ``W`` (columns in solve order, overwritten). Rows are independent
+    given ``U``, so with ``params.workers > 1`` row chunks run in that many threads at once
+    (torch ops release the GIL): every element is computed exactly as in one pass, so the
+    result is the same bits for any number of workers, and no OpenMP team is woken per op."""
+    rows = W.shape[0]
+    n_chunks = max(1, min(params.workers, rows // MIN_CHUNK_ROWS))
+    if n_chunks == 1:
+        Q, scale, zero = quantize_columns(W, U, perm, args, params.block_size)
+    else:
+        chunks = W.tensor_split(n_chunks, dim=0)  # row views: each thread updates its own rows
+        with ThreadPoolExecutor(n_chunks, thread_name_prefix="gptq") as pool:
+            parts = list(pool.map(lambda c: quantize_columns(c, U, perm, args, params.block_size), chunks))
+        Q, scale, zero = (torch.cat(t) for t in zip(*parts))
     inverse = torch.argsort(perm)
     return QuantResult(q=Q[:, inverse].to(torch.int8), scale=scale, zero=zero.to(torch.int8))
 
