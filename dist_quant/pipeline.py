@@ -137,6 +137,7 @@ class LayerwiseQuantizer:
                 unload_layer(layer)
                 self.overrides.clear()
                 self.ckpt.release()  # the layer's checkpoint pages leave the RSS with the handles
+            trim_heap()  # once per layer: see dist_quant/memory.py for what it costs and saves
             records.append(record)
             if resume is not None:
                 resume.layer_done(i, xs, records)
@@ -163,9 +164,8 @@ class LayerwiseQuantizer:
                 inputs = self.w8a8.prepare(layer, index, k, ops, xs, prev, inputs, masks, stage_linears,
                                            record, phase)
             # The previous stage's activations are no longer needed once this stage's inputs exist;
-            # freeing them (and handing their pages back) keeps about two activation sets alive.
+            # freeing them keeps about two activation sets alive.
             prev = [None] * len(xs)
-            trim_heap()
             if stage_linears:
                 self._quantize_stage(layer, stage_linears, inputs, masks, record, phase)
             if op.advance is not None:
