@@ -106,13 +106,20 @@ def act_args(cfg: JobConfig, args: QuantArgs) -> ActQuantArgs | None:
                         token_divisor=127.0 if cfg.output.format == "ascend" else 127.5)
 
 
+def _compressed_tensors(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | None) -> OutputFormat:
+    return CompressedTensorsW8A8(args, act) if act is not None else OutputFormat(args, act)
+
+
+def _ascend(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | None) -> OutputFormat:
+    if cfg.quant.bits != 8:
+        raise ConfigError(f"output.format='ascend' with quant.bits={cfg.quant.bits}: the Ascend description "
+                          "format is written for 8-bit weights (W8A8, W8A8_DYNAMIC, W8A16)")
+    return Ascend(args, act)
+
+
+# output.format → factory(cfg, args, act) -> OutputFormat; config validation reads the keys
+FORMATS = {"compressed-tensors": _compressed_tensors, "ascend": _ascend}
+
+
 def make_format(cfg: JobConfig, args: QuantArgs) -> OutputFormat:
-    act = act_args(cfg, args)
-    if cfg.output.format == "ascend":
-        if cfg.quant.bits != 8:
-            raise ConfigError(f"output.format='ascend' with quant.bits={cfg.quant.bits}: the Ascend description "
-                              "format is written for 8-bit weights (W8A8, W8A8_DYNAMIC, W8A16)")
-        return Ascend(args, act)
-    if act is not None:
-        return CompressedTensorsW8A8(args, act)
-    return OutputFormat(args, act)
+    return FORMATS[cfg.output.format](cfg, args, act_args(cfg, args))
