@@ -19,6 +19,7 @@ from .checkpoint import Checkpoint
 from .config import JobConfig
 from .formats.registry import OutputFormat, make_format
 from .layer_forward import build_skeleton, load_layer, unload_layer
+from .memory import trim_heap
 from .plan import ModelPlan, OwnerPlan
 from .quant.qparams import QuantArgs
 from .runtime import Comm
@@ -144,6 +145,7 @@ class LayerwiseQuantizer:
                 unload_layer(layer)
                 del ctx
                 self.ckpt.release()  # the layer's checkpoint pages leave the RSS with the handles
+            trim_heap()  # once per layer: see dist_quant/memory.py for what it costs and saves
             records.append(record)
             if resume is not None:
                 resume.layer_done(i, xs, records)

@@ -45,18 +45,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol, Sequence, Union
 
 import torch
 from torch import nn
 
+from .algorithms.gptq import GPTQParams
 from .algorithms.registry import get_solver
-from .memory import trim_heap
 from .numerics import check_result, check_weight
 from .plan import LinearInfo
 from .quant.activations import ActQuantArgs, StaticActParams, fake_quant
 from .quant.qparams import QuantResult
+from .solver_threads import single_threaded, solve_workers
 from .stats import DEQUANT_ROWS, HessianStat, error_ratio, quantized_output_error
 
 log = logging.getLogger("dist_quant")
@@ -108,22 +109,6 @@ class Job:
 class _NoPhase:
     def __call__(self, name: str):
         return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def solver_threads(device: torch.device):
-    """GPTQ's column loop is a long chain of small ops; on CPU, OpenMP synchronization per
-    op costs more than it saves (20x slower with 2 threads on a busy 2-core machine), so
-    the solve runs single-threaded and the big GEMMs of the forward keep all threads."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def input_of(module: nn.Module, child: str, *args, **kwargs) -> torch.Tensor:
@@ -325,7 +310,6 @@ class StageContext:
             self.job.check_stop(self.index)
         for hook in self.job.hooks:
             values = hook.before_solve(self, lins, values, make, downstream)
-        trim_heap()
         self._quantize(lins, values, masks if masks is not None else self.masks)
         return values
 
@@ -349,7 +333,7 @@ class StageContext:
         if mine:
             with self.phase("solve"):
                 solved = self.solve([p[0] for p in mine], hessian, tokens, work=work,
-                                    rows=[(lo, hi) for _, lo, hi in mine])
+                                    rows=[(lo, hi) for _, lo, hi in mine], solvers=owners)
         del hessian, work
         for lin in linears:
             owner = job.owners.owner[lin.name]
@@ -395,14 +379,17 @@ class StageContext:
     # -- local pieces ----------------------------------------------------------------------------
     def solve(self, linears: list[LinearInfo], hessian: torch.Tensor, tokens: int,
               weights: list[torch.Tensor] | None = None, method: str | None = None,
-              work: torch.Tensor | None = None, rows: list[tuple[int, int]] | None = None) -> dict:
+              work: torch.Tensor | None = None, rows: list[tuple[int, int]] | None = None,
+              solvers: set[int] | None = None) -> dict:
         """Solve linears that share the Hessian ``hessian`` on this rank (no collectives).
         GPTQ treats rows independently, so their weights are stacked and solved in one pass
         (one factorization, one column loop), then split back per module. ``weights``
         (float32, already read) and ``method`` override the read and ``quant.method``;
         ``work``: a Hessian-sized float32 buffer the solver may overwrite (stats.HessianStat.take);
         ``rows``: row ranges (pieces of split linears, returned under ``(name, first row)`` and
-        recorded under ``name[lo:hi]``)."""
+        recorded under ``name[lo:hi]``); ``solvers``: the ranks solving at the same time (default:
+        all); a GPTQ solve gets the cores of the local ranks that wait meanwhile as row workers
+        (dist_quant/solver_threads.py)."""
         t0 = time.perf_counter()
         if weights is None:
             weights = [self.weight(lin.name) for lin in linears]
@@ -414,8 +401,14 @@ class StageContext:
         hessian = hessian.to(torch.float32).contiguous()
         method = method or self.cfg.quant.method
         solver = get_solver(method)
-        with solver_threads(self.device):
-            result = solver.solve(stacked, hessian, self.args, self.job.solver_params(method), work)
+        params = self.job.solver_params(method)
+        if isinstance(params, GPTQParams) and self.device.type == "cpu":
+            info = self.comm.info
+            params = replace(params, workers=solve_workers(
+                torch.get_num_threads(), info.rank, info.local_world_size,
+                range(info.world_size) if solvers is None else solvers))
+        with single_threaded(self.device):
+            result = solver.solve(stacked, hessian, self.args, params, work)
         del stacked
         if result.fallback:
             log.warning("%s: %s", ", ".join(lin.name for lin in linears), result.fallback)

@@ -12,11 +12,12 @@ weights, as in the reference implementation.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from ..quant.qparams import QuantArgs, QuantResult, compute_qparams, dequantize, quantize
+from ..quant.qparams import QuantArgs, QuantResult, compute_qparams
 from .rtn import rtn_quantize
 
 
@@ -26,6 +27,7 @@ class GPTQParams:
     block_size: int = 128
     act_order: bool = True
     damp_retries: int = 5  # each retry multiplies the dampening by 10
+    workers: int = 1  # threads running the column loop on row chunks (any count: the same bits)
 
 
 def column_order(diag: torch.Tensor, args: QuantArgs, act_order: bool) -> torch.Tensor:
@@ -135,41 +137,79 @@ def gptq_quantize_(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, params: GP
     return _column_loop(W, upper, perm, args, params)
 
 
+MIN_CHUNK_ROWS = 64  # a thread's share of the rows: fewer and its ops are all overhead
+
+
 def _column_loop(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: QuantArgs,
                  params: GPTQParams) -> QuantResult:
-    """The lazy-batch GPTQ recursion on ``W`` (columns in solve order, overwritten)."""
+    """The GPTQ recursion on ``W`` (columns in solve order, overwritten). Rows are independent
+    given ``U``, so with ``params.workers > 1`` row chunks run in that many threads at once
+    (torch ops release the GIL): every element is computed exactly as in one pass, so the
+    result is the same bits for any number of workers, and no OpenMP team is woken per op."""
+    rows = W.shape[0]
+    n_chunks = max(1, min(params.workers, rows // MIN_CHUNK_ROWS))
+    if n_chunks == 1:
+        Q, scale, zero = quantize_columns(W, U, perm, args, params.block_size)
+    else:
+        chunks = W.tensor_split(n_chunks, dim=0)  # row views: each thread updates its own rows
+        with ThreadPoolExecutor(n_chunks, thread_name_prefix="gptq") as pool:
+            parts = list(pool.map(lambda c: quantize_columns(c, U, perm, args, params.block_size), chunks))
+        Q, scale, zero = (torch.cat(t) for t in zip(*parts))
+    inverse = torch.argsort(perm)
+    return QuantResult(q=Q[:, inverse].to(torch.int8), scale=scale, zero=zero.to(torch.int8))
+
+
+def quantize_columns(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: QuantArgs,
+                     block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The GPTQ column loop on ``W`` [out, n] (columns already in solve order ``perm``; ``W`` is
+    updated in place) with ``U`` the upper Cholesky factor of the permuted inverse Hessian.
+    Returns the integers (solve order) and the per-group scale and zero (checkpoint order).
+
+    Each lazy block is worked on transposed (one contiguous row per column) and every column
+    costs a fixed handful of tensor ops; the arithmetic of every element is the reference
+    recursion's (``q = clamp(round(w/s) + z)``, ``err = (w − (q − z)·s) / U[i,i]``,
+    ``w[j] −= err · U[i,j]``), so the result is bit-identical to the straightforward loop."""
     out_f, n = W.shape
     cols = args.columns_per_group(n)
     grouped = args.group_size != -1
+    sym = args.symmetric
+    qmin, qmax = args.qmin, args.qmax
     scale = torch.zeros(out_f, n // cols, device=W.device)
     zero = torch.zeros(out_f, n // cols, device=W.device)
     if not grouped:
         s, z = compute_qparams(W, args)
         scale[:, :1], zero[:, :1] = s, z
-    cur_s, cur_z = scale[:, :1], zero[:, :1]
-    block = max(cols, params.block_size // cols * cols) if grouped else params.block_size
-    Q = torch.empty(out_f, n, dtype=torch.int8, device=W.device)
+    cur_s, cur_z = scale[:, 0].clone(), zero[:, 0].clone()
+    block = max(cols, block_size // cols * cols) if grouped else block_size
+    Q = torch.empty_like(W)
+    group_of = (perm[::cols] // cols).tolist() if grouped else []
 
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        Wt = W[:, i1:i2].T.contiguous()  # [b, out]: column i of the block is the row Wt[i]
+        Qt = torch.empty_like(Wt)
+        Et = torch.empty_like(Wt)
         U1 = U[i1:i2, i1:i2]
+        diag = U1.diagonal().tolist()
         for i in range(i2 - i1):
             if grouped and (i1 + i) % cols == 0:
-                cur_s, cur_z = compute_qparams(W1[:, i:i + cols], args)
-                g = int(perm[i1 + i]) // cols
-                scale[:, g:g + 1], zero[:, g:g + 1] = cur_s, cur_z
-            col = W1[:, i:i + 1]
-            q = quantize(col, cur_s, cur_z, args)
-            Q1[:, i:i + 1] = q
-            err = (col - dequantize(q, cur_s, cur_z)) / U1[i, i]
-            W1[:, i:] -= err * U1[i:i + 1, i:]
-            Err1[:, i:i + 1] = err
-        Q[:, i1:i2] = Q1.to(torch.int8)
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-
-    inverse = torch.argsort(perm)
-    del W
-    return QuantResult(q=Q[:, inverse], scale=scale, zero=zero.to(torch.int8))
+                s, z = compute_qparams(Wt[i:i + cols].T, args)
+                g = group_of[(i1 + i) // cols]
+                scale[:, g:g + 1], zero[:, g:g + 1] = s, z
+                cur_s, cur_z = s[:, 0], z[:, 0]
+            col, q, err = Wt[i], Qt[i], Et[i]
+            torch.div(col, cur_s, out=q)
+            q.round_()
+            if sym:  # zero == 0: adding and subtracting it changes no value
+                q.clamp_(qmin, qmax)
+                torch.mul(q, cur_s, out=err)
+            else:
+                q.add_(cur_z).clamp_(qmin, qmax)
+                torch.sub(q, cur_z, out=err).mul_(cur_s)
+            torch.sub(col, err, out=err).div_(diag[i])
+            if i + 1 < i2 - i1:
+                Wt[i + 1:].sub_(U1[i, i + 1:, None] * err)
+        Q[:, i1:i2] = Qt.T
+        if i2 < n:
+            W[:, i2:] -= Et.T.contiguous() @ U[i1:i2, i2:]
+    return Q, scale, zero
