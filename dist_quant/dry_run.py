@@ -142,6 +142,9 @@ def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[
     max_pos = ckpt.config.get("max_position_embeddings")
     if isinstance(max_pos, int) and cal.seq_len > max_pos:
         warnings.append(f"calib.seq_len={cal.seq_len} exceeds the model's max_position_embeddings={max_pos}")
+    from .servability import plan_warnings
+
+    warnings += plan_warnings(cfg, plan, args.scale_dtype)  # which servers' kernels can serve the output
     per_rank = cal.num_samples / world_size
     if per_rank != int(per_rank) or int(per_rank) % cal.batch_size:
         warnings.append(f"calib.num_samples/world size = {per_rank:g} is not a multiple of calib.batch_size="

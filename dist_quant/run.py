@@ -17,6 +17,8 @@ from .calibration import load_calibration
 from .checkpoint import Checkpoint, CheckpointError
 from .config import ConfigError, JobConfig
 from .formats.registry import make_format
+from .formats.serving import serving_dtype
+from .servability import job_of, plan_warnings, refuse
 from .pipeline import LayerwiseQuantizer, output_specs
 from .plan import ModelPlan, OwnerPlan, assign_owners, inspect_model
 from .preflight import preflight
@@ -76,7 +78,7 @@ def check_output_dir(final: Path, model_dir: Path, overwrite: bool) -> None:
 def quant_args(cfg: JobConfig, ckpt: Checkpoint, plan: ModelPlan) -> QuantArgs:
     first = plan.linears[0].name + ".weight" if plan.linears else None
     dtype = ckpt.tensors[first].dtype if first else "F32"
-    scale_dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
+    scale_dtype = serving_dtype(cfg.output.dtype, dtype)  # scales are rounded to the serving dtype
     q = cfg.quant
     return QuantArgs(q.bits, q.group_size, q.symmetric, scale_dtype, mse=q.observer == "mse")
 
@@ -90,6 +92,7 @@ def prepare(cfg: JobConfig, model_path: str, world_size: int):
     plan = inspect_model(ckpt, cfg.quant)
     owners = assign_owners(plan, ckpt, world_size, cfg.quant.method)
     args = quant_args(cfg, ckpt, plan)
+    refuse(job_of(cfg, plan, args.scale_dtype))  # outputs no server could load: one line, before any work
     return ckpt, plan, owners, args
 
 
@@ -114,6 +117,9 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
                        prefix=fmt.part_prefix)
     preflight(cfg, comm, ckpt, parts, partial, run_dir)
     log_owner_plan(plan, owners)
+    if comm.rank == 0:
+        for line in plan_warnings(cfg, plan, args.scale_dtype):  # which servers can serve the output
+            log.warning(line)
 
     from transformers import AutoTokenizer
 
