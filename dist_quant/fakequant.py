@@ -54,7 +54,7 @@ def _act_hook(kind: str, params: StaticActParams | None = None, divisor: float =
     return hook
 
 
-def _linear_plan_ct(tensors, config: dict):
+def _linear_plan_ct(tensors, config: dict, divisor: float = TOKEN_DIVISOR):
     qc = config["quantization_config"]
     if qc.get("format") != "int-quantized":
         raise ValueError(f"fake-quant model: compressed-tensors format {qc.get('format')!r} is not W8A8 "
@@ -71,7 +71,7 @@ def _linear_plan_ct(tensors, config: dict):
         if inputs is None:
             act = ("none", None, 0.0)
         elif inputs.get("dynamic"):
-            act = ("dynamic", None, TOKEN_DIVISOR)
+            act = ("dynamic", None, divisor)
         else:
             zp = tensors.get(mod + ".input_zero_point")
             params = StaticActParams(tensors[mod + ".input_scale"].float().reshape(1),
@@ -106,7 +106,11 @@ def _linear_plan_ascend(tensors, desc: dict):
     return plan
 
 
-def load_fake_quant_model(directory, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_fake_quant_model(directory, dtype: torch.dtype = torch.float32,
+                          token_divisor: float = TOKEN_DIVISOR) -> nn.Module:
+    """``token_divisor``: dynamic per-token scale = max|x| / token_divisor (127: the servers' int8
+    kernels; 127.5 reproduces what transformers computes, through compressed-tensors' own
+    ``calculate_qparams``, for a compressed-tensors checkpoint)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
@@ -116,7 +120,7 @@ def load_fake_quant_model(directory, dtype: torch.dtype = torch.float32) -> nn.M
         plan = _linear_plan_ascend(tensors, json.loads((directory / ascend.DESCRIPTION).read_text()))
     else:
         tensors = read_tensors(directory, "model.safetensors.index.json")
-        plan = _linear_plan_ct(tensors, config)
+        plan = _linear_plan_ct(tensors, config, token_divisor)
     plain = {k: v for k, v in config.items() if k not in ("quantization_config", "quantize")}
     hf_config = AutoConfig.for_model(**plain)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)

@@ -77,6 +77,7 @@ class Rule:
     job_fails: Callable[[Job], bool] | None = None  # the whole output
     linear_fails: Callable[[Job, Linear], bool] | None = None  # dense (fused) linears
     moe_fails: Callable[[Job, MoeLayer], bool] | None = None  # fused expert layers
+    effect: str = "cannot serve"  # or "serves, but not exactly the calibrated model:"
 
 
 def _ct(job: Job) -> bool:
@@ -143,6 +144,11 @@ RULES: tuple[Rule, ...] = (
          "dequantizes fused experts only from weight_packed",
          "transformers/integrations/compressed_tensors.py, CompressedTensorsDequantize.convert",
          applies=lambda j: _ct(j) and not j.weight_only and j.moe, job_fails=lambda j: True),
+    Rule(HF, "transformers fake-quantizes dynamic activations with compressed-tensors' own rule, "
+         "max|x| / 127.5, while the servers' int8 kernels (and the calibration) use max|x| / 127",
+         "compressed_tensors/quantization/utils/helpers.py, calculate_qparams",
+         applies=lambda j: _ct(j) and j.scheme == "W8A8_DYNAMIC" and not j.moe, job_fails=lambda j: True,
+         effect="serves, but not exactly the calibrated model"),
     Rule(ASCEND, "static W8A8 needs a 16-bit serving dtype: deq_scale exists only for bfloat16 (float32) "
          "and float16 (int64); set output.dtype=bfloat16 or float16",
          "vllm_ascend/quantization/methods/w8a8_static.py, AscendW8A8LinearMethod.get_perchannel_param",
@@ -228,16 +234,18 @@ def warnings(job: Job, dense: list[Linear], moe: list[MoeLayer]) -> list[str]:
     grouped: dict[tuple[str, str, tuple[str, ...]], list[str]] = {}
     for server, findings in found.items():
         for f in findings:
-            grouped.setdefault((f.rule.why, f.rule.source, tuple(f.where)), []).append(server)
+            grouped.setdefault((f.rule.effect, f.rule.why, f.rule.source, tuple(f.where)), []).append(server)
     lines = []
-    for (why, source, where), servers in grouped.items():
+    for (effect, why, source, where), servers in grouped.items():
         who = " and ".join(servers)
         if where:
             shown = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
-            lines.append(f"servability: {who} cannot serve {len(where)} linear(s) ({shown}): {why} [{source}]")
-        else:
+            lines.append(f"servability: {who} {effect} {len(where)} linear(s) ({shown}): {why} [{source}]")
+        elif effect == "cannot serve":
             lines.append(f"servability: {who} cannot serve this output: {why} [{source}]")
-    ok = [s for s, fs in found.items() if not fs]
+        else:
+            lines.append(f"servability: {who} {effect}: {why} [{source}]")
+    ok = [s for s, fs in found.items() if not any(f.rule.effect == "cannot serve" for f in fs)]
     lines.append(f"servability: servable by {', '.join(ok) if ok else 'none of ' + ', '.join(SERVERS)} "
                  f"({job.format} {job.scheme}, serving dtype {job.serve_dtype}; shapes at tensor-parallel size 1)")
     return lines

@@ -117,9 +117,14 @@ def test_compressed_tensors_w8a8_loads_in_transformers_with_activation_quant(env
     ids = ids_for(out)
     served = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     got = logits(served, ids)
-    ref_model = load_fake_quant_model(out)
+    ref_model = load_fake_quant_model(out, token_divisor=127.5 if dynamic else 127.0)
     ref = logits(ref_model, ids)
-    assert rel(got, ref) < 1e-5  # transformers runs exactly the fake-quant model
+    # transformers runs exactly the fake-quant model; with dynamic activations through
+    # compressed-tensors' own per-token rule, max|x| / 127.5, not the servers' kernels' max|x| / 127
+    assert rel(got, ref) < 1e-5
+    if dynamic:
+        served_kernels = logits(load_fake_quant_model(out), ids)
+        assert 1e-7 < rel(got, served_kernels) < 2e-2
     for module in ref_model.modules():  # the same weights without activation quantization
         module._forward_pre_hooks.clear()
     weights_only = logits(ref_model, ids)

@@ -84,7 +84,8 @@ def quant_bias(q: torch.Tensor, input_offset: torch.Tensor, deq: torch.Tensor, b
 
 def weight_offset(result: QuantResult) -> torch.Tensor:
     """CANN's antiquant offset: ``w = (q + offset) · scale``, i.e. ``−zero``, [out, 1]."""
-    return -result.zero.float().reshape(result.zero.shape[0], -1)
+    z = result.zero.float().reshape(result.zero.shape[0], -1)
+    return torch.zeros_like(z) - z  # 0 − z: +0.0, not −0.0, for symmetric weights
 
 
 def pack_linear(name: str, result: QuantResult, args: QuantArgs, act: ActQuantArgs | None,
