@@ -11,10 +11,11 @@ from pathlib import Path
 from .arch import UnsupportedModel
 from .calibration import CalibrationError
 from .checkpoint import CheckpointError
+from .cli import CliError
 from .config import ConfigError
 
 # runtime.DeviceError (an unusable device or backend) is a ConfigError: it names the setting.
-USER_ERRORS = (ConfigError, CheckpointError, CalibrationError, UnsupportedModel)
+USER_ERRORS = (ConfigError, CheckpointError, CalibrationError, UnsupportedModel, CliError)
 log = logging.getLogger("dist_quant")
 
 
@@ -61,6 +62,21 @@ def user_error(exc: Exception, rank: int) -> int:
     return 2
 
 
+def print_only(flags, composed, overrides: list[str]) -> int:
+    """``--help`` / ``--info`` / ``--cfg``: print and stop (no process group, no work)."""
+    from .cli import cfg_text, help_text, info_text
+    from .settings import CONF_DIR
+
+    if flags.help:
+        text = help_text(CONF_DIR, composed)
+    elif flags.info:
+        text = info_text(CONF_DIR, composed, overrides)
+    else:
+        text = cfg_text(composed, flags.cfg, flags.resolve, overrides)
+    sys.stdout.write(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     overrides, local_rank_arg = split_launcher_args(list(sys.argv[1:] if argv is None else argv))
     from .runtime import rank_info_from_env
@@ -68,9 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     info = rank_info_from_env(local_rank_arg=local_rank_arg)
     setup_logging(info.rank, None)
     try:
-        from .settings import load_config
+        from .cli import parse_flags, with_rerun
+        from .settings import compose_job, to_job_config
 
-        cfg = load_config(overrides, demo_defaults=True)
+        flags = parse_flags(overrides)
+        overrides = with_rerun(flags)
+        composed = compose_job(overrides)
+        if flags.prints_only:
+            return print_only(flags, composed, overrides) if info.rank == 0 else 0
+        cfg = to_job_config(composed)
     except USER_ERRORS as exc:
         return user_error(exc, info.rank)
 
@@ -102,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         if run_dir is None:
             run_dir = Path(comm.broadcast_object(time.strftime("runs/%Y-%m-%d_%H-%M-%S") if info.rank == 0 else None))
         setup_logging(info.rank, run_dir)
+        if info.rank == 0:  # .hydra/config.yaml + overrides.yaml: the run can be repeated from here
+            from .cli import write_run_record
+
+            write_run_record(run_dir, composed, overrides)
         log.info("dist_quant: world size %d (%s), device %s, backend %s, run dir %s",
                  info.world_size, info.launcher, device, backend, run_dir)
         from .failure import Watch

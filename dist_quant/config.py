@@ -161,7 +161,9 @@ class CalibConfig:
     path: Optional[str] = None
     """Plain text file, or .jsonl with a text field per line. Empty: built-in demo text."""
     num_samples: int = 128
+    """Calibration samples (all ranks together; each rank takes its slice)."""
     seq_len: int = 512
+    """Tokens per calibration sample."""
     batch_size: int = 8
     """Samples per forward batch (per rank)."""
     text_field: str = "text"
@@ -258,7 +260,9 @@ class JobConfig:
     """Continue the run recorded in runtime.run_dir after its last completed layer (same
     model, config and world size; anything else is refused)."""
 
+    seed: int = 0
+    """Seed of every random choice (calibration subsets of the smoothing search)."""
+
     def __post_init__(self) -> None:
         _check(not self.resume or bool(self.runtime.run_dir), "resume", self.resume,
                "needs runtime.run_dir=<the run directory of the run to continue>")
-    seed: int = 0

@@ -205,7 +205,7 @@ class LayerwiseQuantizer:
             for x, m in zip(inputs, masks):
                 stat.add(x, m)
         with phase("reduce"):
-            flat = self.comm.reduce_to(stat.packed(), owners, "sum")
+            flat = self.comm.reduce_to(stat.packed(), owners, stat.reduce_op)
             stat.unpack(flat)
         hessian = stat.hessian() if rank in owners else None
         tokens = int(stat.count.item()) if rank in owners else 0

@@ -2,7 +2,7 @@
 
 Built on rank 0 from what every rank gathered (its layer records and peak memory):
 
-* ``quant_report.json``: the fields documented in README.md ("Run report");
+* ``quant_report.json``: the fields documented in docs/report.md;
 * ``quant_report_error.png``: per layer, mean and max relative output error of its linears;
 * ``quant_report_time.png``: per layer, seconds by phase (stacked; slowest rank per phase).
 

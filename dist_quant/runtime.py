@@ -28,10 +28,6 @@ class RankInfo:
     local_world_size: int = 1
     launcher: str = "single"
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def _int(env: Mapping[str, str], *keys: str, default: int | None = None) -> int | None:
     for key in keys:

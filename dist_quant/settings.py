@@ -34,7 +34,7 @@ def _compose_error(exc: Exception) -> str:
     text = str(exc)
     m = re.match(r"Could not override '([^']+)'", text)
     if m and "+" + m.group(1) in text:
-        return f"{m.group(1)}: unknown configuration key (the keys are listed in README.md)"
+        return f"{m.group(1)}: unknown configuration key (python -m dist_quant --help lists the keys)"
     m = re.search(r"Could not find '([^'/]+)/([^']+)'\s*Available options in '[^']+':\s*(.*)", text, re.S)
     if m:
         options = ", ".join(ln.strip() for ln in m.group(3).split("Config search path")[0].splitlines()
@@ -84,6 +84,13 @@ def apply_demo_defaults(cfg, overrides: Sequence[str]) -> None:
         if key in explicit or (key == "quant.group_size" and cfg.quant.group_size == -1):
             continue
         OmegaConf.update(cfg, key, value, merge=False)
+
+
+def compose_job(overrides: Sequence[str]):
+    """The composed DictConfig the command line runs: :func:`compose` plus the demo defaults."""
+    cfg = compose(overrides)
+    apply_demo_defaults(cfg, overrides)
+    return cfg
 
 
 def load_config(overrides: Sequence[str], demo_defaults: bool = False) -> JobConfig:

@@ -208,7 +208,7 @@ class W8A8Stages:
         stat = ChannelRangeStat(weight.shape[1], self.device)
         for a, m in zip(acts, masks):
             stat.add(a, m)
-        stat.unpack(self.comm.all_reduce(stat.packed(), "max"))
+        stat.unpack(self.comm.all_reduce(stat.packed(), stat.reduce_op))
         a_max, w_max = stat.absmax(), weight.abs().amax(dim=0)
         if pair.kind == "ov":
             h = self.heads

@@ -8,7 +8,7 @@ import torch
 class HessianStat:
     """``Σ x xᵀ`` over real tokens (float64) and the token count."""
 
-    reduce_op = "sum"
+    reduce_op = "sum"  # how its packed() buffer combines across ranks (the callers pass it to Comm)
 
     def __init__(self, features: int, device: torch.device):
         self.sum = torch.zeros(features, features, dtype=torch.float64, device=device)

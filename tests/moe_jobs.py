@@ -7,9 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,8 +14,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from helpers import REPO, free_port, isolated_main, job_env
 
-REPO = Path(__file__).resolve().parents[1]
 TRACE = Path(__file__).resolve().parent / "moe_trace_main.py"
 
 
@@ -42,31 +39,19 @@ def run_inprocess(model: Path, out: Path, args: list[str], *extra: str, capture:
 
     overrides = [f"model.path={model}", *args, f"output.dir={out}", f"runtime.run_dir={out}.run",
                  "runtime.threads=1", *extra]
-    threads = torch.get_num_threads()
     err = io.StringIO()
     if capture:
         LayerwiseQuantizer._layer, LayerwiseQuantizer.run = _layer, _run
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with isolated_main(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             rc = main(overrides)
     finally:
         LayerwiseQuantizer._layer, LayerwiseQuantizer.run = orig_layer, orig_run
-        torch.set_num_threads(threads)
-        logger = logging.getLogger("dist_quant")
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-            handler.close()
     assert rc == 0, err.getvalue()[-3000:]
     seen.report = json.loads((out / "quant_report.json").read_text())
     seen.log = (Path(f"{out}.run") / "rank0.log").read_text()
     seen.out = out
     return seen
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_ranks(model: Path, out: Path, args: list[str], nproc: int, trace: Path,
@@ -76,9 +61,7 @@ def start_ranks(model: Path, out: Path, args: list[str], nproc: int, trace: Path
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(TRACE), f"model.path={model}", *args,
            f"output.dir={out}", f"runtime.run_dir={run_dir}", "runtime.threads=1"]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TRACE_DIR=str(trace), OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
+    env = job_env(TRACE_DIR=str(trace), **(env_extra or {}))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return SimpleNamespace(out=out, run_dir=run_dir, trace=trace, proc=proc, t0=time.time())
 

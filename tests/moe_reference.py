@@ -12,31 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
-
-def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
-        sorted(p.name for p in directory.glob("*.safetensors"))
-    out = {}
-    for f in files:
-        with safe_open(directory / f, "pt") as fh:
-            for name in fh.keys():
-                assert name not in out, f"{name} in two files"
-                out[name] = fh.get_tensor(name)
-    return out
+from reference import read_tensors, unpack_int32
 
 
 def unpack(packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
-    """compressed-tensors pack-quantized: unsigned ``q + 2^(bits-1)``, ``32/bits`` values per
-    int32 along the input dimension, lowest bits first."""
-    per = 32 // bits
-    mask = (1 << bits) - 1
-    p = packed.to(torch.int64) & 0xFFFFFFFF
-    vals = torch.stack([(p >> (bits * i)) & mask for i in range(per)], dim=-1).reshape(packed.shape[0], -1)
-    return vals[:, : shape[1]] - (1 << (bits - 1))
+    """compressed-tensors pack-quantized ``weight_packed`` → signed integers [out, in]."""
+    return unpack_int32(packed, bits, shape[1], dim=1)
 
 
 @dataclass

@@ -1,18 +1,12 @@
-"""Independent reference code for the end-to-end tests: launching dist_quant as a real
-process, reading its output directory, our own int32 unpacker, round-to-nearest from the
-documented formulas, and the calibration activations of layer 0.
+"""Independent reference code for the tests: reading an output directory, our own int32
+unpacker, round-to-nearest from the documented formulas, and the calibration activations of
+layer 0. (Running the tool lives in ``tests/helpers.py``.)
 
 Nothing here imports ``dist_quant``: the tests compare the tool against this code."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,107 +18,16 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-# -- running the tool -------------------------------------------------------------------------
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports that were free a moment ago (sockets held until all are chosen)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def job_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    return env
-
-
-def command(overrides: list[str], nproc: int = 1, port: int | None = None) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "dist_quant", *overrides]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "dist_quant", *overrides]
-
-
-def check_done(job) -> Path:
-    """``job.out`` of a run that exited 0 and printed ``done: <out>`` (fails the calling test
-    otherwise, with the ends of its stdout and stderr). ``job`` has name, returncode, stdout,
-    stderr and out."""
-    assert job.returncode == 0, (f"{job.name}: exit {job.returncode}\n--- stdout\n{job.stdout[-3000:]}"
-                                 f"\n--- stderr\n{job.stderr[-6000:]}")
-    assert f"done: {job.out}" in job.stdout, job.stdout
-    return job.out
-
-
-@dataclass
-class Job:
-    name: str
-    argv: list[str]
-    out: Path
-    run_dir: Path
-    proc: subprocess.Popen | None = None
-    returncode: int | None = None
-    stdout: str = ""
-    stderr: str = ""
-    seconds: float = 0.0
-    _t0: float = field(default=0.0, repr=False)
-
-    def start(self) -> "Job":
-        self._t0 = time.time()
-        self.proc = subprocess.Popen(self.argv, cwd=REPO, env=job_env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        return self
-
-    def wait(self, timeout: float = 600) -> "Job":
-        if self.proc is not None:
-            try:
-                self.stdout, self.stderr = self.proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.stdout, self.stderr = self.proc.communicate()
-            self.returncode = self.proc.returncode
-            self.seconds = time.time() - self._t0
-            self.proc = None
-        return self
-
-    def check(self) -> Path:
-        """The output dir of a successful run (fails the calling test otherwise)."""
-        return check_done(self)
-
-
-def make_job(name: str, model: Path, out: Path, run_dir: Path, calib: Path, quant: str,
-             extra: tuple[str, ...] = (), nproc: int = 1, port: int | None = None,
-             num_samples: int = 16, seq_len: int = 64) -> Job:
-    overrides = [f"model.path={model}", f"quant={quant}", f"calib.path={calib}",
-                 f"calib.num_samples={num_samples}", f"calib.seq_len={seq_len}", f"output.dir={out}",
-                 "output.part_file_size=100KB", f"runtime.run_dir={run_dir}", "runtime.threads=1", *extra]
-    return Job(name, command(overrides, nproc, port), out, run_dir)
-
-
-def small_calib_file(path: Path, source: Path, chars: int = 40_000) -> Path:
-    path.write_text(source.read_text(encoding="utf-8")[:chars], encoding="utf-8")
-    return path
-
-
-def hash_dir(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
-
-
 # -- reading checkpoints ----------------------------------------------------------------------
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every ``*.safetensors`` file in ``directory`` (names must be unique)."""
+    """Every tensor of a checkpoint directory: the files its ``model.safetensors.index.json``
+    names, else every ``*.safetensors`` file (names must be unique)."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    files = ([directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+             if index.is_file() else sorted(directory.glob("*.safetensors")))
     out: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(directory).glob("*.safetensors")):
+    for f in files:
         with safe_open(f, framework="pt") as fh:
             for name in fh.keys():
                 assert name not in out, f"{name} is in two files"

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import call_main  # noqa: E402
+from helpers import call_main  # noqa: E402
 from tiny import WIKI, make_tiny_model  # noqa: E402
 
 @pytest.fixture(scope="module")
@@ -41,11 +41,7 @@ def snapshot(path: Path) -> dict[str, str]:
 
 
 def args(model: Path, tmp_path: Path, *extra: str) -> list[str]:
-    calib = WIKI if WIKI.is_file() else tmp_path / "calib.txt"
-    if not calib.is_file():
-        from tiny import corpus_text
-
-        calib.write_text(corpus_text())
+    calib = WIKI
     return [f"model.path={model}", f"calib.path={calib}", "calib.num_samples=8", "calib.seq_len=32",
             "quant.group_size=32", f"output.dir={tmp_path / 'out'}", f"runtime.run_dir={tmp_path / 'run'}",
             *extra]

@@ -11,9 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import REPO  # noqa: E402
-from procs import run_main  # noqa: E402
-from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
+from helpers import REPO, run_main  # noqa: E402
+from tiny import corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant import demo_data  # noqa: E402
 from dist_quant.settings import DEMO_DEFAULTS, load_config  # noqa: E402
@@ -24,8 +23,6 @@ def test_demo_text_is_package_data_with_attribution():
     text = demo_data.demo_text()
     assert 250_000 < len(text.encode()) < 400_000
     assert text == (data / demo_data.DEMO_TEXT).read_text(encoding="utf-8")
-    if WIKI.is_file():  # an unmodified excerpt of WikiText-2
-        assert WIKI.read_text(encoding="utf-8").startswith(text.rstrip("\n"))
     note = (data / "DEMO_TEXT_LICENSE.md").read_text()
     assert "CC BY-SA 3.0" in note and "WikiText" in note and "Merity" in note
     pyproject = (REPO / "pyproject.toml").read_text()
@@ -72,7 +69,7 @@ def test_demo_summary_on_a_tiny_run(tmp_path):
 
     model = make_tiny_model(tmp_path / "model", layers=2)
     calib = tmp_path / "calib.txt"
-    calib.write_text(WIKI.read_text(encoding="utf-8")[:40_000] if WIKI.is_file() else corpus_text(40_000))
+    calib.write_text(corpus_text(40_000))
     out = tmp_path / "out"
     code, _, err = run_main([f"model.path={model}", f"calib.path={calib}", "calib.num_samples=8", "calib.seq_len=32",
                              "quant.group_size=32", f"output.dir={out}", f"runtime.run_dir={tmp_path / 'run'}"])

@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import REPO, free_ports, job_env, read_quant_linears  # noqa: E402
-from procs import run_main  # noqa: E402
-from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
+from reference import read_quant_linears  # noqa: E402
+from helpers import REPO, free_ports, job_env, run_main  # noqa: E402
+from tiny import corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant.config import ConfigError  # noqa: E402
 from dist_quant.runtime import Comm, DeviceError, RankInfo, resolve_backend, resolve_device  # noqa: E402
@@ -119,7 +119,7 @@ def _torch_npu_importable() -> bool:
 def test_hccl_backend_two_ranks_on_cpu(tmp_path):
     model = make_tiny_model(tmp_path / "model", layers=2)
     calib = tmp_path / "calib.txt"
-    calib.write_text(WIKI.read_text(encoding="utf-8")[:40_000] if WIKI.is_file() else corpus_text(40_000))
+    calib.write_text(corpus_text(40_000))
     common = [f"model.path={model}", f"calib.path={calib}", *OVERRIDES]
     run2, out2 = tmp_path / "run-hccl", tmp_path / "out-hccl"
     port = free_ports(1)[0]

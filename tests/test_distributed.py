@@ -15,10 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import (LINEARS, free_ports, hash_dir, make_job, part_file_contents,  # noqa: E402
-                       quantized_linears, read_quant_linear, read_tensors, small_calib_file)
-from procs import isolated_main  # noqa: E402
-from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
+from reference import LINEARS, part_file_contents, quantized_linears, read_quant_linear, read_tensors  # noqa: E402
+from helpers import free_ports, hash_dir, make_job, small_calib_file, isolated_main  # noqa: E402
+from tiny import corpus_text, make_tiny_model  # noqa: E402
 
 NUM_SAMPLES, SEQ_LEN, BATCH = 16, 64, 4  # 8 samples per rank: batches of 4 align with one rank's
 LAYERS = 2
@@ -35,7 +34,7 @@ CASE_IDS = [f"{m}-{q}" for m, q in CASES]
 def dist(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     source = root / "wiki.txt"
-    source.write_text(WIKI.read_text(encoding="utf-8")[:60_000] if WIKI.is_file() else corpus_text(60_000),
+    source.write_text(corpus_text(60_000),
                       encoding="utf-8")
     calib = small_calib_file(root / "calib.txt", source, 40_000)
     ports = iter(free_ports(len(CASES)))
@@ -164,7 +163,8 @@ def test_per_rank_logs_in_shared_run_dir(dist, model_key, quant_key):
     out = job.check()
     assert job.stdout.count("done:") == 1  # rank 0 only
     logs = sorted(p.name for p in job.run_dir.iterdir())
-    assert logs == ["rank0.log", "rank1.log"]
+    assert logs == [".hydra", "rank0.log", "rank1.log"]  # the run record is written once, by rank 0
+    assert sorted(p.name for p in (job.run_dir / ".hydra").iterdir()) == ["config.yaml", "overrides.yaml"]
     for rank in (0, 1):
         text = (job.run_dir / f"rank{rank}.log").read_text()
         assert f"[rank {rank}]" in text and f"[rank {1 - rank}]" not in text

@@ -14,9 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import REPO, LINEARS, header_data_bytes, job_env  # noqa: E402
-from procs import run_main  # noqa: E402
-from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
+from reference import LINEARS, header_data_bytes  # noqa: E402
+from helpers import REPO, job_env, run_main  # noqa: E402
+from tiny import corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant.checkpoint import Checkpoint  # noqa: E402
 
@@ -30,7 +30,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("dry")
     model = make_tiny_model(root / "model", layers=LAYERS, hidden=HIDDEN, intermediate=INTER)
     calib = root / "calib.txt"
-    calib.write_text(WIKI.read_text(encoding="utf-8")[:40_000] if WIKI.is_file() else corpus_text(40_000))
+    calib.write_text(corpus_text(40_000))
     return root, model, calib
 
 

@@ -16,11 +16,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import (LINEARS, hash_dir, header_data_bytes, layer0_attn_input, make_job,  # noqa: E402
+from reference import (LINEARS, calibration_ids, header_data_bytes, layer0_attn_input,  # noqa: E402
                        part_file_contents, read_quant_linears, read_tensors, reference_rtn,
-                       relative_output_error, relative_weight_error, calibration_ids, small_calib_file,
-                       unpack_int32)
-from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
+                       relative_output_error, relative_weight_error, unpack_int32)
+from helpers import hash_dir, make_job, small_calib_file  # noqa: E402
+from tiny import corpus_text, make_tiny_model  # noqa: E402
 
 NUM_SAMPLES, SEQ_LEN = 16, 64
 PART_LIMIT = 100_000  # output.part_file_size=100KB
@@ -39,7 +39,7 @@ RTN_JOBS = ["llama_rtn_w4", "qwen_rtn_w4_asym", "llama_rtn_w8"]
 
 
 def _text(chars: int) -> str:
-    return WIKI.read_text(encoding="utf-8") if WIKI.is_file() else corpus_text(chars)
+    return corpus_text(chars)
 
 
 @pytest.fixture(scope="module")

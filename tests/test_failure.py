@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import ranks, wait_all  # noqa: E402
-from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
+from helpers import ranks, wait_all  # noqa: E402
+from tiny import WIKI, make_tiny_model  # noqa: E402
 
 HANG_TIMEOUT_S = 20  # runtime.timeout_s of the hang job (also bounds its rendezvous under load)
 BOUND_S = 30  # failure -> every rank gone (measured: a few seconds)
@@ -34,9 +34,6 @@ def overrides(model: Path, calib: Path, base: Path, *extra: str) -> list[str]:
 def jobs(tmp_path_factory):
     root = tmp_path_factory.mktemp("failure")
     calib = WIKI
-    if not calib.is_file():
-        calib = root / "calib.txt"
-        calib.write_text(corpus_text())
     model2 = make_tiny_model(root / "model2", layers=2)
     model1 = make_tiny_model(root / "model1", layers=1)
     started = {}

@@ -21,8 +21,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import REPO, check_done, free_ports, job_env  # noqa: E402
-from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
+from helpers import REPO, check_done, free_ports, job_env  # noqa: E402
+from tiny import corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant.runtime import (RankInfo, first_slurm_host, rank_info_from_env,  # noqa: E402
                                 rendezvous_env, slurm_tasks_on_node)
@@ -97,7 +97,7 @@ def launched(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch")
     model = make_tiny_model(root / "model", layers=2)
     calib = root / "calib.txt"
-    calib.write_text(WIKI.read_text(encoding="utf-8")[:40_000] if WIKI.is_file() else corpus_text(40_000))
+    calib.write_text(corpus_text(40_000))
     common = [f"model.path={model}", f"calib.path={calib}", *OVERRIDES]
     ports = iter(free_ports(3))
     jobs = {}

@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from moe_jobs import finish, run_inprocess, start_ranks  # noqa: E402
-from moe_reference import quantized_linears, read_tensors  # noqa: E402
+from moe_reference import quantized_linears  # noqa: E402
+from reference import read_tensors  # noqa: E402
 from tiny import corpus_text  # noqa: E402
 from tiny_moe import MOE_ARCHS, make_tiny_moe  # noqa: E402
 

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from moe_jobs import run_inprocess  # noqa: E402
-from moe_reference import load_fake_quant, quantized_linears, read_tensors, router_counts  # noqa: E402
+from moe_reference import load_fake_quant, quantized_linears, router_counts  # noqa: E402
+from reference import read_tensors  # noqa: E402
 from tiny import corpus_text  # noqa: E402
 from tiny_moe import MOE_ARCHS, make_tiny_moe  # noqa: E402
 
@@ -156,7 +157,7 @@ def test_w8_rtn_per_channel_loads(env):
     run = job(env, "rtn_w8", "qwen2_moe", "quant=rtn_w8a16", capture=False)
     loaded = AutoModelForCausalLM.from_pretrained(str(run.out), dtype=torch.float32, attn_implementation="eager")
     ref, _ = load_fake_quant(env.models["qwen2_moe"], run.out)
-    ids = torch.arange(48).reshape(2, 24) * 7 % 500
+    ids = torch.arange(48).reshape(2, 24) * 7 % loaded.config.vocab_size
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, ref(ids).logits, atol=2e-4, rtol=1e-4)
     src = read_tensors(env.models["qwen2_moe"])
@@ -269,7 +270,7 @@ def test_w8a8_dynamic_activations_through_the_moe_block(env, arch):
     int8 activations in the statistics and the propagation, the router sees float ones.
     The propagated hidden states equal our own reference: the output checkpoint dequantized
     (int-quantized experts included) with per-token int8 activations emulated in front of
-    every quantized linear. transformers 5.23 cannot load int-quantized experts (README)."""
+    every quantized linear. transformers 5.23 cannot load int-quantized experts (docs/moe.md)."""
     run = job(env, "w8a8", arch, "quant=smoothquant_w8a8", "quant.act_dynamic=true")
     from moe_reference import emulate_dynamic_activations
 

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import call_main  # noqa: E402
-from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
+from helpers import call_main  # noqa: E402
+from tiny import WIKI, make_tiny_model  # noqa: E402
 
 from dist_quant.numerics import NumericalError, check_result  # noqa: E402
 from dist_quant.quant.qparams import QuantArgs, QuantResult  # noqa: E402
@@ -33,9 +33,7 @@ def test_cholesky_failure_falls_back_logged_and_output_is_finite(tmp_path, monke
 
     monkeypatch.setattr(gptq, "inverse_cholesky", failing_for_down_proj)
     model = make_tiny_model(tmp_path / "model", layers=2, hidden=64, intermediate=128)
-    calib = WIKI if WIKI.is_file() else tmp_path / "calib.txt"
-    if not calib.is_file():
-        calib.write_text(corpus_text())
+    calib = WIKI
     out, run = tmp_path / "out", tmp_path / "run"
     rc = call_main([f"model.path={model}", f"calib.path={calib}", "calib.num_samples=8", "calib.seq_len=32",
                "quant.group_size=32", f"output.dir={out}", f"runtime.run_dir={run}"])

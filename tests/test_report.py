@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reference import LINEARS  # noqa: E402
-from procs import run_main  # noqa: E402
-from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
+from helpers import run_main  # noqa: E402
+from tiny import corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant.pipeline import PHASES  # noqa: E402
 from dist_quant.progress import LayerProgress  # noqa: E402
@@ -33,7 +33,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     model = make_tiny_model(root / "model", layers=LAYERS)
     calib = root / "calib.txt"
-    calib.write_text(WIKI.read_text(encoding="utf-8")[:40_000] if WIKI.is_file() else corpus_text(40_000))
+    calib.write_text(corpus_text(40_000))
     out = root / "out"
     argv = [f"model.path={model}", f"calib.path={calib}", "calib.num_samples=8", "calib.seq_len=32",
             "quant.group_size=32", f"output.dir={out}", f"runtime.run_dir={root / 'run'}", "runtime.threads=1",

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import call_main, torchrun, wait_all  # noqa: E402
-from tiny import WIKI, corpus_text, make_tiny_model  # noqa: E402
+from helpers import call_main, torchrun, wait_all  # noqa: E402
+from tiny import WIKI, make_tiny_model  # noqa: E402
 
 from dist_quant.tensorspec import TensorSpec  # noqa: E402
 from dist_quant.writer import RankWriter, plan_parts  # noqa: E402
@@ -25,11 +25,7 @@ from dist_quant.writer import RankWriter, plan_parts  # noqa: E402
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory) -> Path:
-    if WIKI.is_file():
-        return WIKI
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(corpus_text())
-    return path
+    return WIKI
 
 
 def overrides(model: Path, calib: Path, out: Path, run: Path, *extra: str) -> list[str]:

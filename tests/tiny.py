@@ -1,23 +1,25 @@
 """Tiny random-weight checkpoints (built from transformers configs) for tests."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 
-WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
-FALLBACK_TEXT = ("The quick brown fox jumps over the lazy dog. " * 50 + "\n") * 20
+# The package's own WikiText-2 excerpt (CC BY-SA 3.0, dist_quant/data/DEMO_TEXT_LICENSE.md): the tests
+# need nothing outside the repository.
+WIKI = Path(__file__).resolve().parents[1] / "dist_quant" / "data" / "demo_text.txt"
 
 
 def corpus_text(chars: int = 200_000) -> str:
-    if WIKI.is_file():
-        return WIKI.read_text(encoding="utf-8")[:chars]
-    return (FALLBACK_TEXT * (chars // len(FALLBACK_TEXT) + 1))[:chars]
+    text = WIKI.read_text(encoding="utf-8")
+    return (text * (chars // len(text) + 1))[:chars]
 
 
-def make_tokenizer(directory: Path, vocab_size: int = 512):
+@functools.lru_cache(maxsize=None)
+def _trained_bpe(vocab_size: int) -> str:
+    """A byte-level BPE trained on the corpus, as JSON (trained once per process and size)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -25,6 +27,14 @@ def make_tokenizer(directory: Path, vocab_size: int = 512):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([corpus_text(50_000)], trainer)
+    return tok.to_str()
+
+
+def make_tokenizer(directory: Path, vocab_size: int = 512):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_str(_trained_bpe(vocab_size))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>")
     fast.save_pretrained(directory)

@@ -3,7 +3,11 @@ int8 activations, min/max; per-channel symmetric int8 weights) on SmolLM2-135M-I
 with SAMPLES x 512 calibration rows cut the way dist_quant cuts them. Runs on CPU in a
 virtual environment with msmodelslim installed (see bench/README.md, "Smoothing / W8A8").
 
-    python bench/peers/msmodelslim_flex.py MODEL_DIR DATA SAMPLES
+    python bench/peers/msmodelslim_flex.py MODEL_DIR DATA SAMPLES [WORK_DIR]
+
+msModelSlim's anti-outlier stage saves its activation statistics (``features.npy``) into the
+current directory; the script runs inside WORK_DIR (default: a new temporary directory) so
+nothing lands in the caller's directory or the repository.
 
 Prints one JSON line: wall seconds (model load to the calibrated model; saving is left
 out), peak RSS, and the perplexity of msModelSlim's own fake-quantized model on the 40
@@ -11,8 +15,10 @@ held-out windows of bench/bench_smooth.py (dist_quant.eval.perplexity, repositor
 PYTHONPATH).
 """
 import json
+import os
 import resource
 import sys
+import tempfile
 import time
 
 import torch
@@ -23,7 +29,11 @@ from msmodelslim.pytorch.llm_ptq.anti_outlier import AntiOutlier, AntiOutlierCon
 from msmodelslim.pytorch.llm_ptq.llm_ptq_tools import Calibrator, QuantConfig
 
 
-def main(model_dir: str, data: str, samples: str) -> None:
+def main(model_dir: str, data: str, samples: str, work_dir: str | None = None) -> None:
+    model_dir, data = os.path.abspath(model_dir), os.path.abspath(data)
+    work_dir = work_dir or tempfile.mkdtemp(prefix="msmodelslim-")
+    os.makedirs(work_dir, exist_ok=True)
+    os.chdir(work_dir)  # its features.npy goes here
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(model_dir)
     rows = calibration_rows(tok, data)[: int(samples)]
@@ -46,4 +56,4 @@ def main(model_dir: str, data: str, samples: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
