@@ -180,7 +180,7 @@ def layer_modules(config: dict, index: int, linear, moe, has_bias: bool, pd: tor
         e, i = config["num_local_experts"], config["intermediate_size"]
         block, names = p + "block_sparse_moe.experts", ("w1", "w2", "w3")
     else:
-        e, i = config["num_experts"], config["moe_intermediate_size"]
+        e, i = config.get("num_experts") or config["num_local_experts"], config["moe_intermediate_size"]
         block, names = p + "mlp.experts", ("gate_proj", "down_proj", "up_proj")
     experts = [{shard: f"{block}.{x}.{name}" for shard, name in zip(("w1", "w2", "w3"), names)} for x in range(e)]
     mods.append(Module(block, "moe", moe(e, h, i), experts=experts))
