@@ -110,7 +110,8 @@ REFUSALS: tuple[Rule, ...] = (
          "(CompressedTensorsWNA16MarlinMoEMethod / CompressedTensorsWNA16MoEMethod: \"Only symmetric "
          "quantization is supported for MoE\"); set quant.symmetric=true",
          "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors_moe.py, "
-         "CompressedTensorsWNA16MarlinMoEMethod.__init__",
+         "CompressedTensorsWNA16MarlinMoEMethod.__init__; SGLang schemes/compressed_tensors_wNa16_moe.py, "
+         "CompressedTensorsWNA16MoE.__init__",
          applies=lambda j: _ct(j) and j.weight_only and j.moe, job_fails=lambda j: not j.symmetric),
     Rule("all", "vLLM-Ascend registers no W8A16 MoE scheme (methods/registry.py has no ('W8A16', 'moe'): "
          "AscendModelSlimConfig raises NotImplementedError); use quant=w8a8 quant.act_dynamic=true "
