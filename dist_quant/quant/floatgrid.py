@@ -1,0 +1,129 @@
+"""Floating-point weight grids: FP8 E4M3 (per channel, per tensor, 128×128 blocks) and NVFP4
+(FP4 E2M1 values in groups of 16 with FP8 E4M3 group scales and a float32 global scale).
+Pure tensor functions, the float counterpart of :mod:`dist_quant.quant.qparams`.
+
+Conventions (compressed-tensors ``float-quantized`` / ``nvfp4-pack-quantized``; vLLM loads the
+same): FP8 ``w ≈ fp8 · scale`` with ``scale = amax / 448``; NVFP4
+``w ≈ e2m1 · (group_scale / global_scale)`` with ``global_scale = 448 · 6 / amax(w)`` and
+``group_scale = fp8(amax(group) / 6 · global_scale)``. Casts saturate (never inf/NaN).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+FP4_MAX = 6.0
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitudes of the 8 codes 0..7 (bit 3: sign)
+NVFP4_GROUP = 16
+FP8_BLOCK = 128
+
+
+# -- FP8 E4M3 ----------------------------------------------------------------------------------
+def to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """Saturating round-to-nearest-even cast to E4M3 (torch's cast maps overflow to NaN)."""
+    return x.float().clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def _blocks(w: torch.Tensor, block: int) -> torch.Tensor:
+    """[out, in] → zero-padded [ceil(out/b), b, ceil(in/b), b]."""
+    out_f, in_f = w.shape
+    po, pi = math.ceil(out_f / block) * block, math.ceil(in_f / block) * block
+    padded = torch.zeros(po, pi, dtype=torch.float32, device=w.device)
+    padded[:out_f, :in_f] = w.float()
+    return padded.reshape(po // block, block, pi // block, block)
+
+
+def fp8_scale(w: torch.Tensor, strategy: str, block: int = FP8_BLOCK) -> torch.Tensor:
+    """float32 scales: ``channel`` [out, 1], ``tensor`` [1], ``block`` [ceil(out/b), ceil(in/b)]."""
+    a = w.float().abs()
+    if strategy == "channel":
+        amax = a.amax(dim=1, keepdim=True)
+    elif strategy == "tensor":
+        amax = a.amax().reshape(1)
+    elif strategy == "block":
+        amax = _blocks(a, block).amax(dim=(1, 3))
+    else:
+        raise ValueError(f"fp8 strategy {strategy!r}: expected channel, tensor or block")
+    return (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def expand_fp8_scale(scale: torch.Tensor, shape: tuple[int, int], strategy: str,
+                     block: int = FP8_BLOCK) -> torch.Tensor:
+    """A scale per weight element, [out, in]."""
+    out_f, in_f = shape
+    if strategy == "block":
+        return scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[:out_f, :in_f]
+    return scale.float().expand(out_f, in_f) if strategy == "channel" else scale.float().reshape(1, 1).expand(out_f, in_f)
+
+
+def fp8_quantize(w: torch.Tensor, scale: torch.Tensor, strategy: str, block: int = FP8_BLOCK) -> torch.Tensor:
+    """float8_e4m3fn weights ``fp8(w / scale)``."""
+    return to_fp8(w.float() / expand_fp8_scale(scale, tuple(w.shape), strategy, block))
+
+
+def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, strategy: str, block: int = FP8_BLOCK) -> torch.Tensor:
+    return q.float() * expand_fp8_scale(scale, tuple(q.shape), strategy, block)
+
+
+# -- FP4 E2M1 (NVFP4) --------------------------------------------------------------------------------
+_E2M1 = torch.tensor(E2M1_VALUES)
+# decision boundaries between neighbouring magnitudes; ties go to the even code (as RNE does)
+_MIDPOINTS = (_E2M1[1:] + _E2M1[:-1]) / 2
+
+
+def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (uint8 0..15: bit 3 sign, bits 0-2 magnitude index) of ``x`` rounded to the
+    nearest E2M1 value, ties to the even code, saturating at ±6."""
+    a = x.float().abs().clamp(max=FP4_MAX)
+    mids = _MIDPOINTS.to(a.device)
+    idx = torch.bucketize(a, mids)  # index of the first midpoint >= a: a below it → lower value
+    at_mid = (idx < len(mids)) & (a == mids[idx.clamp(max=len(mids) - 1)])
+    idx = torch.where(at_mid & (idx % 2 == 1), idx + 1, idx)  # exact tie: bucketize chose the lower code; keep even
+    sign = (x < 0) & (idx > 0)
+    return (idx + sign.to(idx.dtype) * 8).to(torch.uint8)
+
+
+def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
+    mag = _E2M1.to(codes.device)[(codes & 7).long()]
+    return torch.where((codes & 8) > 0, -mag, mag)
+
+
+def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """Two codes a byte along the last dim, the even element in the low nibble: [.., n] → [.., n/2]."""
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    lo, hi = packed & 0x0F, packed >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def nvfp4_global_scale(w: torch.Tensor) -> torch.Tensor:
+    """float32 [1]: ``448 · 6 / amax(w)`` (1 for an all-zero tensor)."""
+    amax = w.float().abs().amax()
+    return torch.where(amax > 0, FP8_MAX * FP4_MAX / amax, torch.ones_like(amax)).reshape(1)
+
+
+def nvfp4_quantize(w: torch.Tensor, global_scale: torch.Tensor | None = None):
+    """``(codes uint8 [out, in], group_scale float8 [out, in/16], global_scale float32 [1])``;
+    ``w ≈ e2m1(codes) · group_scale / global_scale`` per group of 16 input columns."""
+    out_f, in_f = w.shape
+    if in_f % NVFP4_GROUP:
+        raise ValueError(f"nvfp4: input features {in_f} are not a multiple of {NVFP4_GROUP}")
+    gs = nvfp4_global_scale(w) if global_scale is None else global_scale.float().reshape(1)
+    g = w.float().reshape(out_f, in_f // NVFP4_GROUP, NVFP4_GROUP)
+    group_scale = to_fp8(g.abs().amax(dim=2) / FP4_MAX * gs)
+    eff = group_scale.float() / gs  # the scale the served model applies
+    safe = torch.where(eff > 0, eff, torch.ones_like(eff))
+    codes = e2m1_codes(g / safe[..., None]).reshape(out_f, in_f)
+    return codes, group_scale, gs
+
+
+def nvfp4_dequantize(codes: torch.Tensor, group_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    out_f, in_f = codes.shape
+    vals = e2m1_values(codes).reshape(out_f, in_f // NVFP4_GROUP, NVFP4_GROUP)
+    return (vals * (group_scale.float() / global_scale.float())[..., None]).reshape(out_f, in_f)
