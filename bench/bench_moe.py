@@ -86,7 +86,7 @@ def quantize(model: Path, out: Path, ranks: int, args) -> dict:
 def baseline_rss_gb(model: Path) -> float:
     """Peak RSS of a process that imports what a rank imports and builds the model skeleton
     (meta device) but quantizes nothing: the part of a rank's RSS that no split can shrink."""
-    code = ("import resource, torch, transformers, dist_quant.run, dist_quant.pipeline, dist_quant.moe\n"
+    code = ("import resource, torch, transformers, dist_quant.run, dist_quant.pipeline, dist_quant.arch.moe_block\n"
             "from dist_quant.layer_forward import build_skeleton\n"
             f"build_skeleton({str(model)!r}, torch.float32, torch.device('cpu'))\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")

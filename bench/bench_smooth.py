@@ -9,7 +9,10 @@ quantization applied: transformers' compressed-tensors loader fake-quantizes the
 of every W8A8 linear on CPU (checked in tests/test_w8a8.py, and here against
 dist_quant.fakequant for one run).
 
-Each finished run is cached in <out>/<run>/bench.json; rerunning skips it.
+Each finished run is cached in <out>/<run>/bench.json, keyed by the code hash and the run's
+arguments (bench/provenance.py): rerunning reuses a matching file and refuses one made by
+other code or arguments (--rerun replaces it). bench/run_all.py --smooth runs the same job
+through the one driver.
 
     python bench/bench_smooth.py [--only flex_search_static,...] [--threads 1] [--out bench/out_smooth]
 """
@@ -25,6 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import provenance as prov  # noqa: E402
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 
 
@@ -114,6 +120,7 @@ def main() -> None:
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--out", default=str(ROOT / "bench" / "out_smooth"))
     p.add_argument("--only", default="", help="comma list of runs (default: all)")
+    p.add_argument("--rerun", action="store_true", help="replace cached runs instead of refusing a mismatch")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,34 +129,51 @@ def main() -> None:
     from dist_quant.demo_model import ensure_demo_checkpoint
 
     model = ensure_demo_checkpoint()
-    fp_file = out / "fp.json"
-    if not fp_file.exists():
-        fp_file.write_text(json.dumps({"ppl": ppl(model, args)}))
-    fp = json.loads(fp_file.read_text())["ppl"]
+    code = prov.code_revision()
+    data_sha = prov.file_sha256(Path(args.data))
+
+    def cached_run(path: Path, run_args: dict, compute) -> dict:
+        key = prov.run_key(code, run_args)
+        try:
+            old = prov.cached(path, key, code, run_args, args.rerun)
+        except prov.CacheMismatch as exc:
+            raise SystemExit(str(exc)) from None
+        if old is not None:
+            return old["result"]
+        result = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"key": key, "args": run_args, "provenance": {"code": code},
+                                    "load_average_after": prov.load_average(), "result": result}, indent=2))
+        return result
+
+    common = {"samples": args.samples, "seq_len": args.seq_len, "windows": args.windows, "data_sha256": data_sha}
+    fp = cached_run(out / "fp.json", common, lambda: {"ppl": ppl(model, args)})["ppl"]
     print(f"FP perplexity {fp:.3f}", flush=True)
     results = {"model": str(model), "samples": args.samples, "seq_len": args.seq_len, "fp_ppl": fp,
                "cpus": os.cpu_count(), "threads": args.threads, "given_alpha_beta": [args.alpha, args.beta]}
     for key, preset, ranks, extra in runs(args):
         if only and key not in only:
             continue
-        cache = out / key / "bench.json"
-        if not cache.exists():
+
+        def compute(key=key, preset=preset, ranks=ranks, extra=extra):
             r = quantize(model, out / key, ranks, preset, args, extra)
             r.update(preset=preset, ranks=ranks, overrides=extra)
             r["ppl"] = ppl(out / key, args)
             r["ppl_increase_pct"] = 100 * (r["ppl"] / fp - 1)
-            cache.write_text(json.dumps(r, indent=2))
-        results[key] = json.loads(cache.read_text())
+            return r
+
+        run_args = {**common, "run": key, "preset": preset, "ranks": ranks, "overrides": extra,
+                    "threads": args.threads}
+        results[key] = cached_run(out / key / "bench.json", run_args, compute)  # written after the run
         print(f"{key}: ppl {results[key]['ppl']:.3f} ({results[key]['ppl_increase_pct']:+.2f} %), "
               f"{results[key]['wall_s']:.0f} s", flush=True)
     if "flex_search_static" in results and "flex_search_static_2r" in results:
         results["invariance_2v1"] = compare_choices(out / "flex_search_static", out / "flex_search_static_2r")
         print(f"2 ranks vs 1: {results['invariance_2v1']}")
     if "flex_search_static" in results and (out / "flex_search_static").exists():
-        check = out / "flex_search_static" / "fakequant_ppl.json"
-        if not check.exists():
-            check.write_text(json.dumps({"ppl": ppl_fake_quant(out / "flex_search_static", args)}))
-        results["flex_search_static"]["ppl_fakequant_model"] = json.loads(check.read_text())["ppl"]
+        check = cached_run(out / "flex_search_static.fakequant.json", {**common, "run": "fakequant_check"},
+                           lambda: {"ppl": ppl_fake_quant(out / "flex_search_static", args)})
+        results["flex_search_static"]["ppl_fakequant_model"] = check["ppl"]
     (out / "bench_smooth.json").write_text(json.dumps(results, indent=2))
 
     print("\n| run | activations | ranks | alpha/beta | wall s | smooth s | ppl | vs FP |")

@@ -13,6 +13,7 @@ from .calibration import CalibrationError
 from .checkpoint import CheckpointError
 from .cli import CliError
 from .config import ConfigError
+from . import stop
 
 # runtime.DeviceError (an unusable device or backend) is a ConfigError: it names the setting.
 USER_ERRORS = (ConfigError, CheckpointError, CalibrationError, UnsupportedModel, CliError)
@@ -133,12 +134,18 @@ def main(argv: list[str] | None = None) -> int:
         from .failure import Watch
         from .run import run_job
 
-        with Watch(comm):  # any rank's failure stops every rank, with its error shown
+        # any rank's failure stops every rank, with its error shown; SIGTERM/SIGUSR1 stop every
+        # rank after the last completed layer
+        with stop.Handlers(), Watch(comm):
             final = run_job(cfg, comm, device, run_dir)
         if info.rank == 0:
             print(f"done: {final}")
     except USER_ERRORS as exc:
         return user_error(exc, info.rank)
+    except stop.Stopped as exc:
+        # rank 0 on the console; every rank in its log file
+        (log.warning if info.rank == 0 else log.info)("%s", exc)
+        return exc.exit_code
     finally:
         if comm is not None:
             comm.close()
@@ -149,5 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(argv: list[str] | None = None) -> None:
+    """``main``, then exit. After a requested stop (status 128 + signal) the state is on disk
+    and the logs are flushed here: skip the interpreter's teardown (seconds with torch loaded),
+    the launcher or scheduler may be counting down to SIGKILL."""
+    code = main(argv)
+    if code >= 128:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

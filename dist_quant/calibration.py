@@ -30,16 +30,27 @@ class CalibrationSet:
     def tokens(self) -> int:
         return int(self.mask.sum())
 
-    def rank_slice(self, rank: int, world_size: int) -> "CalibrationSet":
-        """Contiguous block ``[r·N/W, (r+1)·N/W)``; with ``N/W`` a multiple of the batch
-        size every rank sees exactly the batches a single rank would."""
-        n = self.input_ids.shape[0]
-        lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+    def rank_slice(self, rank: int, world_size: int, batch_size: int = 1) -> "CalibrationSet":
+        """This rank's rows: a contiguous block of whole *global* batches (rows
+        ``[k·B, (k+1)·B)`` of the full set, in sample order), see :func:`rank_rows`. Every
+        rank's ``batches(batch_size)`` then yields exactly the batches a single rank would
+        form, on any world size."""
+        lo, hi = rank_rows(self.input_ids.shape[0], rank, world_size, batch_size)
         return CalibrationSet(self.input_ids[lo:hi], self.mask[lo:hi])
 
     def batches(self, batch_size: int):
         for i in range(0, self.input_ids.shape[0], batch_size):
             yield self.input_ids[i:i + batch_size], self.mask[i:i + batch_size]
+
+
+def rank_rows(num_samples: int, rank: int, world_size: int, batch_size: int = 1) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of rank ``rank``: the ``ceil(N/B)`` global batches are split into
+    contiguous blocks ``[r·K/W, (r+1)·K/W)`` (at most one batch apart), so batches never
+    straddle ranks and only the last batch of the whole set may be short. The one place
+    that maps ranks to calibration rows."""
+    batches = -(-num_samples // batch_size)
+    first, last = rank * batches // world_size, (rank + 1) * batches // world_size
+    return min(first * batch_size, num_samples), min(last * batch_size, num_samples)
 
 
 def _read(path: Path) -> str:

@@ -6,11 +6,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from . import fp8
 
 MAX_JSON_BYTES = 64 * 2**20  # config/index files larger than this are refused
 
@@ -49,10 +55,28 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype string: F32, BF16, F16, I32, ...
     file: str  # file name relative to the model dir
+    # FP8 release weights: the stored float8 dtype and the scale tensor read with it (``dtype`` is
+    # then what :meth:`Checkpoint.get` returns, the dequantized float32 tensor)
+    stored_dtype: str | None = None
+    scale: TensorInfo | None = None
+    write_dtype: str | None = None  # written through unquantized in this dtype (FP8: the model's float dtype)
+
+    @property
+    def out_dtype(self) -> str:
+        """The dtype of the tensor where an output writes it through unquantized."""
+        return self.write_dtype or self.dtype
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor as :meth:`Checkpoint.get` returns it (and as it is written back)."""
         return tensor_nbytes(self.shape, self.dtype)
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes read from disk for it (an FP8 weight: its float8 data and its scales)."""
+        if self.stored_dtype is None:
+            return self.nbytes
+        return tensor_nbytes(self.shape, self.stored_dtype) + (self.scale.nbytes if self.scale else 0)
 
 
 def tensor_nbytes(shape: tuple[int, ...], dtype: str) -> int:
@@ -63,8 +87,10 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-                "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+                "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+                "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 SAFETENSORS_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+FP8_READ_DTYPE = "F32"  # FP8 release weights are dequantized to this
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -137,7 +163,13 @@ class Checkpoint:
     """A model directory: its config and a name → :class:`TensorInfo` table from headers.
 
     Weights are safetensors files, or, with ``allow_pickle``, pickle files (``.bin``/``.pt``)
-    read with ``torch.load(weights_only=True, mmap=True)`` behind the same interface."""
+    read with ``torch.load(weights_only=True, mmap=True)`` behind the same interface.
+
+    FP8 block releases (``quantization_config.quant_method: fp8``, see dist_quant/fp8.py) are
+    read as float: each float8 ``weight`` is listed as a float32 tensor and dequantized with its
+    ``weight_scale_inv`` when it is read (one tensor at a time); the ``*_scale_inv`` tensors are
+    not listed. :attr:`config` is the source config as written; :meth:`output_config` is the
+    one a quantized output starts from (without the source's quantization_config)."""
 
     def __init__(self, path: str | os.PathLike, allow_pickle: bool = False):
         root = Path(path)
@@ -145,8 +177,14 @@ class Checkpoint:
             raise CheckpointError(f"model.path={str(path)!r} is not a directory")
         self.root = root
         self.config = read_json(root / "config.json", "config.json")
+        try:
+            self.fp8_source = fp8.source_quantization(self.config, repr(str(root)))
+        except fp8.SourceQuantError as exc:
+            raise CheckpointError(str(exc)) from None
         self.tensors: dict[str, TensorInfo] = {}
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        self._ranges: dict[str, tuple[int, int]] = {}  # safetensors: name -> byte range in its file
+        self._prefetcher: Prefetcher | None = None
         files, pickled = _weight_files(root, allow_pickle)
         for fname, expected in files.items():
             fpath = root / fname
@@ -158,7 +196,52 @@ class Checkpoint:
                 raise CheckpointError(f"weight file {fname!r} lacks {len(missing)} tensor(s) the index names, e.g. {missing[0]!r}")
             if not pickled:
                 self._check_size(fpath)
+        self._fold_fp8_scales()
         self._handles: dict[str, object] = {}
+
+    def _fold_fp8_scales(self) -> None:
+        """List each float8 weight as its float32 dequantized self, its scale inside it."""
+        f8 = [n for n, t in self.tensors.items() if t.dtype in fp8.FP8_DTYPES]
+        scales = {n for n in self.tensors if n.endswith(fp8.SCALE_SUFFIX)}
+        if f8 and self.fp8_source is None:
+            raise CheckpointError(f"tensor {f8[0]!r} is {self.tensors[f8[0]].dtype} but config.json in "
+                                  f"{str(self.root)!r} has no quantization_config with quant_method 'fp8' "
+                                  "(its block size is unknown)")
+        for name in sorted(f8):
+            info, scale = self.tensors[name], self.tensors.get(fp8.scale_name(name))
+            try:
+                fp8.check_scale(name, info.shape, scale.shape if scale else None, scale.dtype if scale else None,
+                                self.fp8_source)
+            except fp8.SourceQuantError as exc:
+                raise CheckpointError(str(exc)) from None
+            self.tensors[name] = TensorInfo(name, info.shape, FP8_READ_DTYPE, info.file, info.dtype, scale,
+                                            self._float_dtype())
+            scales.discard(scale.name)
+            del self.tensors[scale.name]
+        if self.fp8_source is not None and scales:
+            stray = sorted(scales)[0]
+            raise CheckpointError(f"{stray!r} is a scale without the float8 tensor "
+                                  f"{stray[:-len(fp8.SCALE_SUFFIX)]!r} it belongs to")
+
+    def _float_dtype(self) -> str:
+        """The release's float dtype (config ``torch_dtype``/``dtype``; BF16 when not said): an FP8
+        weight that is written through unquantized (DeepSeek-V3's MTP layer) is written in it,
+        as DeepSeek's own fp8_cast_bf16.py converts the release."""
+        name = self.config.get("torch_dtype") or self.config.get("dtype")
+        return {"float16": "F16", "float32": "F32"}.get(name, "BF16")
+
+    def for_output(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (read with :meth:`get`) in the dtype the output stores ``name`` in."""
+        want = TORCH_DTYPES[self.tensors[name].out_dtype]
+        return tensor if tensor.dtype == want else tensor.to(want)
+
+    def output_config(self) -> dict:
+        """The source config less what described the source's own storage (an FP8 release's
+        quantization_config) and remote code, mapped to a built-in class (dist_quant/hf_config.py):
+        what an output's config.json starts from."""
+        from .hf_config import output_config
+
+        return output_config(self.config)
 
     def _read_header(self, fpath: Path, fname: str) -> list[str]:
         try:
@@ -187,6 +270,10 @@ class Checkpoint:
             header_len = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(header_len))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        for name, v in header.items():
+            if name != "__metadata__":
+                begin, stop = v["data_offsets"]
+                self._ranges[name] = (8 + header_len + begin, 8 + header_len + stop)
         if fpath.stat().st_size < 8 + header_len + end:
             raise CheckpointError(f"weight file {str(fpath)!r} is truncated ({fpath.stat().st_size} bytes, "
                                   f"header promises {8 + header_len + end})")
@@ -201,10 +288,16 @@ class Checkpoint:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint {str(self.root)!r}")
         if info.file in self._pickled:
             return self._pickled[info.file][name].clone()
-        handle = self._handles.get(info.file)
+        if info.stored_dtype is not None:
+            return fp8.dequantize_block(self._read(info.file, name), self._read(info.scale.file, info.scale.name),
+                                        self.fp8_source.block, TORCH_DTYPES[info.dtype])
+        return self._read(info.file, name)
+
+    def _read(self, file: str, name: str) -> torch.Tensor:
+        handle = self._handles.get(file)
         if handle is None:
-            handle = safe_open(self.root / info.file, framework="pt")
-            self._handles[info.file] = handle
+            handle = safe_open(self.root / file, framework="pt")
+            self._handles[file] = handle
         return handle.get_tensor(name)
 
     def release(self) -> None:
@@ -214,6 +307,93 @@ class Checkpoint:
         (tensors still alive keep their own pages mapped until they are freed)."""
         self._handles.clear()
 
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Start reading these tensors' bytes from disk in a background thread and return at
+        once, so that a later :meth:`get` finds them in the page cache. The bytes pass through
+        one small buffer: the process's memory does not grow (the pages are the kernel's cache,
+        reclaimable). A new call supersedes what an earlier one has not read yet. Pickle
+        weights are not prefetched."""
+        extents: dict[Path, list[tuple[int, int]]] = {}
+        for name in names:
+            info, span = self.tensors.get(name), self._ranges.get(name)
+            if info is not None and span is not None:
+                extents.setdefault(self.root / info.file, []).append(span)
+        if not extents:
+            return
+        if self._prefetcher is None:
+            self._prefetcher = Prefetcher()
+        self._prefetcher.submit({path: merge_extents(spans) for path, spans in extents.items()})
+
+    @property
+    def prefetched_bytes(self) -> int:
+        return self._prefetcher.bytes_read if self._prefetcher is not None else 0
+
     def close(self) -> None:
         self.release()
         self._pickled.clear()
+        if self._prefetcher is not None:
+            self._prefetcher.stop()
+            self._prefetcher = None
+
+
+def merge_extents(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, with touching or overlapping byte ranges joined."""
+    out: list[list[int]] = []
+    for begin, end in sorted(spans):
+        if out and begin <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([begin, end])
+    return [(b, e) for b, e in out]
+
+
+class Prefetcher:
+    """One daemon thread that reads byte ranges of files with ``os.preadv`` (which releases the
+    GIL) into a reused buffer, filling the page cache. Only the newest request is worked on."""
+
+    CHUNK = 8 << 20
+
+    def __init__(self):
+        self._requests: queue.Queue = queue.Queue()
+        self._generation = 0
+        self.bytes_read = 0
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="dist_quant-prefetch", daemon=True)
+        self._thread.start()
+
+    def submit(self, extents: dict[Path, list[tuple[int, int]]]) -> None:
+        self._generation += 1
+        self._requests.put((self._generation, extents))
+
+    def stop(self) -> None:
+        self._generation += 1
+        self._requests.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        buf = memoryview(bytearray(self.CHUNK))
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            generation, extents = item
+            t0 = time.perf_counter()
+            for path, spans in extents.items():
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    for begin, end in spans:
+                        pos = begin
+                        while pos < end and generation == self._generation:
+                            n = os.preadv(fd, [buf[:min(self.CHUNK, end - pos)]], pos)
+                            if n <= 0:
+                                break
+                            pos += n
+                            self.bytes_read += n
+                except OSError:
+                    pass  # only a hint: the reader will see the real error, if any
+                finally:
+                    os.close(fd)
+            self.seconds += time.perf_counter() - t0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -105,12 +105,13 @@ class QuantConfig:
     """Flex smooth search: calibration tokens (over all ranks) that score each candidate."""
 
     def __post_init__(self) -> None:
-        _check(self.weight_solver in (None, "gptq", "rtn"), "quant.weight_solver", self.weight_solver,
-               "expected gptq or rtn")
+        solvers = _solver_names()
+        _check(self.weight_solver is None or self.weight_solver in solvers, "quant.weight_solver",
+               self.weight_solver, "expected " + " or ".join(solvers))
         if self.weight_solver is not None:
             object.__setattr__(self, "method", self.weight_solver)
         _check_w8a8(self)
-        _check(self.method in ("gptq", "rtn"), "quant.method", self.method, "expected gptq or rtn")
+        _check(self.method in solvers, "quant.method", self.method, "expected " + " or ".join(solvers))
         _check(self.bits in (4, 8), "quant.bits", self.bits, "supported weight bits are 4 and 8")
         _check(self.group_size == -1 or self.group_size > 0, "quant.group_size", self.group_size,
                "expected a positive group size or -1 (per-channel)")
@@ -120,7 +121,23 @@ class QuantConfig:
                "expected minmax or mse")
 
 
-SMOOTH_METHODS = ("none", "smoothquant", "flex_smooth")
+def _solver_names() -> tuple[str, ...]:
+    """Keys of the solver registry (dist_quant/algorithms/registry.py)."""
+    from .algorithms.registry import SOLVERS
+
+    return tuple(SOLVERS)
+
+
+def _smooth_methods() -> tuple[str, ...]:
+    from .algorithms.registry import smooth_methods
+
+    return smooth_methods()
+
+
+def _output_formats() -> tuple[str, ...]:
+    from .formats.registry import FORMATS
+
+    return tuple(FORMATS)
 
 
 def _check_w8a8(q: "QuantConfig") -> None:
@@ -131,7 +148,8 @@ def _check_w8a8(q: "QuantConfig") -> None:
         _check(q.bits == 8 and q.group_size == -1 and q.symmetric, "quant.act_bits", q.act_bits,
                f"W8A8 needs int8 per-channel symmetric weights (quant.bits=8, quant.group_size=-1, "
                f"quant.symmetric=true; got bits={q.bits}, group_size={q.group_size}, symmetric={q.symmetric})")
-    _check(q.smooth in SMOOTH_METHODS, "quant.smooth", q.smooth, "expected " + ", ".join(SMOOTH_METHODS))
+    methods = _smooth_methods()
+    _check(q.smooth in methods, "quant.smooth", q.smooth, "expected " + ", ".join(methods))
     if q.smooth != "none":
         _check(q.act_bits == 8, "quant.smooth", q.smooth, "smoothing moves outliers from activations "
                "into weights and is only useful with int8 activations (quant.act_bits=8)")
@@ -185,7 +203,6 @@ class CalibConfig:
         _check(self.batch_size > 0, "calib.batch_size", self.batch_size, "must be positive")
 
 
-OUTPUT_FORMATS = ("compressed-tensors", "ascend")
 OUTPUT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -208,8 +225,8 @@ class OutputConfig:
     follows it (int64 bits for float16); config.json's torch_dtype names it."""
 
     def __post_init__(self) -> None:
-        _check(self.format in OUTPUT_FORMATS, "output.format", self.format,
-               "supported formats: " + ", ".join(OUTPUT_FORMATS))
+        formats = _output_formats()
+        _check(self.format in formats, "output.format", self.format, "supported formats: " + ", ".join(formats))
         _check(self.dtype in OUTPUT_DTYPES, "output.dtype", self.dtype,
                "choose one of " + ", ".join(OUTPUT_DTYPES))
         parse_size(self.part_file_size, "output.part_file_size")
@@ -235,6 +252,9 @@ class RuntimeConfig:
     """Run directory for logs (shared by all ranks). Empty: runs/<timestamp>, chosen by rank 0."""
     threads: int = 0
     """torch intra-op threads per rank; 0: cores / local ranks."""
+    prefetch: bool = True
+    """Read the next layer's tensors from disk into the page cache in a background thread while
+    the current layer computes (no extra process memory: the pages are the kernel's cache)."""
 
     def __post_init__(self) -> None:
         _check(self.device in ("auto", "cpu", "cuda", "npu"), "runtime.device", self.device,
@@ -256,13 +276,18 @@ class JobConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     dry_run: bool = False
     """Print the plan (from config + safetensors headers only) and stop."""
-    resume: bool = False
-    """Continue the run recorded in runtime.run_dir after its last completed layer (same
-    model, config and world size; anything else is refused)."""
-
+    resume: Union[bool, str] = False
+    """true: continue the interrupted run of this output.dir (its state is kept in
+    <output.dir>.partial) after its last completed layer; auto: continue it when it exists,
+    start fresh otherwise; false: start fresh. A run that differs (model, config, world size,
+    calibration tokens) is refused."""
     seed: int = 0
     """Seed of every random choice (calibration subsets of the smoothing search)."""
 
     def __post_init__(self) -> None:
-        _check(not self.resume or bool(self.runtime.run_dir), "resume", self.resume,
-               "needs runtime.run_dir=<the run directory of the run to continue>")
+        resume = self.resume
+        if isinstance(resume, str) and resume.strip().lower() in ("true", "false", "auto"):
+            resume = {"true": True, "false": False, "auto": "auto"}[resume.strip().lower()]
+        _check(resume is True or resume is False or resume == "auto", "resume", self.resume,
+               "expected true, false or auto")
+        object.__setattr__(self, "resume", resume)

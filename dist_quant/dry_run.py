@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .calibration import rank_rows
 from .config import JobConfig
 
 DTYPE_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -72,7 +73,7 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
 
     layer_bytes = []  # per layer: bytes on disk of all its tensors, and elements
     layer_numel = []
-    # MoE: routed experts are read by their owners only, one expert at a time (dist_quant/moe.py)
+    # MoE: routed experts are read by their owners only, one expert at a time (arch/moe_block.py)
     experts: dict[tuple[int, int], int] = {}
     for lin in plan.linears:
         if lin.expert is not None:
@@ -82,24 +83,25 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
     for i in range(plan.num_layers):
         prefix = plan.arch.layer_prefix(i)
         infos = [t for name, t in ckpt.tensors.items() if name.startswith(prefix) and name not in expert_weights]
-        layer_bytes.append(sum(t.nbytes for t in infos))
+        layer_bytes.append(sum(t.read_bytes for t in infos))  # on disk (FP8 releases: float8 + scales)
         layer_numel.append(sum(math.prod(t.shape) for t in infos))
-    every_rank_reads = sum(layer_bytes) + ckpt.tensors[plan.arch.embed].nbytes
+    every_rank_reads = sum(layer_bytes) + ckpt.tensors[plan.arch.embed].read_bytes
     max_in_all = max((lin.in_features for lin in plan.linears), default=hidden)
 
     out = []
     for r in range(world_size):
-        samples = (r + 1) * n // world_size - r * n // world_size
+        lo, hi = rank_rows(n, r, world_size, batch)
+        samples = hi - lo
         tokens = samples * seq
         b = min(batch, samples)
         mine = [lin for lin in plan.linears if owners.owner[lin.name] == r]
         # reads: every layer's weights (all ranks run every layer) and the embedding; owners
         # read their linears again to solve, and re-read the other tensors they write
         reads = every_rank_reads
-        reads += sum(ckpt.tensors[lin.name + ".weight"].nbytes for lin in mine)
-        reads += sum(ckpt.tensors[lin.name + ".bias"].nbytes for lin in mine if lin.has_bias)
+        reads += sum(ckpt.tensors[lin.name + ".weight"].read_bytes for lin in mine)
+        reads += sum(ckpt.tensors[lin.name + ".bias"].read_bytes for lin in mine if lin.has_bias)
         rest = [t for grp in plan.layer_tensors for t in grp] + list(plan.global_tensors)
-        reads += sum(ckpt.tensors[t].nbytes for t in rest if owners.owner.get(t) == r)
+        reads += sum(ckpt.tensors[t].read_bytes for t in rest if owners.owner.get(t) == r)
         my_parts = [p for p in parts if p.rank == r]
         solve_in = max((lin.in_features for lin in mine), default=0)
         solve_w = max((lin.in_features * lin.out_features for lin in mine), default=0)
@@ -136,21 +138,19 @@ def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[
     ranks = estimate(cfg, ckpt, plan, owners, parts, world_size)
     q, cal = cfg.quant, cfg.calib
     warnings = []
-    if cal.num_samples < world_size:
-        warnings.append(f"calib.num_samples={cal.num_samples} < world size {world_size}: "
-                        f"{world_size - cal.num_samples} rank(s) get no calibration samples")
+    batches = -(-cal.num_samples // cal.batch_size)  # a rank calibrates on whole global batches
+    if batches < world_size:
+        warnings.append(f"calib.num_samples={cal.num_samples} in batches of calib.batch_size={cal.batch_size} "
+                        f"is {batches} batches < world size {world_size}: {world_size - batches} rank(s) get "
+                        f"no calibration samples")
     max_pos = ckpt.config.get("max_position_embeddings")
     if isinstance(max_pos, int) and cal.seq_len > max_pos:
         warnings.append(f"calib.seq_len={cal.seq_len} exceeds the model's max_position_embeddings={max_pos}")
     from .servability import plan_warnings
 
     warnings += plan_warnings(cfg, plan, args.scale_dtype)  # which servers' kernels can serve the output
-    per_rank = cal.num_samples / world_size
-    if per_rank != int(per_rank) or int(per_rank) % cal.batch_size:
-        warnings.append(f"calib.num_samples/world size = {per_rank:g} is not a multiple of calib.batch_size="
-                        f"{cal.batch_size}: results differ slightly from other world sizes (batching)")
 
-    input_bytes = sum(t.nbytes for t in ckpt.tensors.values())
+    input_bytes = sum(t.read_bytes for t in ckpt.tensors.values())
     output_bytes = sum(p.nbytes for p in parts)
     lines = [
         f"dry run: nothing is read but config.json and safetensors headers; no process is started",

@@ -10,6 +10,8 @@
 * A rank that dies without a word (SIGKILL, OOM killer) closes its sockets: the other ranks'
   next collective fails at once ("Connection closed by peer"), and they post the abort.
 * A rank that hangs while alive: the collectives time out after ``runtime.timeout_s``.
+* A stop that the launcher or scheduler asked for (SIGTERM, SIGUSR1) is not a failure: every
+  rank agrees on it and leaves the same way (``dist_quant/stop.py``).
 
 Under torchrun the agent also stops the other workers once one exits nonzero; under srun or
 other launchers that do not, the above bounds the time to a job-wide exit.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -85,7 +86,9 @@ class Watch:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is None:
+        from .stop import Stopped
+
+        if exc is None or isinstance(exc, Stopped):  # a requested stop: every rank agreed on it
             self._stop.set()
             if self._thread is not None:
                 self._thread.join()
@@ -212,24 +215,3 @@ def agree(comm, fn: Callable[[], Any]) -> Any:
         rank = errors.index(first)
         raise ConfigError(f"{first[1]} (on rank {rank})")
     return result
-
-
-def inject_test_failure(rank: int, layer: int) -> None:
-    """Tests only: ``DIST_QUANT_TEST_FAIL=<mode>:<rank>:<layer>`` makes that rank fail once
-    layer ``<layer>``'s progress is recorded: ``kill`` (SIGKILL itself), ``raise`` (an
-    exception), ``hang`` (sleep forever, alive)."""
-    spec = os.environ.get("DIST_QUANT_TEST_FAIL", "")
-    if not spec:
-        return
-    mode, r, at = spec.split(":")
-    if int(r) != rank or int(at) != layer:
-        return
-    log.warning("test hook: %s on rank %d after layer %d (t=%.3f)", mode, rank, layer, time.time())
-    _flush_logs()
-    if mode == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif mode == "raise":
-        raise RuntimeError(f"test-injected failure on rank {rank} after layer {layer}")
-    elif mode == "hang":
-        while True:
-            time.sleep(3600)

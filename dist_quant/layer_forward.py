@@ -6,6 +6,7 @@ quantized before the next stage runs with the quantized weights (one forward per
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -26,9 +27,12 @@ class Skeleton:
 
 
 def build_skeleton(model_dir: str, dtype: torch.dtype, device: torch.device) -> Skeleton:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    from .checkpoint import read_json
+    from .hf_config import hf_config
+
+    config = hf_config(read_json(Path(model_dir) / "config.json", "config.json"))
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
@@ -37,16 +41,23 @@ def build_skeleton(model_dir: str, dtype: torch.dtype, device: torch.device) -> 
 
 
 def load_layer(skel: Skeleton, ckpt: Checkpoint, arch: ArchSpec, index: int, device: torch.device) -> nn.Module:
-    if arch.moe is not None:  # routed experts are read by their owners only (dist_quant/moe.py)
-        from .moe import load_moe_layer
-
-        return load_moe_layer(skel, ckpt, arch, index, device)
+    """Layer ``index`` filled from the checkpoint, except the parameters the architecture's
+    program reads itself (``arch.loaded_later``: MoE routed experts, which stay on the meta
+    device; their owners read them one expert at a time)."""
     layer = skel.layer(index)
     prefix = arch.layer_prefix(index)
-    layer.to_empty(device=device)
-    state = {name: ckpt.get(prefix + name).to(device=device, dtype=skel.dtype)
-             for name in layer.state_dict()}
-    layer.load_state_dict(state, strict=True)
+    names = list(layer.state_dict())
+    later = [n for n in names if arch.loaded_later(n)]
+    state = {name: ckpt.get(prefix + arch.checkpoint_name(name)).to(device=device, dtype=skel.dtype)
+             for name in names if not arch.loaded_later(name)}
+    if not later:
+        layer.to_empty(device=device)
+        layer.load_state_dict(state, strict=True)
+        return layer
+    missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
+    bad = [n for n in missing if not arch.loaded_later(n)] + list(unexpected)
+    if bad:
+        raise RuntimeError(f"layer {index}: could not load {bad[:3]}")
     return layer
 
 

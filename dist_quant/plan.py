@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .algorithms.registry import get_solver
 from .arch import ArchSpec, UnsupportedModel, get_arch
 from .arch.moe import assign_expert_owners
 from .checkpoint import Checkpoint, CheckpointError
@@ -23,8 +24,7 @@ class LinearInfo:
     expert: int | None = None  # MoE: routed expert index (None: a dense linear, incl. shared experts)
 
     def solve_cost(self, method: str) -> float:
-        n, m = self.in_features, self.out_features
-        return float(n) * n * (n / 3 + m) if method == "gptq" else float(n) * m
+        return get_solver(method).cost(self.out_features, self.in_features)
 
 
 @dataclass(frozen=True)
@@ -99,14 +99,30 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
         layer_tensors.append(tuple(others))
 
     in_layers = tuple(arch.layer_prefix(i) for i in range(num_layers))
+    extra = extra_layers(arch, cfg, num_layers)  # MTP layers: written through, unquantized
     stray_layers = sorted(n for n in ckpt.tensors if n.startswith(arch.layers_prefix + ".")
-                          and not n.startswith(in_layers))
+                          and not n.startswith(in_layers) and not n.startswith(tuple(arch.layer_prefix(i)
+                                                                                      for i in extra)))
     if stray_layers:
         raise CheckpointError(f"checkpoint has tensors of layers beyond num_hidden_layers={num_layers}, "
                               f"e.g. {stray_layers[0]!r}")
     global_tensors = tuple(sorted(n for n in ckpt.tensors if not n.startswith(in_layers)))
     tied = arch.lm_head not in ckpt
+    ignored += [_layer_pattern(arch, i) for i in extra if any(n.startswith(arch.layer_prefix(i)) for n in ckpt.tensors)]
     return ModelPlan(arch, num_layers, tuple(linears), tuple(layer_tensors), global_tensors, tied, tuple(ignored))
+
+
+def extra_layers(arch: ArchSpec, config: dict, num_layers: int) -> range:
+    """Indices of the layers stored after the decoder layers (``arch.extra_layers_key``)."""
+    n = config.get(arch.extra_layers_key) if arch.extra_layers_key else None
+    if n is not None and (not isinstance(n, int) or n < 0):
+        raise CheckpointError(f"config.json {arch.extra_layers_key}={n!r} is not a number of layers")
+    return range(num_layers, num_layers + (n or 0))
+
+
+def _layer_pattern(arch: ArchSpec, index: int) -> str:
+    """A compressed-tensors ``ignore`` entry for every module of layer ``index`` (a regex)."""
+    return "re:" + arch.layer_prefix(index).replace(".", "[.]") + ".*"
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ input ends the job in seconds with one line naming the problem:
 * the model directory's JSON files are within the size limit and name no file outside it;
 * every checkpoint tensor that the model built from ``config.json`` has must have the shape
   that the config implies (safetensors headers against a meta-device model);
-* the output's file system must have room for the planned part files, and the run
-  directory's for the resume state (two copies of the activations of every rank).
+* the output's file system must have room for the planned part files and the resume state
+  (two copies of the activations of every rank, kept in ``<output.dir>.partial/.resume``).
 """
 from __future__ import annotations
 
@@ -65,10 +65,12 @@ def check_model_files(ckpt: Checkpoint) -> None:
 def check_shapes(ckpt: Checkpoint) -> None:
     """Header shapes against the shapes of the model that ``config.json`` describes."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from .hf_config import hf_config
 
     try:
-        config = AutoConfig.from_pretrained(str(ckpt.root), trust_remote_code=False)
+        config = hf_config(ckpt.config)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except (ValueError, KeyError, TypeError, OSError) as exc:
@@ -106,7 +108,7 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def check_disk(cfg: JobConfig, ckpt: Checkpoint, parts, partial: Path, run_dir: Path | None) -> None:
+def check_disk(cfg: JobConfig, ckpt: Checkpoint, parts, partial: Path) -> None:
     """Free space for the part files still to write, and for the resume state."""
     need_out = sum(len(p.header()) + p.nbytes for p in parts)
     if cfg.resume and partial.is_dir():  # what is already there counts as written
@@ -121,9 +123,9 @@ def check_disk(cfg: JobConfig, ckpt: Checkpoint, parts, partial: Path, run_dir: 
 
     demand(partial.parent, need_out, "planned part files")
     hidden = ckpt.config.get("hidden_size")
-    if run_dir is not None and isinstance(hidden, int):
+    if isinstance(hidden, int):
         c = cfg.calib
-        demand(Path(run_dir), 2 * c.num_samples * c.seq_len * hidden * DTYPE_SIZE[cfg.model.dtype],
+        demand(partial.parent, 2 * c.num_samples * c.seq_len * hidden * DTYPE_SIZE[cfg.model.dtype],
                "resume state")
     for where, need, what in demands.values():
         need_total = int(need * 1.02) + MARGIN_BYTES
@@ -133,7 +135,7 @@ def check_disk(cfg: JobConfig, ckpt: Checkpoint, parts, partial: Path, run_dir: 
                                  f"{need_total / 1e9:.2f} GB needed ({' + '.join(what)} + 2 % + 64 MiB)")
 
 
-def preflight(cfg: JobConfig, comm, ckpt: Checkpoint, parts, partial: Path, run_dir: Path | None) -> None:
+def preflight(cfg: JobConfig, comm, ckpt: Checkpoint, parts, partial: Path) -> None:
     check_model_files(ckpt)
     check_shapes(ckpt)
-    agree(comm, lambda: check_disk(cfg, ckpt, parts, partial, run_dir) if comm.rank == 0 else None)
+    agree(comm, lambda: check_disk(cfg, ckpt, parts, partial) if comm.rank == 0 else None)

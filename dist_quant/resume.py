@@ -1,9 +1,8 @@
-"""Durable progress, so that a killed job continues after its last completed layer
-(``resume=true`` with the same ``runtime.run_dir``) and writes the same bytes as an
-uninterrupted run.
-
-Files in ``<runtime.run_dir>/resume/`` (per-rank files are written by their rank only, so the
-directory may also be node-local as long as each rank finds its own files again)::
+"""Durable progress, so that a killed, preempted or requeued job continues after its last
+completed layer and writes the same bytes as an uninterrupted run. The state lives with the
+unfinished output, in ``<output.dir>.partial/.resume/``: rerunning the identical command
+(whatever its ``runtime.run_dir``) with ``resume=true`` continues it, ``resume=auto``
+continues it when it exists and starts fresh otherwise, ``resume=false`` starts over::
 
     fingerprint.json               rank 0, fresh start: model, config and world size of the run
     rank{r}.layer{i:05d}.json      rank r after layer i: writer state and the per-layer records
@@ -11,7 +10,7 @@ directory may also be node-local as long as each rank finds its own files again)
                                    and the tensors its writer held back ("pending.{name}")
     progress.json                  rank 0, once every rank has saved layer i: layer i is complete
 
-The directory is removed once the output is in place.
+The directory is removed just before ``<output.dir>.partial`` becomes ``<output.dir>``.
 
 Every file is written to a temporary name, fsync'd and renamed into place. A rank keeps the
 files of the last complete layer until the next one is complete (two barriers per layer).
@@ -28,21 +27,39 @@ import shutil
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, JobConfig
-from .failure import agree, inject_test_failure
+from . import stop
+from .failure import agree
 from .runtime import Comm
 from .writer import RankWriter, WriterError
 
 log = logging.getLogger("dist_quant")
 
 
+STATE_DIR = ".resume"  # inside <output.dir>.partial
+
+# Called as ``hook(rank, layer)`` once layer ``layer`` is complete on every rank (its state is
+# on disk and named by progress.json). An extension point for observers; the tests' fault
+# injection (tests/faults.py) installs one. Nothing in dist_quant installs any.
+LAYER_DONE_HOOKS: list[Callable[[int, int], None]] = []
+
+
 class ResumeError(ConfigError):
-    """``resume=true`` cannot continue the recorded run (it differs, or its state is gone)."""
+    """``resume`` cannot continue the recorded run (it differs, or its state is gone)."""
+
+
+def state_dir(partial: Path) -> Path:
+    return Path(partial) / STATE_DIR
+
+
+def discard_state(partial: Path) -> None:
+    """The output is complete: drop the resume state before ``partial`` is moved into place."""
+    shutil.rmtree(state_dir(partial), ignore_errors=True)
 
 
 # -- what must not change between the interrupted run and its resumption ------------------------
@@ -58,10 +75,12 @@ def _sha256(path: Path) -> str | None:
 
 def fingerprint(cfg: JobConfig, ckpt, world_size: int, calib=None) -> dict:
     """Model (dir, config/index hashes, weight file sizes), the typed config without
-    ``resume``/``runtime.run_dir``, the world size and (when given) the calibration tokens."""
+    ``resume``/``runtime.run_dir``/``runtime.prefetch`` (none changes the output), the world size
+    and (when given) the calibration tokens."""
     config = asdict(cfg)
     config.pop("resume", None)
     config["runtime"].pop("run_dir", None)
+    config["runtime"].pop("prefetch", None)
     root = Path(ckpt.root)
     files = sorted({info.file for info in ckpt.tensors.values()})
     model = {"dir": str(root.resolve()),
@@ -158,8 +177,9 @@ def _record_from_dict(d: dict):
 class Progress:
     """Per-layer durable checkpoints of one rank, and their restoration."""
 
-    def __init__(self, run_dir: Path, comm: Comm, writer: RankWriter, num_layers: int):
-        self.dir = Path(run_dir) / "resume"
+    def __init__(self, partial: Path, comm: Comm, writer: RankWriter, num_layers: int):
+        self.partial = Path(partial)
+        self.dir = state_dir(partial)
         self.comm, self.writer, self.num_layers = comm, writer, num_layers
         self.restored: Restored | None = None
         self._kept: int | None = None  # layer whose files this rank keeps
@@ -172,59 +192,59 @@ class Progress:
         return sorted(self.dir.glob(f"rank{self.comm.rank}.layer*")) if self.dir.is_dir() else []
 
     # -- start: fresh, or continue the recorded run ------------------------------------------------
-    def begin(self, resume: bool, fp: dict, partial: Path) -> int:
-        """Prepare ``partial`` and the state directory; return the first layer to compute."""
-        if resume:
-            recorded = self.comm.broadcast_object(
-                (_read_json(self.dir / "fingerprint.json"), _read_json(self.dir / "progress.json"))
-                if self.comm.rank == 0 else None, 0)
-            fp_rec, progress = recorded
-            if fp_rec is None:
-                raise ResumeError(f"resume=true: {str(self.dir.parent)!r} holds no resumable run (no "
-                                  f"{self.dir.name}/fingerprint.json); run without resume=true to start one")
-            diffs = differences(fp_rec, fp)
-            if diffs:
-                raise ResumeError("resume=true refused, this run differs from the one recorded in "
-                                  f"{str(self.dir.parent)!r}: " + "; ".join(diffs)
-                                  + " (use the same command, or run without resume=true to start over)")
-            if progress is not None:
-                agree(self.comm, lambda: self._restore(int(progress["layer"]), partial))
-                log.info("resume: layers 0..%d complete in %s; continuing with layer %d of %d",
-                         self.restored.layer, self.dir.parent, self.restored.layer + 1, self.num_layers)
-                return self.restored.layer + 1
-            log.info("resume: no layer was complete in %s; starting at layer 0", self.dir.parent)
-        self._fresh(partial, fp)
-        return 0
+    def begin(self, resume: bool | str, fp: dict) -> int:
+        """``resume``: True, False or ``"auto"``. Prepare ``partial`` and the state directory;
+        return the first layer to compute."""
+        if resume is False:
+            self._fresh(fp)
+            return 0
+        key = "resume=auto" if resume == "auto" else "resume=true"
+        fp_rec, progress = self.comm.broadcast_object(
+            (_read_json(self.dir / "fingerprint.json"), _read_json(self.dir / "progress.json"))
+            if self.comm.rank == 0 else None, 0)
+        if fp_rec is None:
+            if resume != "auto":
+                raise ResumeError(f"resume=true: no resumable run for this output.dir ({str(self.dir)!r} "
+                                  "holds no fingerprint.json); use resume=auto to continue one when it "
+                                  "exists and start fresh otherwise")
+            log.info("resume=auto: no earlier run of this job in %s; starting fresh", self.partial)
+            self._fresh(fp)
+            return 0
+        diffs = differences(fp_rec, fp)
+        if diffs:
+            raise ResumeError(f"{key} refused, this run differs from the one recorded in "
+                              f"{str(self.dir)!r}: " + "; ".join(diffs)
+                              + " (use the same command, or resume=false to start over)")
+        if progress is None:
+            log.info("%s: no layer was complete in %s; starting at layer 0", key, self.partial)
+            self._fresh(fp)
+            return 0
+        agree(self.comm, lambda: self._restore(int(progress["layer"])))
+        log.info("%s: layers 0..%d complete in %s; continuing with layer %d of %d", key,
+                 self.restored.layer, self.partial, self.restored.layer + 1, self.num_layers)
+        return self.restored.layer + 1
 
-    def _fresh(self, partial: Path, fp: dict) -> None:
+    def _fresh(self, fp: dict) -> None:
         if self.comm.rank == 0:
-            if partial.exists():
-                shutil.rmtree(partial)
-            partial.mkdir(parents=True)
-            shutil.rmtree(self.dir, ignore_errors=True)
+            if self.partial.exists():
+                shutil.rmtree(self.partial)
             self.dir.mkdir(parents=True)
             write_json_atomic(self.dir / "fingerprint.json", fp)
         self.comm.barrier()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for path in self._own_files():  # a node-local run dir: stale files of an earlier run
-            path.unlink(missing_ok=True)
 
-    def _restore(self, layer: int, partial: Path) -> None:
+    def _restore(self, layer: int) -> None:
         meta_path, tensors_path = self._files(layer)
         meta = _read_json(meta_path)
         if meta is None or not tensors_path.is_file():
-            raise ResumeError(f"resume=true: rank {self.comm.rank}'s state for layer {layer} "
+            raise ResumeError(f"resume: rank {self.comm.rank}'s state for layer {layer} "
                               f"({str(meta_path)!r}) is missing")
-        if not partial.is_dir():
-            raise ResumeError(f"resume=true: the partial output {str(partial)!r} is gone; "
-                              "run without resume=true to start over")
         try:
             tensors = load_file(str(tensors_path))
             xs = [tensors[f"xs.{j}"] for j in range(int(meta["batches"]))]
             pending = {k[len("pending."):]: v for k, v in tensors.items() if k.startswith("pending.")}
             self.writer.restore(meta["writer"], pending)
         except (OSError, KeyError, ValueError, WriterError) as exc:
-            raise ResumeError(f"resume=true: rank {self.comm.rank}'s state for layer {layer} is "
+            raise ResumeError(f"resume: rank {self.comm.rank}'s state for layer {layer} is "
                               f"unusable: {exc}") from None
         self.restored = Restored(layer, xs, [_record_from_dict(r) for r in meta["records"]])
         self._kept = layer
@@ -232,7 +252,12 @@ class Progress:
             if path not in self._files(layer):
                 path.unlink(missing_ok=True)
 
-    # -- after each layer ---------------------------------------------------------------------
+    # -- during and after each layer ---------------------------------------------------------------
+    def check_stop(self, layer: int) -> None:
+        """Every rank, same points: stop all ranks if the launcher or scheduler asked any of
+        them to (see dist_quant/stop.py). Layers before ``layer`` are complete on disk."""
+        stop.check(self.comm, layer, self.num_layers)
+
     def layer_done(self, layer: int, xs: list[torch.Tensor], records: list) -> None:
         state, pending = self.writer.checkpoint()
         meta_path, tensors_path = self._files(layer)
@@ -252,11 +277,5 @@ class Progress:
             for path in self._files(self._kept):
                 path.unlink(missing_ok=True)
         self._kept = layer
-        inject_test_failure(self.comm.rank, layer)
-
-    def finished(self, final: Path) -> None:
-        """The output is in place: the resume state is no longer needed."""
-        for path in self._own_files():
-            path.unlink(missing_ok=True)
-        if self.comm.rank == 0:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        for hook in LAYER_DONE_HOOKS:
+            hook(self.comm.rank, layer)

@@ -25,7 +25,7 @@ from .preflight import preflight
 from .progress import LayerProgress
 from .quant.qparams import QuantArgs
 from .report import build_report, peak_device_bytes, write_report
-from .resume import Progress, fingerprint
+from .resume import Progress, discard_state, fingerprint
 from .runtime import Comm
 from .writer import RankWriter, plan_parts, write_index
 
@@ -33,7 +33,21 @@ log = logging.getLogger("dist_quant")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-                   "generation_config.json")
+                   "generation_config.json", "tiktoken.model")
+
+
+def tokenizer_code_files(root: Path) -> list[str]:
+    """Python files named by tokenizer_config.json's ``auto_map`` (Kimi-K2's
+    ``tokenization_kimi.py``): copied to the output (never imported here), so that the output's
+    tokenizer loads where the source's did."""
+    path = root / "tokenizer_config.json"
+    try:
+        auto = json.loads(path.read_text()).get("auto_map") or {} if path.is_file() else {}
+    except (OSError, ValueError):
+        return []
+    refs = [r for v in auto.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+    files = {r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs}
+    return sorted(f for f in files if "/" not in f and (root / f).is_file())
 
 
 def resolve_model_path(cfg: JobConfig, comm: Comm) -> str:
@@ -42,8 +56,7 @@ def resolve_model_path(cfg: JobConfig, comm: Comm) -> str:
     from .demo import demo_checkpoint_or_error  # the embedded demo model
 
     # rank 0 converts it once; the others wait, and every rank fails alike if it cannot
-    path, error = demo_checkpoint_or_error() if comm.rank == 0 else (None, None)
-    path, error = comm.broadcast_object((path, error), 0)
+    path, error = comm.decide(demo_checkpoint_or_error)
     if error:
         raise ConfigError(error)
     return path
@@ -115,7 +128,7 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     partial = final.parent / (final.name + ".partial")
     parts = plan_parts(output_specs(plan, owners, ckpt, args, fmt), cfg.output.part_file_bytes,
                        prefix=fmt.part_prefix)
-    preflight(cfg, comm, ckpt, parts, partial, run_dir)
+    preflight(cfg, comm, ckpt, parts, partial)
     log_owner_plan(plan, owners)
     if comm.rank == 0:
         for line in plan_warnings(cfg, plan, args.scale_dtype):  # which servers can serve the output
@@ -130,13 +143,13 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
 
         default_text = demo_calibration_text()
     calib = load_calibration(cfg.calib, tokenizer, default_text)
-    mine = calib.rank_slice(comm.rank, comm.world_size)
+    mine = calib.rank_slice(comm.rank, comm.world_size, cfg.calib.batch_size)
     log.info("calibration: %d samples x %d tokens (%d real tokens); this rank: %d samples",
              calib.input_ids.shape[0], calib.input_ids.shape[1], calib.tokens, mine.input_ids.shape[0])
 
     writer = RankWriter(partial, parts, comm.rank)
-    resume = Progress(run_dir, comm, writer, plan.num_layers)  # wipes or continues `partial`
-    resume.begin(cfg.resume, fingerprint(cfg, ckpt, comm.world_size, calib), partial)
+    resume = Progress(partial, comm, writer, plan.num_layers)  # wipes or continues `partial`
+    resume.begin(cfg.resume, fingerprint(cfg, ckpt, comm.world_size, calib))
     progress = LayerProgress(plan.num_layers, comm.rank)
     try:
         records = LayerwiseQuantizer(cfg, comm, ckpt, plan, owners, args, device, writer).run(
@@ -149,10 +162,9 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     gathered = comm.gather_object({"weight_map": weight_map, "records": [_record_dict(r) for r in records],
                                    "peak_rss_bytes": peak_rss, "peak_device_bytes": peak_device_bytes(device),
                                    "rank": comm.rank}, 0)
-    if comm.rank == 0:
-        _finish(cfg, ckpt, plan, owners, fmt, parts, gathered, partial, final, t_start, model_path)
+    comm.rank0(_finish, cfg, ckpt, plan, owners, fmt, parts, gathered, partial, final, t_start, model_path)
     comm.barrier()
-    resume.finished(final)
+    ckpt.close()
     return final
 
 
@@ -169,18 +181,20 @@ def _finish(cfg, ckpt, plan, owners, fmt, parts, gathered, partial: Path, final:
         if clash:
             raise RuntimeError(f"tensor written by two ranks: {sorted(clash)[0]!r}")
         weight_map.update(g["weight_map"])
-    fmt.finish(partial, parts, weight_map, dict(ckpt.config), ["lm_head", *plan.ignored],
+    fmt.finish(partial, parts, weight_map, ckpt.output_config(),
+               ["lm_head", *plan.ignored],
                [lin.name for lin in plan.linears])
-    for name in TOKENIZER_FILES:
+    for name in (*TOKENIZER_FILES, *tokenizer_code_files(ckpt.root)):
         if (ckpt.root / name).is_file():
             shutil.copy2(ckpt.root / name, partial / name)
     report = build_report(cfg, plan, owners, gathered, time.time() - t_start, model_path, parts, final)
     if plan.arch.moe is not None:
-        from .moe import log_moe_summary, moe_report
+        from .moe_report import log_moe_summary, moe_report
 
         report["moe"] = moe_report(gathered)
         log_moe_summary(report["moe"])
     write_report(partial, report)
+    discard_state(partial)  # complete: nothing left to resume
     if final.exists():
         trash = final.parent / (final.name + ".old")
         shutil.rmtree(trash, ignore_errors=True)

@@ -10,7 +10,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -280,6 +280,29 @@ class Comm:
         out = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(out, tensor.contiguous(), group=self._group(tensor))
         return out
+
+    # -- rank-0 decisions: the one place where "only rank 0" is spelled -----------------------------
+    def decide(self, fn: Callable[[], Any]) -> Any:
+        """Compute ``fn()`` on rank 0 only and give its result to every rank (files only one
+        rank may create, clocks, anything that must not differ between ranks). An exception
+        raised by ``fn`` on rank 0 is raised on every rank."""
+        if self.world_size == 1:
+            return fn()
+        value, error = None, None
+        if self.rank == 0:
+            try:
+                value = fn()
+            except Exception as exc:  # every rank fails alike
+                error = exc
+        value, error = self.broadcast_object((value, error), 0)
+        if error is not None:
+            raise error
+        return value
+
+    def rank0(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        """Run ``fn`` on rank 0 only, with no communication (logging, rank 0's own files);
+        other ranks get None."""
+        return fn(*args, **kwargs) if self.rank == 0 else None
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -1,9 +1,9 @@
 """W8A8 inside the layer loop: smoothing (SmoothQuant, Flex smooth) and activation
 quantization, stage by stage, before each stage's weight solve.
 
-For a stage of layer i (q/k/v, o, gate/up, down), :meth:`W8A8Stages.prepare` runs after
-the stage's input has been computed and before the capture → reduce → solve of its
-linears (pipeline.py):
+Two stage hooks (see dist_quant/stage.py): :class:`Smoothing` and :class:`ActivationQuant`
+run inside ``StageContext.quantize`` after the stage's input has been computed and before
+the capture → reduce → solve of its linears:
 
 1. **norm → linears** pairs folded in this stage (input_layernorm → q/k/v,
    post_attention_layernorm → gate/up): per-channel max |x| of the stage input (MAX-reduced
@@ -44,8 +44,9 @@ from dataclasses import dataclass
 import torch
 
 from .algorithms.flex_smooth import candidate_errors, flex_scales, two_stage_search
-from .algorithms.smoothquant import smoothquant_scales
+from .algorithms.registry import SMOOTH_NONE, SMOOTHERS
 from .arch.smooth_pairs import SmoothPair, smooth_pairs
+from .calibration import rank_rows
 from .quant.activations import (TOKEN_DIVISOR, ActQuantArgs, StaticActParams, fake_quant, fake_quant_dynamic,
                                 fake_quant_static, static_params)
 from .quant.qparams import QuantArgs
@@ -111,33 +112,33 @@ def fold_columns(weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return (weight.float() * s[None, :]).to(weight.dtype)
 
 
-class W8A8Stages:
-    def __init__(self, cfg, comm, plan, ckpt, device: torch.device, args: QuantArgs, act: ActQuantArgs | None,
-                 overrides: dict[str, torch.Tensor]):
-        """``act`` None: smooth only, activations stay float (the Flex smooth search, which
-        scores int8 products, then assumes dynamic per-token activations)."""
+class Smoothing:
+    """Stage hook: the smoothing pairs folded where their linears are quantized (see the
+    module docstring). One per job: it keeps the search-token selection and what it logged."""
+
+    def __init__(self, cfg, comm, plan, ckpt, device: torch.device, args: QuantArgs, act: ActQuantArgs | None):
+        """``act`` None: activations stay float (the Flex smooth search, which scores int8
+        products, then assumes dynamic per-token activations)."""
         self.cfg, self.comm, self.plan, self.ckpt, self.device = cfg, comm, plan, ckpt, device
-        self.args, self.act, self.overrides = args, act, overrides
+        self.args, self.act = args, act
         self.q = cfg.quant
         self.arch = plan.arch
         self.quantized = {lin.name for lin in plan.linears}
-        self.stage_of = {rel: stage.name for stage in self.arch.stages for rel in stage.linears}
-        self.pairs = smooth_pairs(self.arch.name) if self.q.smooth != "none" else ()
+        self.pairs = smooth_pairs(self.arch.name) if self.q.smooth != SMOOTH_NONE else ()
+        self.smoother = SMOOTHERS.get(self.q.smooth)
         self.heads = Heads.from_config(ckpt.config)
-        self.act_params: dict[str, StaticActParams | None] = {}  # linear FQN → its input quantizer
         self._select: list[torch.Tensor] | None = None
         self._skipped_logged: set[str] = set()
 
     # -- which pairs ---------------------------------------------------------------------
-    def fold_stage(self, pair: SmoothPair) -> str:
-        return self.stage_of[pair.consumers[0]] if pair.kind == "norm" else self.stage_of[pair.producer]
-
     def layer_pairs(self, index: int) -> list[SmoothPair]:
         prefix = self.arch.layer_prefix(index)
         out = []
         for pair in self.pairs:
             consumers = [prefix + c for c in pair.consumers]
             linears = consumers + ([prefix + pair.producer] if pair.kind != "norm" else [])
+            if any(name + ".weight" not in self.ckpt for name in linears):
+                continue  # not this layer's shape (an MoE layer's MLP, MLA without q_lora_rank)
             why = None
             hit = next((p for p in self.q.disable_anti_names for c in consumers if pattern_matches(p, c)), None)
             if hit is not None:
@@ -151,64 +152,47 @@ class W8A8Stages:
                 log.info("smoothing: skip %s (%s)", pair.name, why)
         return out
 
+    @staticmethod
+    def folds_with(pair: SmoothPair, names: set[str]) -> bool:
+        """A norm pair folds where its consumers are quantized, a linear pair where its producer is."""
+        return (pair.consumers[0] if pair.kind == "norm" else pair.producer) in names
+
     # -- the stage hook --------------------------------------------------------------------
-    def prepare(self, layer, index: int, k: int, ops, xs, prev, inputs, masks, linears, record, phase):
-        stage = self.arch.stages[k]
-        pairs = [p for p in self.layer_pairs(index) if self.fold_stage(p) == stage.name]
+    def before_solve(self, ctx, linears, inputs, make_inputs, downstream):
+        if not self.pairs:
+            return inputs
+        names = {ctx.rel(lin.name) for lin in linears}
+        pairs = [p for p in self.layer_pairs(ctx.index) if self.folds_with(p, names)]
         for pair in sorted(pairs, key=lambda p: p.kind != "norm"):
             if pair.kind == "norm":
-                with phase("smooth"):
-                    s = self._choose(pair, index, inputs, masks, record)
-                    self._fold_norm(layer, index, pair, s)
-                with phase("propagate"):
-                    inputs = [ops[k].make_input(x, p) for x, p in zip(xs, prev)]
+                if make_inputs is None:
+                    raise RuntimeError(f"smoothing pair {pair.name}: the layer program passed the stage inputs as "
+                                       "values; pass a callable so they can be recomputed with the folded norm")
+                with ctx.phase("smooth"):
+                    s = self._choose(ctx, pair, inputs)
+                    self._fold_norm(ctx, pair, s)
+                with ctx.phase("propagate"):
+                    inputs = list(make_inputs())
             else:
-                if k + 1 >= len(ops) or self.stage_of[pair.consumers[0]] != self.arch.stages[k + 1].name:
-                    raise RuntimeError(f"smoothing pair {pair.name}: consumers must be in the stage after "
-                                       f"the producer's ({stage.name})")
-                with phase("smooth"):
-                    acts = [ops[k + 1].make_input(x, i) for x, i in zip(xs, inputs)]
-                    s = self._choose(pair, index, acts, masks, record)
+                if downstream is None:
+                    raise RuntimeError(f"smoothing pair {pair.name}: the layer program gives no downstream input "
+                                       f"for the consumers of {pair.producer}")
+                with ctx.phase("smooth"):
+                    acts = downstream(inputs)
+                    s = self._choose(ctx, pair, acts)
                     del acts
-                    self._fold_linear(layer, index, pair, s)
-        if self.act is None:  # smoothing only (tests)
-            return inputs
-        with phase("act_calib"):
-            params = self._calibrate(inputs, masks)
-            for lin in linears:
-                self.act_params[lin.name] = params
-            inputs = [fake_quant(x, self.act, params) for x in inputs]
+                    self._fold_linear(ctx, pair, s)
         return inputs
 
-    def _calibrate(self, inputs, masks) -> StaticActParams | None:
-        if self.act.dynamic:
-            return None
-        neg_min = torch.tensor(float("-inf"), device=self.device)
-        hi = torch.tensor(float("-inf"), device=self.device)
-        for x, m in zip(inputs, masks):
-            real = x[m]
-            if real.numel():
-                lo_b, hi_b = torch.aminmax(real)
-                neg_min = torch.maximum(neg_min, -lo_b.float())
-                hi = torch.maximum(hi, hi_b.float())
-        flat = self.comm.all_reduce(torch.stack([neg_min, hi]), "max").cpu()
-        return static_params(-flat[0], flat[1], self.act)
-
     # -- scale choice ----------------------------------------------------------------------
-    def _weight(self, fqn: str) -> torch.Tensor:
-        w = self.overrides.get(fqn + ".weight")
-        if w is None:
-            w = self.ckpt.get(fqn + ".weight")
-        return w.to(self.device, torch.float32)
-
-    def _choose(self, pair: SmoothPair, index: int, acts, masks, record) -> torch.Tensor:
+    def _choose(self, ctx, pair: SmoothPair, acts) -> torch.Tensor:
         """Scales over the consumers' input channels (for v → o: shared within kv groups)."""
-        prefix = self.arch.layer_prefix(index)
-        weight = torch.cat([self._weight(prefix + c) for c in pair.consumers])
+        masks = ctx.masks
+        weight = torch.cat([ctx.weight(c) for c in pair.consumers])
         stat = ChannelRangeStat(weight.shape[1], self.device)
         for a, m in zip(acts, masks):
             stat.add(a, m)
-        stat.unpack(self.comm.all_reduce(stat.packed(), stat.reduce_op))
+        stat.unpack(self.comm.all_reduce(stat.packed(), "max"))
         a_max, w_max = stat.absmax(), weight.abs().amax(dim=0)
         if pair.kind == "ov":
             h = self.heads
@@ -218,23 +202,15 @@ class W8A8Stages:
             def expand(t):
                 return t
 
-        q = self.q
-        searched, err = False, None
-        if q.smooth == "smoothquant":
-            alpha = 0.5 if q.alpha is None else float(q.alpha)
-            beta = round(1.0 - alpha, 6)
-            s = smoothquant_scales(a_max, w_max, alpha)
-        else:
-            alpha, beta = q.alpha, q.beta
-            if alpha is None or beta is None:
-                alpha, beta, err = self._search(a_max, w_max, expand, stat, acts, masks, weight, alpha)
-                searched = True
-            s = flex_scales(a_max, w_max, alpha, beta)
+        def search(alpha):
+            return self._search(a_max, w_max, expand, stat, acts, masks, weight, alpha)
+
+        s, alpha, beta, searched, err = self.smoother(self.q, a_max, w_max, search)
         s = expand(s).contiguous()
-        name = prefix + pair.name
-        record.smoothing[name] = {"alpha": alpha, "beta": beta, "searched": searched, "rel_error": err,
-                                  "scale_sha1": hashlib.sha1(s.cpu().numpy().tobytes()).hexdigest()[:16],
-                                  "scale_min": float(s.min()), "scale_max": float(s.max())}
+        name = ctx.prefix + pair.name
+        ctx.record.smoothing[name] = {"alpha": alpha, "beta": beta, "searched": searched, "rel_error": err,
+                                      "scale_sha1": hashlib.sha1(s.cpu().numpy().tobytes()).hexdigest()[:16],
+                                      "scale_min": float(s.min()), "scale_max": float(s.max())}
         log.debug("smoothing %s: alpha=%s beta=%s%s", name, alpha, beta,
                   f" (searched, rel. error {err:.4g})" if searched else "")
         return s
@@ -249,7 +225,7 @@ class W8A8Stages:
             chosen = torch.zeros(total, dtype=torch.bool)
             chosen[torch.randperm(total, generator=g)[: min(self.q.search_tokens, total)]] = True
             chosen = chosen.reshape(n, length)
-            offset = self.comm.rank * n // self.comm.world_size
+            offset = rank_rows(n, self.comm.rank, self.comm.world_size, self.cfg.calib.batch_size)[0]
             self._select = []
             for m in masks:
                 self._select.append(chosen[offset:offset + m.shape[0]].to(m.device) & m)
@@ -279,44 +255,110 @@ class W8A8Stages:
         return two_stage_search(evaluate, alpha=alpha)
 
     # -- folding into the layer and the overrides ------------------------------------------------
-    def _set(self, module, attr: str, value: torch.Tensor) -> None:
-        getattr(module, attr).data.copy_(value.to(getattr(module, attr).dtype))
-
-    def _fold_norm(self, layer, index: int, pair: SmoothPair, s: torch.Tensor) -> None:
-        prefix = self.arch.layer_prefix(index)
-        norm = layer.get_submodule(pair.producer)
-        wname, bname = prefix + pair.producer + ".weight", prefix + pair.producer + ".bias"
+    def _fold_norm(self, ctx, pair: SmoothPair, s: torch.Tensor) -> None:
+        norm = ctx.module(pair.producer)
+        wname, bname = ctx.fqn(pair.producer + ".weight"), ctx.fqn(pair.producer + ".bias")
         bias = self.ckpt.get(bname) if bname in self.ckpt else None
         new_w, new_b, s_eff = fold_norm(self.ckpt.get(wname).to(self.device), s,
                                         bias.to(self.device) if bias is not None else None)
-        self.overrides[wname] = new_w
-        self._set(norm, "weight", new_w)
+        ctx.set_tensor(wname, new_w, (norm, "weight"))
         if new_b is not None:
-            self.overrides[bname] = new_b
-            self._set(norm, "bias", new_b)
+            ctx.set_tensor(bname, new_b, (norm, "bias"))
         for c in pair.consumers:
-            w = fold_columns(self._weight(prefix + c), s_eff)
-            self.overrides[prefix + c + ".weight"] = w
-            self._set(layer.get_submodule(c), "weight", w)
+            w = fold_columns(ctx.weight(c), s_eff)
+            ctx.set_tensor(c + ".weight", w, (ctx.module(c), "weight"))
 
-    def _fold_linear(self, layer, index: int, pair: SmoothPair, s_consumer: torch.Tensor) -> None:
-        prefix = self.arch.layer_prefix(index)
+    def _fold_linear(self, ctx, pair: SmoothPair, s_consumer: torch.Tensor) -> None:
         s_producer = s_consumer
         if pair.kind == "ov":  # back from o's channels to v's: every head of a group has the same value
             h = self.heads
             s_producer = s_consumer.reshape(h.kv_heads, h.group, h.head_dim)[:, 0].reshape(-1)
-        pname = prefix + pair.producer
-        producer = layer.get_submodule(pair.producer)
+        pname = ctx.fqn(pair.producer)
+        producer = ctx.module(pair.producer)
         bias = None
         if pname + ".bias" in self.ckpt:
-            bias = self.overrides.get(pname + ".bias", self.ckpt.get(pname + ".bias")).to(self.device)
-        new_w, new_b = fold_rows(self._weight(pname), s_producer, bias)
-        self.overrides[pname + ".weight"] = new_w
-        self._set(producer, "weight", new_w)
+            bias = ctx.overrides.get(pname + ".bias", self.ckpt.get(pname + ".bias")).to(self.device)
+        new_w, new_b = fold_rows(ctx.weight(pname), s_producer, bias)
+        ctx.set_tensor(pname + ".weight", new_w, (producer, "weight"))
         if new_b is not None:
-            self.overrides[pname + ".bias"] = new_b
-            self._set(producer, "bias", new_b)
+            ctx.set_tensor(pname + ".bias", new_b, (producer, "bias"))
         for c in pair.consumers:
-            w = fold_columns(self._weight(prefix + c), s_consumer)
-            self.overrides[prefix + c + ".weight"] = w
-            self._set(layer.get_submodule(c), "weight", w)
+            w = fold_columns(ctx.weight(c), s_consumer)
+            ctx.set_tensor(c + ".weight", w, (ctx.module(c), "weight"))
+
+
+class ActivationQuant:
+    """Stage hook: int8 activation quantization of the stage input (static: the range of
+    all ranks' tokens, MIN/MAX-reduced; dynamic: per token). The inputs are replaced by
+    their fake-quantized values, so the solve and the propagation see what the served model
+    computes; the parameters go to ``job.act_params`` for the writer."""
+
+    def __init__(self, comm, device: torch.device, act: ActQuantArgs):
+        self.comm, self.device, self.act = comm, device, act
+
+    def before_solve(self, ctx, linears, inputs, make_inputs, downstream):
+        with ctx.phase("act_calib"):
+            params = self._calibrate(inputs, ctx.masks)
+            for lin in linears:
+                ctx.job.act_params[lin.name] = params
+            return [fake_quant(x, self.act, params) for x in inputs]
+
+    def _calibrate(self, inputs, masks) -> StaticActParams | None:
+        if self.act.dynamic:
+            return None
+        neg_min = torch.tensor(float("-inf"), device=self.device)
+        hi = torch.tensor(float("-inf"), device=self.device)
+        for x, m in zip(inputs, masks):
+            real = x[m]
+            if real.numel():
+                lo_b, hi_b = torch.aminmax(real)
+                neg_min = torch.maximum(neg_min, -lo_b.float())
+                hi = torch.maximum(hi, hi_b.float())
+        flat = self.comm.all_reduce(torch.stack([neg_min, hi]), "max").cpu()
+        return static_params(-flat[0], flat[1], self.act)
+
+
+def w8a8_hooks(cfg, comm, plan, ckpt, device: torch.device, args: QuantArgs, act: ActQuantArgs | None) -> list:
+    """The stage hooks of a job: smoothing (when ``quant.smooth`` names a smoother), then
+    activation quantization (W8A8 jobs). Weight-only jobs have none."""
+    if act is None:
+        return []
+    hooks: list = []
+    if cfg.quant.smooth != SMOOTH_NONE:
+        hooks.append(Smoothing(cfg, comm, plan, ckpt, device, args, act))
+    hooks.append(ActivationQuant(comm, device, act))
+    return hooks
+
+
+class W8A8Stages:
+    """The hooks driven by a Llama-style stage chain (``layer_forward.dense_stage_ops``)
+    instead of a layer program: what tests of the folding use on one layer."""
+
+    def __init__(self, cfg, comm, plan, ckpt, device: torch.device, args: QuantArgs, act: ActQuantArgs | None,
+                 overrides: dict[str, torch.Tensor]):
+        from types import SimpleNamespace
+
+        from .stage import Job
+
+        self.smoothing = Smoothing(cfg, comm, plan, ckpt, device, args, act)
+        self.act, self.overrides = act, overrides
+        hooks = [self.smoothing] + ([ActivationQuant(comm, device, act)] if act is not None else [])
+        self.job = Job(cfg, comm, ckpt, plan, None, args, device, None, SimpleNamespace(act=act), torch.float32,
+                       hooks)
+        self.act_params = self.job.act_params
+
+    def prepare(self, layer, index: int, k: int, ops, xs, prev, inputs, masks, linears, record, phase):
+        from .stage import StageContext
+
+        ctx = StageContext(self.job, layer, index, masks, record, phase)
+        ctx.overrides = self.overrides
+
+        def make():
+            return [ops[k].make_input(x, p) for x, p in zip(xs, prev)]
+
+        def downstream(hs):
+            return [ops[k + 1].make_input(x, i) for x, i in zip(xs, hs)]
+
+        for hook in self.job.hooks:
+            inputs = hook.before_solve(ctx, linears, inputs, make, downstream if k + 1 < len(ops) else None)
+        return inputs

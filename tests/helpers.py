@@ -52,9 +52,18 @@ def job_env(quiet: bool = True, **extra: str) -> dict[str, str]:
     return env
 
 
+FAULT_MAIN = str(ROOT / "tests" / "fault_main.py")
+
+
+def program(extra_env: dict) -> list[str]:
+    """``-m dist_quant``, or the tests' entry point with fault injection (tests/faults.py)
+    when ``DIST_QUANT_TEST_FAIL`` is set."""
+    return [FAULT_MAIN] if extra_env.get("DIST_QUANT_TEST_FAIL") else ["-m", "dist_quant"]
+
+
 def torchrun(nproc: int, overrides: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "-m", "dist_quant", *overrides]
+           f"--master_port={free_port()}", *program(extra_env), *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, env=job_env(quiet=False, **extra_env), stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
@@ -65,7 +74,7 @@ def ranks(world: int, overrides: list[str], logdir: Path, **extra_env: str) -> l
     for r in range(world):
         e = job_env(quiet=False, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(r), WORLD_SIZE=str(world),
                 LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world), **extra_env)
-        procs.append(subprocess.Popen([sys.executable, "-m", "dist_quant", *overrides], cwd=ROOT, env=e,
+        procs.append(subprocess.Popen([sys.executable, *program(extra_env), *overrides], cwd=ROOT, env=e,
                                       stdout=open(logdir / f"out{r}.txt", "w"), stderr=subprocess.STDOUT))
     return procs
 

@@ -44,6 +44,10 @@ def main() -> int:
         return tensor
 
     checkpoint.Checkpoint.get = traced_get
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import faults
+
+    faults.install_from_env()  # DIST_QUANT_TEST_FAIL
     rc = dist_quant_main(sys.argv[1:])
     out = Path(os.environ["TRACE_DIR"])
     out.mkdir(parents=True, exist_ok=True)

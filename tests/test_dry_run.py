@@ -150,7 +150,8 @@ def test_unsupported_architecture_fails_exit_2(tiny, tmp_path, no_tensor_reads):
 def test_more_ranks_than_samples_warns(tiny, no_tensor_reads):
     code, out, err = run_main(_args(tiny, "dry_run=true", "runtime.world_size=16"))
     assert code == 0, err
-    assert "warning: calib.num_samples=8 < world size 16" in out
+    assert ("warning: calib.num_samples=8 in batches of calib.batch_size=2 is 4 batches < world size 16: "
+            "12 rank(s) get no calibration samples") in out
 
 
 def test_dry_run_script(tiny):

@@ -304,6 +304,13 @@ def test_transformers_generates(e2e, name):
     assert gen.shape == (1, 20)
     assert torch.equal(gen[:, :12], prompt)
     assert ((gen >= 0) & (gen < len(tok))).all()
+    # the same greedy tokens as the float model carrying our own dequantized weights
+    _, linears, *_ = _output(e2e, name)
+    reference, _ = _fake_quant_reference(e2e.models[_model_key(name)], linears)
+    with torch.no_grad():
+        want = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                  min_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(gen, want), (gen.tolist(), want.tolist())
 
 
 # -- RTN integers and scales against our own RTN ------------------------------------------------------

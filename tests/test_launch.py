@@ -255,3 +255,37 @@ def test_slurm_rendezvous_from_node_list_and_job_id():
 def test_rendezvous_defaults_for_single_node_launchers():
     assert rendezvous_env(RankInfo(0, 2, 0, 2, "torchrun"), {}) == {"MASTER_ADDR": "127.0.0.1",
                                                                     "MASTER_PORT": "29500"}
+
+
+# -- slurm.sbatch after a requested stop (fake srun exiting with a given status) ----------------
+FAKE_SRUN_EXIT = '''#!/usr/bin/env bash
+echo "$@" >> "$FAKE_SRUN_LOG"
+exit "$FAKE_SRUN_RC"
+'''
+FAKE_SCONTROL_LOG = '''#!/usr/bin/env bash
+if [ "$1 $2" = "show hostnames" ]; then echo localhost; exit 0; fi
+echo "$@" >> "$FAKE_SCONTROL_LOG"
+'''
+
+
+@pytest.mark.parametrize("rc,args,requeued,resume_auto", [
+    (143, [], True, True),  # SIGTERM (preemption, scancel): every rank exited 143
+    (138, [], True, True),  # SIGUSR1 (--signal=USR1@600 before the time limit)
+    (1, [], False, True),  # a failure is not requeued
+    (0, ["resume=false"], False, False),  # the user's resume wins over the script's resume=auto
+])
+def test_slurm_sbatch_requeues_after_a_requested_stop(tmp_path, rc, args, requeued, resume_auto):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "srun", FAKE_SRUN_EXIT)
+    _executable(bin_dir / "scontrol", FAKE_SCONTROL_LOG)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="77",
+               SLURM_SUBMIT_DIR=str(REPO), FAKE_SRUN_RC=str(rc), FAKE_SRUN_LOG=str(tmp_path / "srun.log"),
+               FAKE_SCONTROL_LOG=str(tmp_path / "scontrol.log"), RUN_DIR=str(tmp_path / "run"))
+    res = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), "model.path=/m", "output.dir=/o", *args],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == rc, res.stderr
+    srun_args = (tmp_path / "srun.log").read_text().split()
+    assert ("resume=auto" in srun_args) == resume_auto and srun_args[-1] == (args or ["output.dir=/o"])[-1]
+    log = (tmp_path / "scontrol.log").read_text() if (tmp_path / "scontrol.log").exists() else ""
+    assert ("requeue 77" in log) == requeued, (log, res.stderr)

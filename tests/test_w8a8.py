@@ -270,10 +270,14 @@ def test_ascend_w8a8_dynamic_and_w8a16(env):
         assert rel(logits(load_fake_quant_model(out), ids), fp) < 0.15
 
 
-def test_ascend_rejects_4bit_weights(env):
+def test_ascend_rejects_4bit_weights(env, capsys):
     out = env["base"] / "out" / "ascend-w4"
-    assert main(overrides(env, "llama", out, ["quant=gptq_w4a16", "output.format=ascend"])) == 2
-    assert not out.exists()
+    # group 32: the tiny model has 64 input features (with the preset's 128 the group-size check
+    # fired first, and the old exit-code-only assertion passed for the wrong reason)
+    assert main(overrides(env, "llama", out, ["quant=gptq_w4a16", "quant.group_size=32", "output.format=ascend"])) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "output.format='ascend'" in errors[0] and "quant.bits=4" in errors[0], errors
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
 
 
 # -- distributed: 2 ranks choose what 1 rank chooses ------------------------------------------------

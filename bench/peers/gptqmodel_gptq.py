@@ -8,7 +8,9 @@ its own GPTQ format, so the perplexity of its output is measured here, after the
 part, through GPTQModel's loader with dist_quant.eval.perplexity on the held-out windows
 of bench_gptq.py (the repository on PYTHONPATH).
 
-    /work/venv-gptqm/bin/python bench/peers/gptqmodel_gptq.py MODEL_DIR DATA OUT_DIR
+    VENV/bin/python bench/peers/gptqmodel_gptq.py MODEL_DIR DATA OUT_DIR [--samples N] [--seq-len L] [--windows W] [--dtype D]
+
+``--dtype`` (default float32): the dtype the model is loaded and calibrated in.
 
 Prints one JSON line: wall seconds of the quantization (load to saved), peak RSS, perplexity.
 """
@@ -18,21 +20,21 @@ import sys
 import time
 
 import torch
-from _job import SAMPLES, SEQ, WINDOWS, calibration_rows  # bench/peers is on sys.path when run as a script
+from _job import calibration_rows, parse  # bench/peers is on sys.path when run as a script
 from transformers import AutoTokenizer
 
 from gptqmodel import GPTQModel, QuantizeConfig
 
 
-def main(model_dir: str, data: str, out: str) -> None:
+def main(a) -> None:
     t0 = time.time()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    rows = calibration_rows(tok, data)
+    tok = AutoTokenizer.from_pretrained(a.model)
+    rows = calibration_rows(tok, a.data, a.samples, a.seq_len)
     calib = [{"input_ids": r[None], "attention_mask": torch.ones_like(r)[None]} for r in rows]
     qc = QuantizeConfig(bits=4, group_size=64, sym=True)
-    model = GPTQModel.load(model_dir, qc, device="cpu")
+    model = GPTQModel.load(a.model, qc, device="cpu", dtype=a.torch_dtype)
     model.quantize(calib, batch_size=8)
-    model.save(out)
+    model.save(a.out)
     wall = time.time() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del model
@@ -40,12 +42,13 @@ def main(model_dir: str, data: str, out: str) -> None:
     from dist_quant.eval import perplexity
     from dist_quant.textdata import read_text, split_text
 
-    held = tok(split_text(read_text(data), 0.5, 1.0), add_special_tokens=False)["input_ids"]
-    qmodel = GPTQModel.load(out, device="cpu")
-    ppl = perplexity(qmodel.model, torch.tensor(held), SEQ, WINDOWS, 4)["ppl"]
-    print(json.dumps({"tool": "gptqmodel", "damp_percent": qc.damp_percent, "act_group_aware": qc.act_group_aware,
-                      "wall_s": wall, "peak_rss_gb": peak / 2**30, "ppl": ppl}))
+    held = tok(split_text(read_text(a.data), 0.5, 1.0), add_special_tokens=False)["input_ids"]
+    qmodel = GPTQModel.load(a.out, device="cpu")
+    ppl = perplexity(qmodel.model, torch.tensor(held), a.seq_len, a.windows, 4)["ppl"]
+    print(json.dumps({"tool": "gptqmodel", "dtype": a.dtype, "damp_percent": qc.damp_percent,
+                      "act_group_aware": qc.act_group_aware, "wall_s": wall, "peak_rss_gb": peak / 2**30,
+                      "ppl": ppl}))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(parse(__doc__))

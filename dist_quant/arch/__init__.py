@@ -1,8 +1,17 @@
 """Per-architecture facts as data: where the decoder layers are, which linears each
-layer has, and in which order their inputs become available (the *stages*)."""
+layer has, in which order their inputs become available (the *stages*), and the *layer
+program* that quantizes one decoder layer over the stage API (dist_quant/stage.py):
+arch/dense.py for Llama-style layers, arch/moe_block.py for the MoE families.
+
+A new architecture is one entry of ``ARCHS`` (an ``ArchSpec``: names, stage table,
+program), its smoothing pairs in arch/smooth_pairs.py, and, when its layer is not one of
+the existing shapes, a program file of its own (see docs/architectures.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+from . import dense
 
 
 class UnsupportedModel(ValueError):
@@ -31,6 +40,12 @@ class ArchSpec:
     post_attn_norm: str = "post_attention_layernorm"
     attn: str = "self_attn"
     mlp: str = "mlp"
+    program: Callable = dense.program
+    """``program(ctx, xs) -> xs``: quantize one decoder layer and return its outputs."""
+    extra_layers_key: str | None = None
+    """config.json key counting layers stored after the last decoder layer that transformers does
+    not build (multi-token-prediction layers: ``num_nextn_predict_layers``); their tensors are
+    written through unquantized and listed in the output's ``ignore``."""
 
     moe = None  # MoE architectures: a dist_quant.arch.moe.MoeSpec (see MoeArchSpec)
 
@@ -40,6 +55,23 @@ class ArchSpec:
     def layer_stages(self, index: int, config: dict) -> tuple[Stage, ...]:
         """The stages of decoder layer ``index`` (MoE architectures vary them per layer)."""
         return self.stages
+
+    def sliding_window(self, index: int, config: dict) -> int | None:
+        """Tokens a position of layer ``index`` attends to (itself included), None for full
+        causal attention: ``sliding_window`` of config.json (Mistral), restricted to the
+        ``sliding_attention`` entries of ``layer_types`` where the config lists them (Qwen2/3)."""
+        window = config.get("sliding_window")
+        types = config.get("layer_types")
+        if not window or (types is not None and (index >= len(types) or types[index] != "sliding_attention")):
+            return None
+        if types is None and config.get("use_sliding_window") is False:
+            return None
+        return int(window)
+
+    def loaded_later(self, name: str) -> bool:
+        """In-memory parameter names (relative to the layer) the layer load skips because the
+        program reads them itself (MoE: routed experts, read one at a time by their owner)."""
+        return False
 
     def memory_name(self, rel: str) -> str:
         """In-memory (transformers module) name of a checkpoint name relative to the layer."""
@@ -64,6 +96,10 @@ ARCHS: dict[str, ArchSpec] = {
 from .moe import MOE_ARCHS  # noqa: E402  (MoE architectures: qwen2_moe, qwen3_moe, mixtral)
 
 ARCHS.update(MOE_ARCHS)
+
+from .deepseek import DEEPSEEK_ARCHS  # noqa: E402  (deepseek_v3, kimi_k2: MLA, arch/mla.py)
+
+ARCHS.update(DEEPSEEK_ARCHS)
 
 
 def get_arch(model_type: str) -> ArchSpec:

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 
 from . import DENSE_STAGES, ArchSpec, Stage, UnsupportedModel
+from .moe_block import program as moe_program
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,12 @@ class MoeSpec:
     expert_down: str
     router: str = "gate"
     experts: str = "experts"
-    shared: str | None = None  # qwen2_moe: shared expert MLP (gate_proj, up_proj, down_proj)
+    shared: str | None = None  # shared expert MLP (gate_proj, up_proj, down_proj): qwen2_moe, glm4_moe
     shared_gate: str | None = None  # qwen2_moe: sigmoid gate of the shared expert, a [1, hidden] linear
+    # (glm4_moe has none: the shared experts' output is added as it is)
     sparse_step_key: str | None = None  # qwen: layer i is sparse iff (i + 1) % step == 0 ...
     mlp_only_key: str | None = None  # ... and i is not listed here
+    first_dense_key: str | None = None  # glm4_moe / deepseek: layers i < config[key] are dense
 
     def _configured(self, config: dict):
         return next((config[k] for k in self.num_experts_keys if k in config), None)
@@ -54,6 +57,8 @@ class MoeSpec:
     def is_sparse(self, index: int, config: dict) -> bool:
         """The rule transformers uses to build layer ``index`` with an MoE block."""
         if self.mlp_only_key and index in (config.get(self.mlp_only_key) or ()):
+            return False
+        if self.first_dense_key and index < int(config.get(self.first_dense_key) or 0):
             return False
         if self.sparse_step_key:
             step = config.get(self.sparse_step_key) or 1
@@ -91,7 +96,8 @@ class MoeArchSpec(ArchSpec):
         moe_in = [m.router_name]
         stages = list(DENSE_STAGES[:2])
         if m.shared:
-            moe_in += [f"{b}.{m.shared}.gate_proj", f"{b}.{m.shared}.up_proj", f"{b}.{m.shared_gate}"]
+            moe_in += [f"{b}.{m.shared}.gate_proj", f"{b}.{m.shared}.up_proj"]
+            moe_in += [f"{b}.{m.shared_gate}"] if m.shared_gate else []
         stages.append(Stage("moe_in", tuple(moe_in)))
         if m.shared:
             stages.append(Stage("shared_out", (f"{b}.{m.shared}.down_proj",)))
@@ -100,15 +106,18 @@ class MoeArchSpec(ArchSpec):
             stages += [Stage("expert_in", (gate, up), expert=e), Stage("expert_out", (down,), expert=e)]
         return tuple(stages)
 
+    def loaded_later(self, name: str) -> bool:
+        return name.startswith(f"{self.mlp}.{self.moe.experts}.")
+
     def memory_name(self, rel: str) -> str:
         block = self.moe.block
-        if block != self.mlp and rel.startswith(block + "."):
+        if block != self.mlp and (rel == block or rel.startswith(block + ".")):
             return self.mlp + rel[len(block):]
         return rel
 
     def checkpoint_name(self, rel: str) -> str:
         block = self.moe.block
-        if block != self.mlp and rel.startswith(self.mlp + "."):
+        if block != self.mlp and (rel == self.mlp or rel.startswith(self.mlp + ".")):
             return block + rel[len(self.mlp):]
         return rel
 
@@ -125,12 +134,17 @@ _QWEN = MoeSpec(block="mlp", num_experts_keys=_QWEN_KEYS, expert_gate="gate_proj
 _QWEN2 = MoeSpec(block="mlp", num_experts_keys=_QWEN_KEYS, expert_gate="gate_proj", expert_up="up_proj",
                  expert_down="down_proj", shared="shared_expert", shared_gate="shared_expert_gate",
                  sparse_step_key="decoder_sparse_step", mlp_only_key="mlp_only_layers")
+# GLM-4.5 / 4.6 / 4.5-Air: sigmoid router with e_score_correction_bias (a buffer of mlp.gate, written
+# through), shared experts without a gate, the first first_k_dense_replace layers dense
+_GLM4 = MoeSpec(block="mlp", num_experts_keys=("n_routed_experts",), expert_gate="gate_proj", expert_up="up_proj",
+                expert_down="down_proj", shared="shared_experts", first_dense_key="first_k_dense_replace")
 _MIXTRAL = MoeSpec(block="block_sparse_moe", num_experts_keys=("num_local_experts",), expert_gate="w1",
                    expert_up="w3", expert_down="w2")
 
 MOE_ARCHS: dict[str, ArchSpec] = {
-    name: MoeArchSpec(name=name, stages=_stages_for_order(spec), moe=spec)
-    for name, spec in (("qwen2_moe", _QWEN2), ("qwen3_moe", _QWEN), ("mixtral", _MIXTRAL))
+    name: MoeArchSpec(name=name, stages=_stages_for_order(spec), moe=spec, program=moe_program, **extra)
+    for name, spec, extra in (("qwen2_moe", _QWEN2, {}), ("qwen3_moe", _QWEN, {}), ("mixtral", _MIXTRAL, {}),
+                              ("glm4_moe", _GLM4, {"extra_layers_key": "num_nextn_predict_layers"}))
 }
 
 

@@ -41,8 +41,25 @@ SMOOTH_PAIRS: dict[str, tuple[SmoothPair, ...]] = {
     name: DENSE_PAIRS for name in ("llama", "qwen2", "qwen3", "mistral")
 }
 # MoE models: the attention pairs (the MoE block is not smoothed: its norm feeds the router and
-# every expert, whose weights live on different ranks; see dist_quant/moe.py)
-SMOOTH_PAIRS.update({name: DENSE_PAIRS[:2] for name in ("qwen2_moe", "qwen3_moe", "mixtral")})
+# every expert, whose weights live on different ranks; see arch/moe_block.py)
+SMOOTH_PAIRS.update({name: DENSE_PAIRS[:2] for name in ("qwen2_moe", "qwen3_moe", "mixtral", "glm4_moe")})
+
+
+# MLA (DeepSeek-V3, Kimi-K2), dist_quant/arch/deepseek.py. Safe: each producer's output feeds
+# exactly these consumers and the fold is exact — the input norm feeds q_a_proj (or q_proj) and
+# kv_a_proj_with_mqa; q_a_layernorm feeds q_b_proj; kv_a_layernorm feeds kv_b_proj (on the first
+# kv_lora_rank channels of kv_a_proj_with_mqa's output; the rope part goes to attention, unnormed).
+# Not pairs: q_a_proj → q_b_proj and kv_a_proj_with_mqa → kv_b_proj (an RMSNorm between them is
+# not per-channel linear). kv_b_proj's value rows → o_proj would be exact (one head's v channel
+# per o_proj column, no grouped heads) but is not implemented. Dense layers (the first
+# first_k_dense_replace) have the MLP pairs; MoE layers are not smoothed (as for the other MoEs).
+MLA_PAIRS = (
+    SmoothPair("norm", "input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")),
+    SmoothPair("norm", "input_layernorm", ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),
+    SmoothPair("norm", "self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
+    SmoothPair("norm", "self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)),
+)
+SMOOTH_PAIRS.update({name: MLA_PAIRS + DENSE_PAIRS[2:] for name in ("deepseek_v3", "kimi_k2")})
 
 
 def smooth_pairs(arch_name: str) -> tuple[SmoothPair, ...]:

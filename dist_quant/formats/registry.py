@@ -109,17 +109,24 @@ def act_args(cfg: JobConfig, args: QuantArgs) -> ActQuantArgs | None:
     return ActQuantArgs(dynamic=cfg.quant.act_dynamic, scale_dtype=scale_dtype, token_divisor=TOKEN_DIVISOR)
 
 
+def _compressed_tensors(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | None) -> OutputFormat:
+    return CompressedTensorsW8A8(args, act) if act is not None else OutputFormat(args, act)
+
+
+def _ascend(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | None) -> OutputFormat:
+    if cfg.quant.bits != 8:
+        raise ConfigError(f"output.format='ascend' with quant.bits={cfg.quant.bits}: the Ascend description "
+                          "format is written for 8-bit weights (W8A8, W8A8_DYNAMIC, W8A16)")
+    if cfg.quant.group_size != -1:
+        raise ConfigError(f"output.format='ascend' with quant.group_size={cfg.quant.group_size}: vLLM-Ascend's "
+                          "W8A16 method declares one weight_scale/weight_offset per output channel "
+                          "(AscendW8A16LinearMethod.get_perchannel_param, [out, 1]); set quant.group_size=-1")
+    return Ascend(args, act)
+
+
+# output.format → factory(cfg, args, act) -> OutputFormat; config validation reads the keys
+FORMATS = {"compressed-tensors": _compressed_tensors, "ascend": _ascend}
+
+
 def make_format(cfg: JobConfig, args: QuantArgs) -> OutputFormat:
-    act = act_args(cfg, args)
-    if cfg.output.format == "ascend":
-        if cfg.quant.bits != 8:
-            raise ConfigError(f"output.format='ascend' with quant.bits={cfg.quant.bits}: the Ascend description "
-                              "format is written for 8-bit weights (W8A8, W8A8_DYNAMIC, W8A16)")
-        if cfg.quant.group_size != -1:
-            raise ConfigError(f"output.format='ascend' with quant.group_size={cfg.quant.group_size}: vLLM-Ascend's "
-                              "W8A16 method declares one weight_scale/weight_offset per output channel "
-                              "(AscendW8A16LinearMethod.get_perchannel_param, [out, 1]); set quant.group_size=-1")
-        return Ascend(args, act)
-    if act is not None:
-        return CompressedTensorsW8A8(args, act)
-    return OutputFormat(args, act)
+    return FORMATS[cfg.output.format](cfg, args, act_args(cfg, args))

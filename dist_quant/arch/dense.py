@@ -1,0 +1,75 @@
+"""The layer program of a Llama-style decoder layer (llama, qwen2, qwen3, mistral, and the
+attention half of the MoE families), over the stage API (dist_quant/stage.py):
+
+    x → input_layernorm → q/k/v → attention → o_proj (+x) → post_attention_layernorm
+      → gate/up → act(gate)·up → down_proj (+x)
+
+Each group of linears is quantized where its true input appears, and the forward goes on
+with the quantized weights (one pass per layer). Attention is the model's own module
+(GQA, rotary, qwen3's q_norm/k_norm, biases, partial rotary all stay transformers' code),
+run with ``o_proj`` replaced by identity to get ``o_proj``'s input.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def attention(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The attention half: quantizes the ``attn_in`` and ``attn_out`` stages; returns the
+    residual stream after attention (``xs`` is updated in place)."""
+    arch = ctx.arch
+    attn = ctx.module(arch.attn)
+    norm = ctx.module(arch.input_norm)
+
+    mask = attention_mask(ctx, xs[0].shape[1] if xs else 0)
+
+    def core(h):  # attention up to o_proj's input
+        return ctx.input_of(attn, "o_proj", hidden_states=h, position_embeddings=ctx.pos_emb, attention_mask=mask)
+
+    hs = ctx.quantize("attn_in", lambda: [norm(x) for x in xs], downstream=lambda hs: [core(h) for h in hs])
+    with ctx.phase("propagate"):
+        a = [core(h) for h in hs]
+    del hs
+    a = ctx.quantize("attn_out", a)
+    with ctx.phase("propagate"):
+        for j, y in enumerate(a):  # in place: each old batch is freed as it is replaced
+            xs[j] = xs[j] + attn.o_proj(y)
+    return xs
+
+
+def attention_mask(ctx, seq_len: int) -> torch.Tensor | None:
+    """None (causal attention, what SDPA does by itself) unless the layer has a sliding
+    window shorter than the samples: then a boolean ``[1, 1, L, L]`` mask, True where query
+    ``i`` sees key ``j``: ``j <= i`` and ``i - j < window`` (transformers' sliding-window
+    rule; SDPA ignores ``sliding_window`` when it is given no mask). Padding is at the end
+    of a sample, so causal masking alone keeps it away from real tokens."""
+    window = ctx.arch.sliding_window(ctx.index, ctx.config)
+    if window is None or window >= seq_len:
+        return None
+    i = torch.arange(seq_len, device=ctx.device)
+    return ((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window))[None, None]
+
+
+def mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The dense MLP half: quantizes ``mlp_in`` (gate/up) and ``mlp_out`` (down)."""
+    arch = ctx.arch
+    block = ctx.module(arch.mlp)
+    norm = ctx.module(arch.post_attn_norm)
+
+    def core(h):  # act(gate(h)) · up(h): down_proj's input
+        return ctx.input_of(block, "down_proj", h)
+
+    hs = ctx.quantize("mlp_in", lambda: [norm(x) for x in xs], downstream=lambda hs: [core(h) for h in hs])
+    with ctx.phase("propagate"):
+        d = [core(h) for h in hs]
+    del hs
+    d = ctx.quantize("mlp_out", d)
+    with ctx.phase("propagate"):
+        for j, y in enumerate(d):
+            xs[j] = xs[j] + block.down_proj(y)
+    return xs
+
+
+def program(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One dense decoder layer."""
+    return mlp(ctx, attention(ctx, xs))

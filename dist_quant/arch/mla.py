@@ -1,0 +1,80 @@
+"""The layer program of DeepSeek-V3 / R1 / V3.1 and Kimi-K2 (``DeepseekV3ForCausalLM``) over the
+stage API (dist_quant/stage.py): multi-head latent attention (MLA), then the dense MLP
+(arch/dense.py) in the first ``first_k_dense_replace`` layers or the MoE block
+(arch/moe_block.py: shared experts, the model's own sigmoid group-limited router, routed
+experts on their owners).
+
+Each linear's statistics are taken on its true input in the one-pass order, with every linear
+before it already quantized::
+
+    h = input_layernorm(x)
+    attn_in   q_a_proj, kv_a_proj_with_mqa  (or q_proj, kv_a_proj_with_mqa)  ← h
+    q_b       q_b_proj                       ← q_a_layernorm(q_a_proj(h))
+    kv_b      kv_b_proj                      ← kv_a_layernorm(kv_a_proj_with_mqa(h)[..., :kv_lora_rank])
+    attn_out  o_proj                         ← attention(q, k, v)
+    x ← x + o_proj(·)
+
+The attention itself is transformers' ``DeepseekV3Attention`` (rotary layout, YaRN softmax
+scale, head split), run with ``o_proj`` replaced by identity. Inside it, ``q_b_proj`` and
+``kv_b_proj`` see their inputs through ``ctx.act`` (forward pre-hooks: int8 fake-quantized in
+W8A8 jobs), as a W8A8 kernel quantizes its own input; ``q_a_proj`` / ``kv_a_proj_with_mqa`` get
+``attn_in``'s inputs as ``ctx.quantize`` returns them (already as they see them).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import dense, moe_block
+
+INNER = ("q_b_proj", "kv_b_proj")  # linears called inside the attention module on computed inputs
+
+
+@contextlib.contextmanager
+def _inputs_as_seen(ctx, attn):
+    handles = []
+    for short in INNER:
+        module = getattr(attn, short, None)
+        if module is not None:
+            name = "self_attn." + short
+            handles.append(module.register_forward_pre_hook(
+                lambda mod, args, name=name: (ctx.act(name, args[0]), *args[1:])))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def attention(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The MLA half: quantizes ``attn_in``, ``q_b``, ``kv_b`` and ``attn_out``; returns the
+    residual stream after attention (``xs`` updated in place)."""
+    attn = ctx.module("self_attn")
+    norm = ctx.module("input_layernorm")
+    rank = attn.kv_lora_rank
+
+    def core(h):  # attention up to o_proj's input
+        with _inputs_as_seen(ctx, attn):
+            return ctx.input_of(attn, "o_proj", hidden_states=h, position_embeddings=ctx.pos_emb, attention_mask=None)
+
+    hs = ctx.quantize("attn_in", lambda: [norm(x) for x in xs])
+    if attn.q_lora_rank is not None:
+        ctx.quantize("q_b", lambda: [attn.q_a_layernorm(attn.q_a_proj(h)) for h in hs])
+    ctx.quantize("kv_b", lambda: [attn.kv_a_layernorm(attn.kv_a_proj_with_mqa(h)[..., :rank]) for h in hs])
+    with ctx.phase("propagate"):
+        a = [core(h) for h in hs]
+    del hs
+    a = ctx.quantize("attn_out", a)
+    with ctx.phase("propagate"):
+        for j, y in enumerate(a):  # in place: each old batch is freed as it is replaced
+            xs[j] = xs[j] + attn.o_proj(y)
+    return xs
+
+
+def program(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One DeepSeek-V3 decoder layer."""
+    xs = attention(ctx, xs)
+    if ctx.arch.moe.is_sparse(ctx.index, ctx.config):
+        return moe_block.sparse_mlp(ctx, xs)
+    return dense.mlp(ctx, xs)

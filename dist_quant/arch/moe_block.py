@@ -1,0 +1,272 @@
+"""The layer program of the MoE families (qwen2_moe, qwen3_moe, mixtral, glm4_moe): dense attention
+(arch/dense.py), then, in sparse layers, the MoE block with experts split over ranks; dense
+layers (``mlp_only_layers``, ``decoder_sparse_step``) run the dense MLP program.
+
+The sparse MoE block, per layer:
+
+1. ``h = post_attention_layernorm(x)`` on every rank for its own samples.
+2. Stage ``moe_in`` (statistics of all tokens, reduced like a dense stage): the router
+   when it is quantized (by default it stays float, ``quant.moe_ignore``), the shared
+   expert's gate/up and ``shared_expert_gate`` (qwen2_moe). Then stage ``shared_out``
+   (the shared expert's down projection) and the shared expert's output
+   ``sigmoid(shared_expert_gate(h)) · down(act(gate(h)) · up(h))`` (qwen2_moe; glm4_moe's
+   shared experts have no gate: ``down(act(gate(h)) · up(h))``).
+3. Routing with the model's own router module on every rank (top-k, normalization as
+   the model does). Padded positions are not routed (nothing reads their outputs).
+4. **Dispatch** (dist_quant/moe_comm.py): every rank sends each expert owner the rows of
+   its tokens routed to any expert of that owner, *once per token and owner*, plus
+   ``(row, expert, weight)`` for each of the token's top-k slots on that owner.
+5. Each owner, **one expert at a time** (loaded from the checkpoint, quantized, freed):
+   Hessian of the tokens routed to it (received in global sample order, so the statistics
+   do not depend on the world size), solve gate/up, ``a = act(x Gᵀ) · (x Uᵀ)`` with the
+   quantized weights, Hessian of ``a``, solve down, and the weighted outputs
+   ``w · a Dᵀ`` summed per received row (``ctx.solve`` / ``ctx.write``: local, no collective).
+6. **Combine** (moe_comm.py): the summed rows go back to the ranks that sent them, which
+   add them into their tokens' outputs; ``x + (routed + shared)``. Rows are summed in a
+   wider type (``moe_comm.accumulation_dtype``), so the result does not depend on how
+   experts are split over ranks.
+
+``calib.all_experts=true`` and the ``all_tokens`` fallback need every token on the
+expert's owner: the hidden states of all real tokens are then all-gathered once per layer
+(statistics only; propagation still uses the routed tokens and weights).
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from .. import moe_comm
+from ..quant.qparams import QuantResult
+from ..stats import HessianStat
+from . import dense
+
+log = logging.getLogger("dist_quant")
+
+HESSIAN_CHUNK = 4096  # rows per float32 GEMM in expert statistics (fixed, so chunks do not depend on ranks)
+
+
+def program(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One decoder layer of an MoE family."""
+    xs = dense.attention(ctx, xs)
+    if ctx.arch.moe.is_sparse(ctx.index, ctx.config):
+        return sparse_mlp(ctx, xs)
+    return dense.mlp(ctx, xs)
+
+
+class ExpertStore:
+    """The only reader of routed-expert weights: one expert's (gate, up, down) as float32.
+    Keeps count of the experts of a layer materialized at once, for the report."""
+
+    def __init__(self, ckpt, device: torch.device):
+        self.ckpt, self.device = ckpt, device
+        self.live: set[int] = set()
+        self.peak = 0
+        self.loaded: list[int] = []
+
+    def load(self, expert: int, names: tuple[str, ...]) -> list[torch.Tensor]:
+        self.live.add(expert)
+        self.peak = max(self.peak, len(self.live))
+        self.loaded.append(expert)
+        return [self.ckpt.get(n + ".weight").to(self.device, torch.float32) for n in names]
+
+    def release(self, expert: int) -> None:
+        self.live.discard(expert)
+
+
+def hessian_of(x: torch.Tensor, device) -> tuple[torch.Tensor | None, int]:
+    """``2 Σ x xᵀ / n`` in fixed-size chunks, and ``n`` (``None`` when ``n == 0``)."""
+    stat = HessianStat(x.shape[1], device)
+    for i in range(0, x.shape[0], HESSIAN_CHUNK):
+        stat.add(x[i:i + HESSIAN_CHUNK])
+    n = int(stat.count.item())
+    return (stat.hessian() if n else None), n
+
+
+def sparse_mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The MLP half of a sparse layer: quantize the shared expert and this rank's routed
+    experts, and return the next layer's inputs (see the module docstring)."""
+    arch, comm, masks, phase = ctx.arch, ctx.comm, ctx.masks, ctx.phase
+    spec = arch.moe
+    block = ctx.module(spec.block)
+    experts_of: dict[int, list] = {}
+    for lin in ctx.linears():
+        if lin.expert is not None:
+            experts_of.setdefault(lin.expert, []).append(lin)
+    num_experts = spec.num_experts(ctx.config)
+    hidden = xs[0].shape[-1] if xs else ctx.config["hidden_size"]
+    moved = moe_comm.new_traffic()
+    store = ExpertStore(ctx.job.ckpt, ctx.device)
+
+    with phase("propagate"):
+        hs = [ctx.module(arch.post_attn_norm)(x) for x in xs]
+    router = ctx.fqn(spec.router_name)
+    if ctx.linear(router) is not None and ctx.once("router_quantized"):
+        comm.rank0(log.warning, "the router (%s) is quantized (not in quant.moe_ignore): vLLM keeps MoE routers in "
+                   "float and transformers 5 cannot load a quantized router (it is not an nn.Linear there)", router)
+    ctx.quantize("moe_in", hs)  # statistics of what the router / shared expert see
+    shared = [None] * len(xs)
+    if spec.shared:
+        se = getattr(block, spec.shared)
+        sgate = getattr(block, spec.shared_gate) if spec.shared_gate else None
+        p = f"{spec.block}.{spec.shared}."
+        with phase("propagate"):
+            s_in = [se.act_fn(se.gate_proj(ctx.act(p + "gate_proj", h))) * se.up_proj(ctx.act(p + "up_proj", h))
+                    for h in hs]
+        s_in = ctx.quantize("shared_out", s_in)  # as the (quantized) down projection sees it
+        with phase("propagate"):
+            if sgate is None:  # glm4_moe: the shared experts' output as it is
+                shared = [se.down_proj(s) for s in s_in]
+            else:  # qwen2_moe: sigmoid-gated
+                shared = [torch.sigmoid(sgate(ctx.act(f"{spec.block}.{spec.shared_gate}", h))) * se.down_proj(s)
+                          for h, s in zip(hs, s_in)]
+        del s_in
+
+    with phase("propagate"):
+        # routed per batch: the same GEMM shapes whatever the world size
+        gate = getattr(block, spec.router)
+        routing = [gate(ctx.act(router, h[m])) for h, m in zip(hs, masks)]
+        if routing:
+            h_flat = torch.cat([h[m] for h, m in zip(hs, masks)])
+            weights, chosen = torch.cat([r[1] for r in routing]), torch.cat([r[2] for r in routing])
+        else:
+            h_flat = torch.zeros(0, hidden, dtype=ctx.dtype, device=ctx.device)
+            _, weights, chosen = gate(h_flat)
+        del hs, routing
+    owner = moe_comm.expert_owner_tensor(lambda e: ctx.owner(experts_of[e][0].name), num_experts, ctx.device)
+    with phase("reduce"):
+        counts = moe_comm.count_routed(comm, chosen.to(ctx.device), num_experts, moved)
+    calib = ctx.cfg.calib
+    threshold = max(calib.min_expert_tokens, 1)
+    below = [e for e in range(num_experts) if counts[e] < threshold]
+    gather_all = calib.all_experts or (calib.expert_fallback == "all_tokens" and bool(below))
+    with phase("reduce"):
+        all_h = moe_comm.gather_all_tokens(comm, h_flat, moved) if gather_all else None
+        recv = moe_comm.dispatch(comm, h_flat, chosen, weights, owner, moved)
+
+    mine = [e for e in range(num_experts) if int(owner[e]) == comm.rank]
+    out_rows = torch.zeros(recv.h.shape, dtype=moe_comm.accumulation_dtype(ctx.dtype), device=ctx.device)
+    fallbacks: dict[int, str] = {}
+    act = block.experts.act_fn
+    order = torch.argsort(recv.expert, stable=True)  # slots grouped by expert, receive order kept
+    starts = torch.bincount(recv.expert, minlength=num_experts).cumsum(0).tolist()
+    for e in mine:
+        fb = None
+        if e in below:
+            fb = calib.expert_fallback
+            fallbacks[e] = fb
+            action = (f"statistics of all {all_h.shape[0]} calibration tokens" if fb == "all_tokens"
+                      else "round-to-nearest (no statistics)")
+            log.warning("%s: %d routed tokens < calib.min_expert_tokens=%d; expert_fallback=%s: %s",
+                        ctx.fqn(spec.expert_prefix(e)[:-1]), int(counts[e]), threshold, fb, action)
+        sel = order[(starts[e - 1] if e else 0):starts[e]]
+        rows, w = recv.row[sel], recv.weight[sel]
+        _quantize_expert(ctx, store, e, experts_of[e], recv.h[rows], rows, w, all_h, fb, int(counts[e]), act,
+                         out_rows)
+
+    with phase("propagate"):
+        routed = moe_comm.combine(comm, recv, out_rows, h_flat.shape[0], moved).to(ctx.dtype)
+        del recv, out_rows, all_h, h_flat
+        new_xs, offset = [], 0
+        for x, m, s in zip(xs, masks, shared):
+            n = int(m.sum())
+            y = torch.zeros_like(x)
+            y[m] = routed[offset:offset + n]
+            offset += n
+            if s is not None:
+                y = y + s
+            new_xs.append(x + y)
+
+    ctx.record.moe = {
+        "num_experts": num_experts,
+        "tokens_per_expert": [int(c) for c in counts],
+        "experts_owned": mine,
+        "experts_loaded": store.loaded,
+        "peak_live_experts": store.peak,
+        "fallbacks": {str(e): fb for e, fb in fallbacks.items()},
+        "all_tokens_gathered": bool(gather_all),
+        **moved,
+    }
+    comm.rank0(_log_layer, ctx.index, counts, threshold, below, calib.expert_fallback, moved, comm.world_size)
+    return new_xs
+
+
+def _quantize_expert(ctx, store, e, lins, x_e, rows, w, all_h, fallback, routed, act, out_rows):
+    """Load expert ``e``, quantize gate/up then down with their statistics, add its
+    weighted outputs for its routed rows into ``out_rows``, write, free."""
+    phase = ctx.phase
+    gate, up, down = sorted(lins, key=lambda lin: ("gate", "up", "down").index(_role(ctx, lin)))
+    stats_all = all_h is not None and (ctx.cfg.calib.all_experts or fallback == "all_tokens")
+    method = "rtn" if fallback == "rtn" else ctx.cfg.quant.method
+    basis = "all_tokens" if stats_all else "routed_tokens"
+    with phase("load"):
+        w_gate, w_up, w_down = store.load(e, (gate.name, up.name, down.name))
+    x_e = ctx.act(gate.name, x_e)  # per-token quantization: the same on any rank, for any subset of tokens
+    x_stat = _chunked(lambda x: ctx.act(gate.name, x), all_h) if stats_all else x_e
+
+    with phase("capture"):
+        h_in, n_in = hessian_of(x_stat, ctx.device)
+    with phase("solve"):
+        if h_in is None:
+            h_in, basis = torch.eye(gate.in_features, dtype=torch.float64, device=ctx.device), "weights"
+        res = ctx.solve([gate, up], h_in, n_in, weights=[w_gate, w_up], method=method)
+    del h_in
+    dtype, args = ctx.dtype, ctx.args
+    g_hat = res[gate.name].dequantize(args).to(dtype)
+    u_hat = res[up.name].dequantize(args).to(dtype)
+    _write(ctx, gate, res[gate.name])
+    _write(ctx, up, res[up.name])
+
+    with phase("propagate"):
+        a_e = ctx.act(down.name, act(F.linear(x_e, g_hat)) * F.linear(x_e, u_hat))
+        a_stat = a_e if x_stat is x_e else _chunked(
+            lambda x: ctx.act(down.name, act(F.linear(x, g_hat)) * F.linear(x, u_hat)), x_stat)
+    with phase("capture"):
+        h_out, n_out = hessian_of(a_stat, ctx.device)
+    del a_stat
+    with phase("solve"):
+        if h_out is None:
+            h_out = torch.eye(down.in_features, dtype=torch.float64, device=ctx.device)
+        res_down = ctx.solve([down], h_out, n_out, weights=[w_down], method=method)
+    del h_out
+    d_hat = res_down[down.name].dequantize(args).to(dtype)
+    _write(ctx, down, res_down[down.name])
+    with phase("propagate"):
+        y = F.linear(a_e, d_hat) * w[:, None]
+        out_rows.index_add_(0, rows, y.to(out_rows.dtype))
+    for lin in (gate, up, down):
+        ctx.record.modules[lin.name].update(expert=e, routed_tokens=routed, statistics=basis,
+                                            expert_fallback=fallback)
+    del w_gate, w_up, w_down
+    store.release(e)
+
+
+def _chunked(fn, x):
+    """``fn`` over fixed-size row chunks of ``x`` (bounded transients; chunks independent of ranks)."""
+    if not x.shape[0]:
+        return fn(x)
+    return torch.cat([fn(x[i:i + HESSIAN_CHUNK]) for i in range(0, x.shape[0], HESSIAN_CHUNK)])
+
+
+def _role(ctx, lin) -> str:
+    spec = ctx.arch.moe
+    short = lin.name.rsplit(".", 1)[1]
+    return {spec.expert_gate: "gate", spec.expert_up: "up", spec.expert_down: "down"}[short]
+
+
+def _write(ctx, lin, result: QuantResult) -> None:
+    ctx.write(lin, result, None)
+
+
+def _log_layer(index, counts, threshold, below, fallback, moved, world_size) -> None:
+    c = [int(x) for x in counts]
+    msg = (f"layer {index} experts: routed tokens per expert min {min(c)} / median {statistics.median(c):g} / "
+           f"max {max(c)} over {len(c)} experts")
+    if below:
+        msg += f"; {len(below)} below calib.min_expert_tokens={threshold} (expert_fallback={fallback})"
+    if world_size > 1:
+        msg += (f"; rank 0 sent {moved['tokens_sent']} token rows to other ranks "
+                f"({sum(moved['bytes_sent'].values()) / 1e6:.2f} MB)")
+    log.info(msg)

@@ -1,0 +1,410 @@
+"""The stage API: what a layer program (dist_quant/arch/<family>.py) uses to quantize one
+decoder layer in the one-pass order.
+
+A program is ordinary code that reads like the layer's forward. Wherever a group of
+linears meets its true input, it calls :meth:`StageContext.quantize`, which runs the
+stage hooks (smoothing, activation quantization), then capture → reduce → solve →
+broadcast → write, and returns the inputs as the quantized linears see them; after that
+the layer's modules hold the quantized (dequantized) weights, so the program continues
+the forward with them::
+
+    def attention(ctx, xs):                       # xs: this rank's hidden states, per batch
+        attn, norm = ctx.module("self_attn"), ctx.module("input_layernorm")
+        core = lambda h: ctx.input_of(attn, "o_proj", h, position_embeddings=ctx.pos_emb)
+        hs = ctx.quantize(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                          lambda: [norm(x) for x in xs],       # a callable: smoothing may refold
+                          downstream=lambda hs: [core(h) for h in hs])  # v→o smoothing input
+        a = ctx.quantize(["self_attn.o_proj"], [core(h) for h in hs])
+        return [x + ctx.run("self_attn.o_proj", y) for x, y in zip(xs, a)]
+
+Public pieces (names are relative to the decoder layer, in checkpoint spelling, or full):
+
+* ``ctx.module(name)``, ``ctx.tensor(name)``, ``ctx.weight(name)``: a submodule; a tensor
+  (smoothing overrides first, then the checkpoint); a weight as float32 on the device.
+* ``ctx.quantize(linears, inputs, downstream=None)``: the collective stage (above).
+  ``linears`` are names (those the plan leaves in float are skipped) or a stage name of
+  the architecture's table; every rank must call it with the same linears.
+* ``ctx.run(name, x)``: the linear with its quantized weight.
+* ``ctx.input_of(module, child, ...)`` / ``ctx.inputs_of(module, [children], ...)``: run a
+  module of the model (its own forward) and get what a child linear receives: with the
+  child replaced by identity, or captured by hooks (the forward stops once all are seen).
+* ``ctx.act(name, x)``: what linear ``name`` sees of ``x`` (int8 fake-quantized in W8A8
+  jobs, else ``x``).
+* ``ctx.solve(linears, H, tokens, weights=None, method=None)`` and ``ctx.write(linear,
+  result)``: the local pieces of ``quantize`` for work that is not one collective stage
+  (MoE experts, solved by their owner from the tokens routed to it; see arch/moe_block.py).
+* ``ctx.comm`` (collectives, dist_quant/runtime.py), ``ctx.index``, ``ctx.masks``,
+  ``ctx.record`` (the layer's report record), ``ctx.phase(name)`` (time a phase),
+  ``ctx.pos_emb`` (rotary embeddings of the calibration positions).
+
+Hooks (``StageHook``) run inside ``quantize`` before the statistics are taken; W8A8
+smoothing (dist_quant/smoothing.py) and activation quantization are the two there are.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence, Union
+
+import torch
+from torch import nn
+
+from .algorithms.registry import get_solver
+from .memory import trim_heap
+from .numerics import check_result, check_weight
+from .plan import LinearInfo
+from .quant.activations import ActQuantArgs, StaticActParams, fake_quant
+from .quant.qparams import QuantResult
+from .stats import HessianStat, relative_output_error
+
+log = logging.getLogger("dist_quant")
+
+Inputs = Union[Sequence[torch.Tensor], Callable[[], list]]
+
+
+class StageHook(Protocol):
+    """Runs inside :meth:`StageContext.quantize` before the statistics of ``linears`` are
+    taken; returns the (possibly refolded / fake-quantized) inputs."""
+
+    def before_solve(self, ctx: "StageContext", linears: list[LinearInfo], inputs: list[torch.Tensor],
+                     make_inputs: Callable[[], list] | None,
+                     downstream: Callable[[list], list] | None) -> list[torch.Tensor]: ...
+
+
+@dataclass
+class Job:
+    """What stays the same for every layer of a job (built once by the pipeline)."""
+
+    cfg: Any  # JobConfig
+    comm: Any  # runtime.Comm
+    ckpt: Any  # checkpoint.Checkpoint
+    plan: Any  # plan.ModelPlan
+    owners: Any  # plan.OwnerPlan
+    args: Any  # quant.qparams.QuantArgs
+    device: torch.device
+    writer: Any  # writer.RankWriter
+    fmt: Any  # formats.registry.OutputFormat
+    dtype: torch.dtype
+    hooks: list = field(default_factory=list)
+    pos_emb: tuple | None = None
+    act_params: dict[str, StaticActParams | None] = field(default_factory=dict)  # linear → input quantizer
+    notes: set = field(default_factory=set)  # keys of one-time log messages already given
+    check_stop: Callable[[int], None] | None = None  # resume.Progress.check_stop (dist_quant/stop.py)
+    _params: dict = field(default_factory=dict, repr=False)  # solver name → its frozen params
+
+    @property
+    def act(self) -> ActQuantArgs | None:
+        return getattr(self.fmt, "act", None)
+
+    def solver_params(self, method: str):
+        """The frozen parameters of solver ``method`` for this job (built once)."""
+        if method not in self._params:
+            self._params[method] = get_solver(method).params(self.cfg.quant)
+        return self._params[method]
+
+
+class _NoPhase:
+    def __call__(self, name: str):
+        return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def solver_threads(device: torch.device):
+    """GPTQ's column loop is a long chain of small ops; on CPU, OpenMP synchronization per
+    op costs more than it saves (20x slower with 2 threads on a busy 2-core machine), so
+    the solve runs single-threaded and the big GEMMs of the forward keep all threads."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def input_of(module: nn.Module, child: str, *args, **kwargs) -> torch.Tensor:
+    """``module(*args, **kwargs)`` with ``module.<child>`` replaced by identity: the input of
+    that child (e.g. attention without o_proj gives o_proj's input). Tuple outputs (attention
+    returns ``(out, weights)``) give their first element."""
+    original = getattr(module, child)
+    setattr(module, child, nn.Identity())
+    try:
+        out = module(*args, **kwargs)
+    finally:
+        setattr(module, child, original)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _AllSeen(Exception):
+    """Raised inside a forward once every requested input has been captured (stops it early)."""
+
+
+def inputs_of(module: nn.Module, children: Sequence[str], *args, **kwargs) -> dict[str, torch.Tensor]:
+    """Run ``module(*args, **kwargs)`` and return the first positional input of each named
+    submodule (dotted names relative to ``module``), stopping the forward as soon as all were
+    seen: the true inputs of linears inside a module whose forward the program does not
+    rewrite (e.g. ``q_b_proj`` after ``q_a_layernorm`` in MLA attention)."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(name):
+        def grab(mod, inputs):
+            seen.setdefault(name, inputs[0])
+            if len(seen) == len(children):
+                raise _AllSeen
+        return grab
+
+    for name in children:
+        handles.append(module.get_submodule(name).register_forward_pre_hook(hook(name)))
+    try:
+        module(*args, **kwargs)
+    except _AllSeen:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [name for name in children if name not in seen]
+    if missing:
+        raise RuntimeError(f"the forward of {type(module).__name__} never reached {missing}")
+    return seen
+
+
+class StageContext:
+    """One decoder layer of one job, as seen by its layer program (see the module docstring)."""
+
+    def __init__(self, job: Job, layer: nn.Module, index: int, masks: list[torch.Tensor], record, phase=None):
+        self.job, self.layer, self.index, self.masks, self.record = job, layer, index, masks, record
+        self.phase = phase if phase is not None else _NoPhase()
+        self.arch = job.plan.arch
+        self.prefix = self.arch.layer_prefix(index)
+        self.overrides: dict[str, torch.Tensor] = {}  # checkpoint tensors changed in this layer (smoothing)
+        self._linears = {lin.name: lin for lin in job.plan.layer_linears(index)}
+        self._order = {name: k for k, name in enumerate(self._linears)}
+
+    # -- facts -------------------------------------------------------------------------------
+    @property
+    def comm(self):
+        return self.job.comm
+
+    @property
+    def cfg(self):
+        return self.job.cfg
+
+    @property
+    def config(self) -> dict:
+        return self.job.ckpt.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.job.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.job.dtype
+
+    @property
+    def args(self):
+        return self.job.args
+
+    @property
+    def pos_emb(self):
+        return self.job.pos_emb
+
+    def fqn(self, name: str) -> str:
+        """Full checkpoint name of ``name`` (relative to the layer, or already full)."""
+        return name if name.startswith(self.prefix) else self.prefix + name
+
+    def rel(self, name: str) -> str:
+        return name[len(self.prefix):] if name.startswith(self.prefix) else name
+
+    def owner(self, name: str) -> int:
+        return self.job.owners.owner[self.fqn(name)]
+
+    def linear(self, name: str) -> LinearInfo | None:
+        """The plan's entry of a quantized linear (None when it stays float)."""
+        return self._linears.get(self.fqn(name))
+
+    def linears(self, stage: str | None = None) -> list[LinearInfo]:
+        """This layer's quantized linears (of one stage of the architecture's table)."""
+        return [lin for lin in self._linears.values() if stage is None or lin.stage == stage]
+
+    def once(self, key: str) -> bool:
+        """True the first time ``key`` is seen in this job (for one-time messages)."""
+        if key in self.job.notes:
+            return False
+        self.job.notes.add(key)
+        return True
+
+    # -- reading ----------------------------------------------------------------------------
+    def module(self, name: str) -> nn.Module:
+        """The submodule of the layer holding checkpoint name ``name``."""
+        return self.layer.get_submodule(self.arch.memory_name(self.rel(name)))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A tensor of the layer as the output must hold it: overrides first, then the checkpoint."""
+        fqn = self.fqn(name)
+        t = self.overrides.get(fqn)
+        return t if t is not None else self.job.ckpt.get(fqn)
+
+    def has(self, name: str) -> bool:
+        fqn = self.fqn(name)
+        return fqn in self.overrides or fqn in self.job.ckpt
+
+    def weight(self, name: str) -> torch.Tensor:
+        """``<name>.weight`` as float32 on the device."""
+        return self.tensor(self.fqn(name) + ".weight").to(self.device, torch.float32)
+
+    def set_tensor(self, name: str, value: torch.Tensor, module_attr: tuple[nn.Module, str] | None = None) -> None:
+        """Override a checkpoint tensor of this layer (what the output and the solve read),
+        and copy it into the in-memory module parameter ``module_attr`` when given."""
+        self.overrides[self.fqn(name)] = value
+        if module_attr is not None:
+            module, attr = module_attr
+            getattr(module, attr).data.copy_(value.to(getattr(module, attr).dtype))
+
+    # -- running ----------------------------------------------------------------------------
+    def run(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Linear ``name`` on ``x`` with its quantized weight (its float weight when the plan
+        leaves it in float)."""
+        return self.module(name)(x)
+
+    def input_of(self, module: nn.Module, child: str, *args, **kwargs) -> torch.Tensor:
+        return input_of(module, child, *args, **kwargs)
+
+    def inputs_of(self, module: nn.Module, children: Sequence[str], *args, **kwargs) -> dict[str, torch.Tensor]:
+        return inputs_of(module, children, *args, **kwargs)
+
+    def act(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """What linear ``name`` sees of its input ``x``: int8 fake-quantized in W8A8 jobs
+        (per token for dynamic activations; static ones need ``quantize`` to have calibrated
+        that linear), ``x`` for float linears and weight-only jobs."""
+        act = self.job.act
+        fqn = self.fqn(name)
+        if act is None or fqn not in self._linears:
+            return x
+        if act.dynamic:
+            self.job.act_params[fqn] = None
+            return fake_quant(x, act, None)
+        if fqn not in self.job.act_params:
+            raise RuntimeError(f"{fqn}: static activation parameters are calibrated by ctx.quantize; "
+                               "this linear was not quantized through it")
+        return fake_quant(x, act, self.job.act_params[fqn])
+
+    # -- the collective stage ------------------------------------------------------------------
+    def select(self, linears) -> list[LinearInfo]:
+        """Quantized linears among ``linears`` (names, LinearInfo, or a stage name), in plan order."""
+        if isinstance(linears, str):
+            return self.linears(linears)
+        out = []
+        for item in linears:
+            lin = item if isinstance(item, LinearInfo) else self.linear(item)
+            if lin is not None and lin.name in self._linears:
+                out.append(lin)
+        return sorted(out, key=lambda lin: self._order[lin.name])
+
+    def quantize(self, linears, inputs: Inputs, downstream: Callable[[list], list] | None = None,
+                 masks: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Hooks (smoothing, activation quantization) → capture → reduce → solve (owners) →
+        broadcast → write (owners), for linears that read the same input. ``inputs``: one
+        tensor per batch, or a callable producing them (needed when smoothing refolds the
+        norm that makes them). ``downstream(inputs)``: the input of the next stage's linears
+        computed from these inputs with the current (float) weights, for smoothing pairs
+        whose producer is quantized here (v→o, up→down). Returns the inputs as the
+        quantized linears see them."""
+        make = inputs if callable(inputs) else None
+        with self.phase("propagate"):
+            values = list(make()) if make is not None else list(inputs)
+        lins = self.select(linears)
+        if not lins:
+            return values
+        if self.job.check_stop is not None:  # every rank reaches each stage in the same order
+            self.job.check_stop(self.index)
+        for hook in self.job.hooks:
+            values = hook.before_solve(self, lins, values, make, downstream)
+        trim_heap()
+        self._quantize(lins, values, masks if masks is not None else self.masks)
+        return values
+
+    def _quantize(self, linears: list[LinearInfo], inputs, masks) -> None:
+        job, rank = self.job, self.comm.rank
+        owners = {job.owners.owner[lin.name] for lin in linears}
+        # RTN needs no statistics to solve, but they give its output error for the report.
+        with self.phase("capture"):
+            stat = HessianStat(linears[0].in_features, self.device)
+            for x, m in zip(inputs, masks):
+                stat.add(x, m)
+        with self.phase("reduce"):
+            flat = self.comm.reduce_to(stat.packed(), owners, stat.reduce_op)
+            stat.unpack(flat)
+        hessian = stat.hessian() if rank in owners else None
+        tokens = int(stat.count.item()) if rank in owners else 0
+        del stat, flat
+        mine = [lin for lin in linears if job.owners.owner[lin.name] == rank]
+        solved: dict[str, QuantResult] = {}
+        if mine:
+            with self.phase("solve"):
+                solved = self.solve(mine, hessian, tokens)
+        for lin in linears:
+            owner = job.owners.owner[lin.name]
+            result = solved[lin.name] if owner == rank else self._empty_result(lin)
+            with self.phase("broadcast"):
+                for t in (result.q, result.scale, result.zero):
+                    self.comm.broadcast(t, owner)
+            module = self.module(lin.name)
+            module.weight.copy_(result.dequantize(job.args).to(module.weight.dtype))
+            if owner == rank:
+                bias = self.tensor(lin.name + ".bias") if lin.has_bias else None
+                self.write(lin, result, bias)
+
+    def _empty_result(self, lin: LinearInfo) -> QuantResult:
+        groups = self.args.groups(lin.in_features)
+        return QuantResult(
+            q=torch.empty(lin.out_features, lin.in_features, dtype=torch.int8, device=self.device),
+            scale=torch.empty(lin.out_features, groups, device=self.device),
+            zero=torch.empty(lin.out_features, groups, dtype=torch.int8, device=self.device))
+
+    # -- local pieces ----------------------------------------------------------------------------
+    def solve(self, linears: list[LinearInfo], hessian: torch.Tensor, tokens: int,
+              weights: list[torch.Tensor] | None = None, method: str | None = None) -> dict[str, QuantResult]:
+        """Solve linears that share the Hessian ``hessian`` on this rank (no collectives).
+        GPTQ treats rows independently, so their weights are stacked and solved in one pass
+        (one factorization, one column loop), then split back per module. ``weights``
+        (float32, already read) and ``method`` override the read and ``quant.method``."""
+        t0 = time.perf_counter()
+        if weights is None:
+            weights = [self.weight(lin.name) for lin in linears]
+        for lin, w in zip(linears, weights):
+            check_weight(lin.name, w)
+        stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+        method = method or self.cfg.quant.method
+        solver = get_solver(method)
+        with solver_threads(self.device):
+            result = solver.solve(stacked, hessian, self.args, self.job.solver_params(method))
+        if result.fallback:
+            log.warning("%s: %s", ", ".join(lin.name for lin in linears), result.fallback)
+        seconds = time.perf_counter() - t0
+        parts = result.split([lin.out_features for lin in linears])
+        for lin, w, part in zip(linears, weights, parts):
+            check_result(lin.name, part, self.args)
+            self.record.modules[lin.name] = {
+                "rank": self.comm.rank, "seconds": seconds / len(linears), "fallback": result.fallback,
+                "tokens": tokens,
+                "rel_output_error": relative_output_error(w, part.dequantize(self.args), hessian)}
+        return {lin.name: part for lin, part in zip(linears, parts)}
+
+    def write(self, lin: LinearInfo, result: QuantResult, bias: torch.Tensor | None = None) -> None:
+        """Pack a solved linear in the output format and stream it to this rank's part files."""
+        with self.phase("write"):
+            act = self.job.act_params.get(lin.name) if self.job.act is not None else None
+            for name, tensor in self.job.fmt.pack_linear(lin.name, result, bias, act).items():
+                self.job.writer.add(name, tensor)
+
+    def write_tensors(self) -> None:
+        """The layer's other tensors (norms, float linears, biases) owned by this rank."""
+        for name in self.job.plan.layer_tensors[self.index]:
+            if self.job.owners.owner[name] == self.comm.rank:
+                self.job.writer.add(name, self.job.ckpt.for_output(name, self.tensor(name)))
