@@ -221,6 +221,8 @@ class CalibConfig:
         _check(self.batch_size > 0, "calib.batch_size", self.batch_size, "must be positive")
 
 
+OUTPUT_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
 
 @dataclass(frozen=True)
 class OutputConfig:
@@ -235,10 +237,16 @@ class OutputConfig:
     """Largest safetensors part file: bytes or a size like 500MB, 2GB."""
     overwrite: bool = False
     """Replace an existing non-empty output directory."""
+    dtype: str = "auto"
+    """Serving dtype (the dtype the server runs the model in): auto (the checkpoint's), bfloat16,
+    float16 or float32. Scales are rounded to it and stored in it; Ascend's deq_scale encoding
+    follows it (int64 bits for float16); config.json's torch_dtype names it."""
 
     def __post_init__(self) -> None:
         formats = _output_formats()
         _check(self.format in formats, "output.format", self.format, "supported formats: " + ", ".join(formats))
+        _check(self.dtype in OUTPUT_DTYPES, "output.dtype", self.dtype,
+               "choose one of " + ", ".join(OUTPUT_DTYPES))
         parse_size(self.part_file_size, "output.part_file_size")
 
     @property

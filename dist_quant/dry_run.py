@@ -163,6 +163,9 @@ def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[
     max_pos = ckpt.config.get("max_position_embeddings")
     if isinstance(max_pos, int) and cal.seq_len > max_pos:
         warnings.append(f"calib.seq_len={cal.seq_len} exceeds the model's max_position_embeddings={max_pos}")
+    from .servability import plan_warnings
+
+    warnings += plan_warnings(cfg, plan, args.scale_dtype)  # which servers' kernels can serve the output
 
     input_bytes = sum(t.read_bytes for t in ckpt.tensors.values())
     output_bytes = sum(p.nbytes for p in parts)

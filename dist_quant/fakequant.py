@@ -4,9 +4,11 @@ forward pre-hooks (static per-tensor with the stored scale and offset, or dynami
 token). It reads both output formats:
 
 * compressed-tensors ``int-quantized``: ``weight`` × ``weight_scale``; ``input_scale`` /
-  ``input_zero_point``, or per-token dynamic (scale = max|x| / 127.5) from the config;
-* Ascend (``quant_model_description.json``): ``(weight − weight_offset) · weight_scale``;
-  W8A8 ``input_scale`` / ``input_offset``; W8A8_DYNAMIC per token (max|x| / 127).
+  ``input_zero_point``, or per-token dynamic (scale = max|x| / 127, the servers' kernels) from
+  the config;
+* Ascend (``quant_model_description.json``): ``(weight + weight_offset) · weight_scale`` (CANN's
+  antiquant convention); W8A8 ``input_scale`` / ``input_offset``; W8A8_DYNAMIC per token
+  (max|x| / 127).
 
 Used to evaluate Ascend checkpoints on CPU (no CPU loader exists for that format) and as
 the reference the tests compare transformers' own compressed-tensors loader against.
@@ -24,7 +26,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .formats import ascend
-from .quant.activations import StaticActParams, fake_quant_dynamic, fake_quant_static
+from .quant.activations import TOKEN_DIVISOR, StaticActParams, fake_quant_dynamic, fake_quant_static
 
 
 def read_tensors(directory: Path, index_name: str) -> dict[str, torch.Tensor]:
@@ -41,7 +43,7 @@ def read_tensors(directory: Path, index_name: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _act_hook(kind: str, params: StaticActParams | None = None, divisor: float = 127.5):
+def _act_hook(kind: str, params: StaticActParams | None = None, divisor: float = TOKEN_DIVISOR):
     def hook(module, args):
         x = args[0]
         if kind == "static":
@@ -52,7 +54,7 @@ def _act_hook(kind: str, params: StaticActParams | None = None, divisor: float =
     return hook
 
 
-def _linear_plan_ct(tensors, config: dict):
+def _linear_plan_ct(tensors, config: dict, divisor: float = TOKEN_DIVISOR):
     qc = config["quantization_config"]
     if qc.get("format") != "int-quantized":
         raise ValueError(f"fake-quant model: compressed-tensors format {qc.get('format')!r} is not W8A8 "
@@ -69,7 +71,7 @@ def _linear_plan_ct(tensors, config: dict):
         if inputs is None:
             act = ("none", None, 0.0)
         elif inputs.get("dynamic"):
-            act = ("dynamic", None, 127.5)
+            act = ("dynamic", None, divisor)
         else:
             zp = tensors.get(mod + ".input_zero_point")
             params = StaticActParams(tensors[mod + ".input_scale"].float().reshape(1),
@@ -89,13 +91,13 @@ def _linear_plan_ascend(tensors, desc: dict):
         scale = tensors[mod + ".weight_scale"].float()
         offset = tensors[mod + ".weight_offset"].float()
         cols = q.shape[1] // scale.shape[1]
-        w = (q - offset.repeat_interleave(cols, dim=1)) * scale.repeat_interleave(cols, dim=1)
+        w = (q + offset.repeat_interleave(cols, dim=1)) * scale.repeat_interleave(cols, dim=1)
         if kind == "W8A8":
             params = StaticActParams(tensors[mod + ".input_scale"].float().reshape(1),
                                      tensors[mod + ".input_offset"].float().reshape(1))
             act = ("static", params, 0.0)
         elif kind == "W8A8_DYNAMIC":
-            act = ("dynamic", None, 127.0)
+            act = ("dynamic", None, TOKEN_DIVISOR)
         elif kind == "W8A16":
             act = ("none", None, 0.0)
         else:
@@ -104,7 +106,11 @@ def _linear_plan_ascend(tensors, desc: dict):
     return plan
 
 
-def load_fake_quant_model(directory, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_fake_quant_model(directory, dtype: torch.dtype = torch.float32,
+                          token_divisor: float = TOKEN_DIVISOR) -> nn.Module:
+    """``token_divisor``: dynamic per-token scale = max|x| / token_divisor (127: the servers' int8
+    kernels; 127.5 reproduces what transformers computes, through compressed-tensors' own
+    ``calculate_qparams``, for a compressed-tensors checkpoint)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
@@ -114,7 +120,7 @@ def load_fake_quant_model(directory, dtype: torch.dtype = torch.float32) -> nn.M
         plan = _linear_plan_ascend(tensors, json.loads((directory / ascend.DESCRIPTION).read_text()))
     else:
         tensors = read_tensors(directory, "model.safetensors.index.json")
-        plan = _linear_plan_ct(tensors, config)
+        plan = _linear_plan_ct(tensors, config, token_divisor)
     plain = {k: v for k, v in config.items() if k not in ("quantization_config", "quantize")}
     hf_config = AutoConfig.for_model(**plain)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)

@@ -18,6 +18,8 @@ from .calib_sources import load_calibration, load_smooth_calibration
 from .checkpoint import Checkpoint, CheckpointError
 from .config import ConfigError, JobConfig
 from .formats.registry import make_format
+from .formats.serving import serving_dtype
+from .servability import job_of, plan_warnings, refuse
 from .pipeline import LayerwiseQuantizer, output_specs
 from .plan import ModelPlan, OwnerPlan, assign_owners, inspect_model
 from .preflight import preflight
@@ -90,7 +92,7 @@ def check_output_dir(final: Path, model_dir: Path, overwrite: bool) -> None:
 def quant_args(cfg: JobConfig, ckpt: Checkpoint, plan: ModelPlan) -> QuantArgs:
     first = plan.linears[0].name + ".weight" if plan.linears else None
     dtype = ckpt.tensors[first].dtype if first else "F32"
-    scale_dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
+    scale_dtype = serving_dtype(cfg.output.dtype, dtype)  # scales are rounded to the serving dtype
     q = cfg.quant
     return QuantArgs(q.bits, q.group_size, q.symmetric, scale_dtype, mse=q.observer == "mse")
 
@@ -104,6 +106,7 @@ def prepare(cfg: JobConfig, model_path: str, world_size: int):
     plan = inspect_model(ckpt, cfg.quant)
     owners = assign_owners(plan, ckpt, world_size, cfg.quant.method)
     args = quant_args(cfg, ckpt, plan)
+    refuse(job_of(cfg, plan, args.scale_dtype))  # outputs no server could load: one line, before any work
     return ckpt, plan, owners, args
 
 
@@ -165,6 +168,9 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
                        prefix=fmt.part_prefix)
     preflight(cfg, comm, ckpt, parts, partial)
     log_owner_plan(plan, owners)
+    if comm.rank == 0:
+        for line in plan_warnings(cfg, plan, args.scale_dtype):  # which servers can serve the output
+            log.warning(line)
 
     if cfg.calib.smooth_path is not None:  # read and checked by calib_sources; not yet fed to the stage API
         raise ConfigError(f"calib.smooth_path={cfg.calib.smooth_path!r}: not supported yet by the layer programs "

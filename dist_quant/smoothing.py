@@ -47,7 +47,7 @@ from .algorithms.flex_smooth import candidate_errors, flex_scales, two_stage_sea
 from .algorithms.registry import SMOOTH_NONE, SMOOTHERS
 from .arch.smooth_pairs import SmoothPair, smooth_pairs
 from .calibration import rank_rows
-from .quant.activations import (ActQuantArgs, StaticActParams, fake_quant, fake_quant_dynamic,
+from .quant.activations import (TOKEN_DIVISOR, ActQuantArgs, StaticActParams, fake_quant, fake_quant_dynamic,
                                 fake_quant_static, static_params)
 from .quant.qparams import QuantArgs
 from .stats import ChannelRangeStat
@@ -269,7 +269,7 @@ class Smoothing:
 
         def act_fq(xs: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
             if self.act is None or self.act.dynamic:
-                return fake_quant_dynamic(xs, self.act.token_divisor if self.act else 127.5)
+                return fake_quant_dynamic(xs, self.act.token_divisor if self.act else TOKEN_DIVISOR)
             # the global per-tensor range of x/s follows from the per-channel ranges (s > 0)
             params = static_params((lo_c / s).min(), (hi_c / s).max(), self.act)
             return fake_quant_static(xs, params)

@@ -118,8 +118,9 @@ def router_counts(model, input_ids: torch.Tensor, mask: torch.Tensor | None = No
 
 
 def act_fake_quant(x: torch.Tensor) -> torch.Tensor:
-    """Dynamic per-token symmetric int8 (compressed-tensors: scale = max|x| / 127.5)."""
-    scale = x.float().abs().amax(dim=-1, keepdim=True) / 127.5
+    """Dynamic per-token symmetric int8 as the servers' kernels compute it: scale = max|x| / 127
+    (vLLM ``scaled_int8_quant``, SGLang ``per_token_quant_int8``, CANN ``npu_dynamic_quant``)."""
+    scale = x.float().abs().amax(dim=-1, keepdim=True) / 127
     scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float32).eps), scale)
     return (torch.round(x.float() / scale).clamp(-128, 127) * scale).to(x.dtype)
 

@@ -10,8 +10,9 @@ Ascend kernels compute, exactly where the arithmetic is exact:
   layer (float32 rounding apart), while the same emulation with ``÷127.5`` does not;
 * W8A16 (GPTQ weights): the same job written as compressed-tensors and as Ascend holds the
   same integers and scales, read by our own readers (the int32 unpacker of
-  tests/reference.py and plain safetensors), ``torch.equal``; and ``(q − offset) · scale``
-  propagates like the calibration did.
+  tests/reference.py and plain safetensors), ``torch.equal``, with ``weight_offset = −zero``; and
+  ``(q + offset) · scale`` (CANN's antiquant, ``npu_weight_quant_batchmatmul``) propagates like the
+  calibration did.
 """
 from __future__ import annotations
 
@@ -84,9 +85,8 @@ def emulated_hidden_states(model_dir: Path, t: dict, desc: dict, kind: str, ids:
         if kind == "W8A8_DYNAMIC":
             assert (offset == 0).all()
             module.forward = lambda x, wq=wq, s=scale: dynamic_kernel(x, wq, s, divisor)
-        else:  # W8A16: weights dequantized per group, activations float
-            cols = wq.shape[1] // scale.shape[1]
-            w = (wq.float() - offset.repeat_interleave(cols, 1)) * scale.repeat_interleave(cols, 1)
+        else:  # W8A16: CANN antiquant (q + offset) · scale per output channel, activations float
+            w = (wq.float() + offset) * scale
             with torch.no_grad():
                 module.weight.copy_(w)
     with torch.no_grad():
@@ -148,6 +148,6 @@ def test_w8a16_ascend_holds_the_compressed_tensors_integers_and_propagates(env):
         assert t[name + ".weight"].dtype == torch.int8
         assert torch.equal(t[name + ".weight"].long(), ct[name].q), name
         assert torch.equal(t[name + ".weight_scale"], ct[name].scale.float()), name
-        assert torch.equal(t[name + ".weight_offset"].long(), ct[name].zero), name
+        assert torch.equal(t[name + ".weight_offset"].long(), -ct[name].zero), name
     model, hs = emulated_hidden_states(env.model, t, desc, "W8A16", run.calib.input_ids, 127.0)
     check_propagation(run, model, hs)

@@ -209,7 +209,14 @@ def test_activation_quantizers():
     assert torch.isclose(p.scale, torch.tensor([3.0 / 255])) and p.zero.item() == -128 + 85
     assert (fake_quant_static(x, p) - x).abs().max() <= p.scale / 2 + 1e-7
     d = fake_quant_dynamic(x)
-    assert (d - x).abs().max() <= 2.0 / 127.5 / 2 + 1e-7
+    assert (d - x).abs().max() <= 2.0 / 127 / 2 + 1e-7
+    # the servers' per-token scale (vLLM scaled_int8_quant, SGLang per_token_quant_int8, CANN
+    # npu_dynamic_quant): max|x| / 127, so each token's largest value is code ±127, reproduced exactly
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(64, 96, generator=g) * torch.linspace(0.1, 4, 96)
+    sc = y.abs().amax(-1, keepdim=True) / 127
+    assert torch.equal(fake_quant_dynamic(y), torch.round(y / sc).clamp(-128, 127) * sc)
+    assert not torch.equal(fake_quant_dynamic(y), fake_quant_dynamic(y, 127.5))
     assert torch.equal(fake_quant_dynamic(torch.zeros(2, 3)), torch.zeros(2, 3))
 
 

@@ -6,20 +6,35 @@ the tensors are in ``quant_model_weights-0000i-of-0000N.safetensors`` with the i
 ``quant_model_weights.safetensors.index.json`` (written rank by rank through the planned
 streaming writer, like every other format).
 
-Per quantized linear ``X`` (weights int8 per output channel, ``w = (q - offset) · scale``):
+What vLLM-Ascend's loaders declare (``vllm_ascend/quantization/methods/``; ``params_dtype`` is
+the serving dtype, ``output.dtype``), and what we write for a quantized linear ``X``:
 
-* W8A8 (static activations): ``X.weight`` int8 [out, in], ``X.input_scale`` and
-  ``X.input_offset`` ([1], the model dtype; ``x_q = clamp(round(x / input_scale +
-  input_offset))``), ``X.deq_scale`` = input_scale · weight_scale per output channel ([out],
-  fp32 for bf16/fp32 models; the fp32 bits reinterpreted as int64 for fp16 models),
-  ``X.quant_bias`` int32 = round(bias / deq_scale − Σ_k W_q[:, k] · input_offset), so that
-  ``y = deq_scale · (x_q · W_qᵀ + quant_bias)``; also ``X.weight_scale``/``X.weight_offset``
-  [out, 1] fp32 (vLLM-Ascend's W8A8 method declares them). ``X.bias`` stays FLOAT.
-* W8A8_DYNAMIC: ``X.weight`` int8, ``X.weight_scale`` [out, 1], ``X.weight_offset`` [out, 1]
-  (fp32); activations are quantized per token at run time.
-* W8A16: ``X.weight`` int8, ``X.weight_scale``, ``X.weight_offset`` ([out, groups], fp32).
+* W8A8 (static activations; ``w8a8_static.py``, ``AscendW8A8LinearMethod``): ``X.weight`` int8
+  [out, in]; ``X.input_scale`` [1] params_dtype and ``X.input_offset`` [1] (int8 in the loader;
+  we store the integer in params_dtype, as msModelSlim does, which copies exactly);
+  ``x_q = clamp(round(x / input_scale + input_offset))``; ``X.deq_scale`` [out] =
+  input_scale · weight_scale, float32 when serving in bfloat16, the float32 bits as int64 when
+  serving in float16 (``get_perchannel_param``; no deq_scale exists for float32 serving);
+  ``X.quant_bias`` int32 [out] = round(bias / deq_scale − Σ_k W_q[:, k] · input_offset), so that
+  ``y = deq_scale · (x_q · W_qᵀ + quant_bias)``; ``X.weight_scale`` / ``X.weight_offset``
+  [out, 1] params_dtype. ``X.bias`` stays FLOAT.
+* W8A8_DYNAMIC (``w8a8_dynamic.py``, ``AscendW8A8DynamicLinearMethod`` and
+  ``AscendW8A8DynamicFusedMoEMethod``): ``X.weight`` int8, ``X.weight_scale`` and
+  ``X.weight_offset`` [out, 1] params_dtype; activations per token at run time
+  (``npu_dynamic_quant``: max|x| / 127). Symmetric weights only (the offset is not applied).
+* W8A16 (``w8a16.py``, ``AscendW8A16LinearMethod``): ``X.weight`` int8, ``X.weight_scale`` and
+  ``X.weight_offset`` [out, 1] params_dtype; CANN's ``npu_weight_quant_batchmatmul`` computes
+  ``w = (q + weight_offset) · weight_scale``, so ``weight_offset = −zero`` of our
+  ``w = (q − zero) · scale``. One scale per output channel only (refused with groups).
+
+MoE: vLLM-Ascend's ``AscendModelSlimConfig.get_quant_method`` looks the fused expert layer up
+as ``<prefix>.experts.weight`` unless the model type's ``packed_modules_model_mapping`` entry
+(``modelslim_config.py``) lists ``experts`` (qwen3_moe does; qwen2_moe and mixtral do not), so
+the description also types that fused key for those models.
 """
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -32,6 +47,12 @@ INDEX = "quant_model_weights.safetensors.index.json"
 DESCRIPTION = "quant_model_description.json"
 VERSION = "1.0.0"
 
+# model types whose vLLM-Ascend packed-modules mapping has an "experts" entry (modelslim_config.py,
+# packed_modules_model_mapping): their fused experts are looked up by the per-expert shard keys
+EXPERTS_MAPPED = frozenset({"qwen3_moe", "qwen3_5_moe", "qwen3_next", "qwen3_vl_moe", "qwen3_omni_moe",
+                            "deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "glm4_moe"})
+_EXPERT = re.compile(r"^(.*\.experts)\.\d+\.[^.]+$")
+
 
 def quant_type(args: QuantArgs, act: ActQuantArgs | None) -> str:
     if act is None:
@@ -39,10 +60,10 @@ def quant_type(args: QuantArgs, act: ActQuantArgs | None) -> str:
     return "W8A8_DYNAMIC" if act.dynamic else "W8A8"
 
 
-def deq_scale(input_scale: torch.Tensor, weight_scale: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
-    """input_scale · weight_scale per output channel (fp32), or its bits as int64 for fp16 models."""
+def deq_scale(input_scale: torch.Tensor, weight_scale: torch.Tensor, serve_dtype: torch.dtype) -> torch.Tensor:
+    """input_scale · weight_scale per output channel (fp32), or its bits as int64 when served in fp16."""
     deq = (input_scale.float().reshape(1) * weight_scale.float().reshape(-1)).to(torch.float32)
-    if model_dtype == torch.float16:
+    if serve_dtype == torch.float16:
         return deq.view(torch.int32).to(torch.int64)
     return deq
 
@@ -61,17 +82,25 @@ def quant_bias(q: torch.Tensor, input_offset: torch.Tensor, deq: torch.Tensor, b
     return torch.round(b - correction).to(torch.int32)
 
 
+def weight_offset(result: QuantResult) -> torch.Tensor:
+    """CANN's antiquant offset: ``w = (q + offset) · scale``, i.e. ``−zero``, [out, 1]."""
+    z = result.zero.float().reshape(result.zero.shape[0], -1)
+    return torch.zeros_like(z) - z  # 0 − z: +0.0, not −0.0, for symmetric weights
+
+
 def pack_linear(name: str, result: QuantResult, args: QuantArgs, act: ActQuantArgs | None,
                 act_params: StaticActParams | None, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    serve = args.scale_dtype
+    if result.scale.shape[1] != 1:
+        raise AssertionError(f"{name}: the Ascend format has one scale per output channel")
     out = {"weight": result.q.to(torch.int8),
-           "weight_scale": result.scale.float(),
-           "weight_offset": result.zero.float()}
+           "weight_scale": result.scale.to(serve),
+           "weight_offset": weight_offset(result).to(serve)}
     if act is not None and not act.dynamic:
         assert act_params is not None, f"{name}: static activation parameters missing"
-        model_dtype = args.scale_dtype
-        input_scale = act_params.scale.to(model_dtype).reshape(1)
-        input_offset = act_params.zero.to(model_dtype).reshape(1)
-        deq = deq_scale(input_scale, result.scale, model_dtype)
+        input_scale = act_params.scale.to(serve).reshape(1)
+        input_offset = act_params.zero.to(serve).reshape(1)
+        deq = deq_scale(input_scale, result.scale, serve)
         out.update(input_scale=input_scale, input_offset=input_offset, deq_scale=deq,
                    quant_bias=quant_bias(result.q, act_params.zero, deq_scale_value(deq), bias))
     if bias is not None:
@@ -81,13 +110,12 @@ def pack_linear(name: str, result: QuantResult, args: QuantArgs, act: ActQuantAr
 
 def linear_specs(name: str, out_features: int, in_features: int, args: QuantArgs, act: ActQuantArgs | None,
                  bias: TensorSpec | None) -> list[TensorSpec]:
-    groups = args.groups(in_features)
+    sd = TensorSpec.dtype_of(args.scale_dtype)
     specs = [TensorSpec(f"{name}.weight", "I8", (out_features, in_features)),
-             TensorSpec(f"{name}.weight_scale", "F32", (out_features, groups)),
-             TensorSpec(f"{name}.weight_offset", "F32", (out_features, groups))]
+             TensorSpec(f"{name}.weight_scale", sd, (out_features, 1)),
+             TensorSpec(f"{name}.weight_offset", sd, (out_features, 1))]
     if act is not None and not act.dynamic:
-        md = TensorSpec.dtype_of(args.scale_dtype)
-        specs += [TensorSpec(f"{name}.input_scale", md, (1,)), TensorSpec(f"{name}.input_offset", md, (1,)),
+        specs += [TensorSpec(f"{name}.input_scale", sd, (1,)), TensorSpec(f"{name}.input_offset", sd, (1,)),
                   TensorSpec(f"{name}.deq_scale", "I64" if args.scale_dtype == torch.float16 else "F32",
                              (out_features,)),
                   TensorSpec(f"{name}.quant_bias", "I32", (out_features,))]
@@ -96,11 +124,26 @@ def linear_specs(name: str, out_features: int, in_features: int, args: QuantArgs
     return specs
 
 
-def description(weight_map: dict[str, str], quantized: dict[str, str], model_type: str) -> dict:
+def fused_expert_keys(quantized: dict[str, str], model_type: str) -> dict[str, str]:
+    """``<layer>.<block>.experts.weight`` → type, for model types vLLM-Ascend looks up that way."""
+    if model_type in EXPERTS_MAPPED:
+        return {}
+    out: dict[str, str] = {}
+    for module, kind in quantized.items():
+        m = _EXPERT.match(module)
+        if m:
+            out.setdefault(m.group(1) + ".weight", kind)
+    return out
+
+
+def description(weight_map: dict[str, str], quantized: dict[str, str], quant_kind: str,
+                model_type: str = "") -> dict:
     """Every tensor typed: a quantized linear's tensors get its type (its bias stays FLOAT),
-    everything else FLOAT."""
-    desc: dict[str, str] = {"model_quant_type": model_type, "version": VERSION}
+    everything else FLOAT; plus the fused expert keys vLLM-Ascend looks up (see the module doc)."""
+    desc: dict[str, str] = {"model_quant_type": quant_kind, "version": VERSION}
     for tensor in sorted(weight_map):
         module, _, leaf = tensor.rpartition(".")
         desc[tensor] = quantized[module] if module in quantized and leaf != "bias" else "FLOAT"
+    for key, kind in sorted(fused_expert_keys(quantized, model_type).items()):
+        desc.setdefault(key, kind)
     return desc

@@ -3,8 +3,11 @@ library: its ``QuantizationArgs``/``QuantizationScheme`` models for the config a
 int (naive) quantization compressor for the weights.
 
 Per linear: ``weight`` int8 [out, in], ``weight_scale`` [out, 1] (int8 per-channel
-symmetric); static activations add ``input_scale`` [1] and ``input_zero_point`` int8 [1]
-(per-tensor asymmetric); dynamic per-token activations store nothing.
+symmetric; the serving dtype, which vLLM copies into its float32 parameter exactly); static
+activations add ``input_scale`` float32 [1] (vLLM's and SGLang's ``input_scale`` parameters are
+float32: the calibrated scale is kept at that precision, not rounded to bf16 first) and
+``input_zero_point`` int8 [1] (per-tensor asymmetric; vLLM's ``input_zero_point`` is int8);
+dynamic per-token activations store nothing (scale = max|x| / 127 at run time).
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ def compress_linear(name: str, result: QuantResult, args: QuantArgs, act: ActQua
     out["weight_scale"] = result.scale.to(args.scale_dtype)
     if not act.dynamic:
         assert act_params is not None, f"{name}: static activation parameters missing"
-        out["input_scale"] = act_params.scale.to(args.scale_dtype).reshape(1)
+        out["input_scale"] = act_params.scale.to(torch.float32).reshape(1)
         out["input_zero_point"] = act_params.zero.to(torch.int8).reshape(1)
     return {f"{name}.{key}": value.contiguous() for key, value in out.items()}
 
@@ -53,5 +56,5 @@ def linear_specs(name: str, out_features: int, in_features: int, args: QuantArgs
     specs = [TensorSpec(f"{name}.weight", "I8", (out_features, in_features)),
              TensorSpec(f"{name}.weight_scale", sd, (out_features, 1))]
     if not act.dynamic:
-        specs += [TensorSpec(f"{name}.input_scale", sd, (1,)), TensorSpec(f"{name}.input_zero_point", "I8", (1,))]
+        specs += [TensorSpec(f"{name}.input_scale", "F32", (1,)), TensorSpec(f"{name}.input_zero_point", "I8", (1,))]
     return specs

@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, JobConfig
-from ..quant.activations import ActQuantArgs, StaticActParams
+from ..quant.activations import TOKEN_DIVISOR, ActQuantArgs, StaticActParams
 from ..quant.qparams import QuantArgs, QuantResult
 from ..tensorspec import TensorSpec
 from ..writer import PartFile, write_index
 from . import ascend
 from . import compressed_tensors as ct
 from . import compressed_tensors_w8a8 as ct8
+from .serving import with_serving_dtype
 
 
 class OutputFormat:
@@ -50,7 +51,7 @@ class OutputFormat:
                ignore: list[str], quantized: list[str]) -> None:
         """Index and config.json (the part files are already written)."""
         write_index(directory, parts, weight_map, name=self.index_name)
-        config = dict(config)
+        config = with_serving_dtype(config, self.args.scale_dtype)
         config["quantization_config"] = self.quantization_config(ignore)
         (Path(directory) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -91,19 +92,21 @@ class Ascend(OutputFormat):
     def finish(self, directory, parts, weight_map, config, ignore, quantized):
         write_index(directory, parts, weight_map, name=self.index_name)
         types = {name: self.quant_type for name in quantized}
-        desc = ascend.description(weight_map, types, self.quant_type)
+        desc = ascend.description(weight_map, types, self.quant_type, str(config.get("model_type", "")))
         (Path(directory) / ascend.DESCRIPTION).write_text(json.dumps(desc, indent=2) + "\n")
-        config = dict(config)
+        config = with_serving_dtype(config, self.args.scale_dtype)
         config["quantize"] = self.quant_type.lower()  # MindIE reads the scheme from config.json
         (Path(directory) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def act_args(cfg: JobConfig, args: QuantArgs) -> ActQuantArgs | None:
-    """The activation quantizer of the job (None: weights only)."""
+    """The activation quantizer of the job (None: weights only). A static input scale is rounded
+    to the dtype the server keeps it in: float32 in vLLM / SGLang (compressed-tensors
+    ``input_scale`` parameters are float32), the serving dtype in vLLM-Ascend (``params_dtype``)."""
     if cfg.quant.act_bits is None:
         return None
-    return ActQuantArgs(dynamic=cfg.quant.act_dynamic, scale_dtype=args.scale_dtype,
-                        token_divisor=127.0 if cfg.output.format == "ascend" else 127.5)
+    scale_dtype = args.scale_dtype if cfg.output.format == "ascend" else torch.float32
+    return ActQuantArgs(dynamic=cfg.quant.act_dynamic, scale_dtype=scale_dtype, token_divisor=TOKEN_DIVISOR)
 
 
 def _compressed_tensors(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | None) -> OutputFormat:
@@ -114,6 +117,10 @@ def _ascend(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | None) -> Output
     if cfg.quant.bits != 8:
         raise ConfigError(f"output.format='ascend' with quant.bits={cfg.quant.bits}: the Ascend description "
                           "format is written for 8-bit weights (W8A8, W8A8_DYNAMIC, W8A16)")
+    if cfg.quant.group_size != -1:
+        raise ConfigError(f"output.format='ascend' with quant.group_size={cfg.quant.group_size}: vLLM-Ascend's "
+                          "W8A16 method declares one weight_scale/weight_offset per output channel "
+                          "(AscendW8A16LinearMethod.get_perchannel_param, [out, 1]); set quant.group_size=-1")
     return Ascend(args, act)
 
 

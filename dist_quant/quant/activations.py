@@ -10,8 +10,11 @@ outlier channel is visible in the output.
 
 * static: ``scale = (hi - lo) / 255`` over the calibration range ``[lo, hi]`` (widened to
   contain 0), rounded to the dtype it is stored in; ``zero = -128 - round(lo / scale)``;
-* dynamic: per token ``scale = max|x| / divisor``, ``zero = 0``; the divisor is 127.5 for
-  compressed-tensors (its ``calculate_qparams``) and 127 for Ascend's per-token kernel.
+* dynamic: per token ``scale = max|x| / 127``, ``zero = 0``: what the serving kernels compute
+  (vLLM's ``scaled_int8_quant`` / ``dynamic_scaled_int8_quant_kernel``, SGLang's
+  ``per_token_quant_int8``, CANN's ``npu_dynamic_quant``), for every output format. (The
+  compressed-tensors library's own ``calculate_qparams`` divides by 127.5, but no server runs
+  it on activations: calibrating with it would calibrate a model that is not the served one.)
 """
 from __future__ import annotations
 
@@ -22,13 +25,14 @@ import torch
 from .qparams import QuantArgs, _params_from_range
 
 QMIN, QMAX = -128, 127
+TOKEN_DIVISOR = 127.0  # dynamic per-token scale = max|x| / TOKEN_DIVISOR (the servers' kernels)
 
 
 @dataclass(frozen=True)
 class ActQuantArgs:
     dynamic: bool
-    scale_dtype: torch.dtype = torch.float32  # dtype of the stored static input_scale
-    token_divisor: float = 127.5  # dynamic: scale = max|x| / token_divisor
+    scale_dtype: torch.dtype = torch.float32  # dtype the static input_scale is stored (and served) in
+    token_divisor: float = TOKEN_DIVISOR  # dynamic: scale = max|x| / token_divisor
 
 
 @dataclass(frozen=True)
@@ -59,14 +63,14 @@ def fake_quant_static(x: torch.Tensor, p: StaticActParams) -> torch.Tensor:
     return q.to(x.dtype)
 
 
-def dynamic_token_scale(x: torch.Tensor, divisor: float = 127.5) -> torch.Tensor:
+def dynamic_token_scale(x: torch.Tensor, divisor: float = TOKEN_DIVISOR) -> torch.Tensor:
     """Per-token (last dimension) symmetric scale, ``[..., 1]``."""
     amax = x.float().abs().amax(dim=-1, keepdim=True)
     scale = amax / divisor
     return torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float32).eps), scale)
 
 
-def fake_quant_dynamic(x: torch.Tensor, divisor: float = 127.5) -> torch.Tensor:
+def fake_quant_dynamic(x: torch.Tensor, divisor: float = TOKEN_DIVISOR) -> torch.Tensor:
     scale = dynamic_token_scale(x, divisor)
     return x.float().div(scale).round_().clamp_(QMIN, QMAX).mul_(scale).to(x.dtype)
 

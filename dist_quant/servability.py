@@ -1,0 +1,280 @@
+"""Which servers can serve an output: the servers' loader and kernel limits as data.
+
+Two kinds of rules, each citing the server code it was read from (docs/servers.md has the same
+facts as a table):
+
+* :data:`REFUSALS`: outputs that no server in :data:`SERVERS` could load in any correct form;
+  :func:`refuse` raises a one-line :class:`~dist_quant.config.ConfigError` before any work.
+* :data:`RULES`: per server, a job-level limit (the server has no loader for this scheme) or a
+  per-linear shape limit (a kernel tile, a group size). :func:`check` applies them and
+  :func:`warnings` turns the result into lines the dry run and the start of a run print
+  (never silently).
+
+Shapes are checked as the server sees them: q/k/v and gate/up are fused into one linear
+(``qkv_proj``, ``gate_up_proj``: vLLM's and SGLang's ``packed_modules_mapping``), routed experts
+into one fused MoE layer per sparse block, at tensor-parallel size 1 (a larger TP divides the
+partitioned dimension further; the same rules then apply to the per-rank sizes).
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+VLLM = "vLLM (CUDA)"
+SGLANG = "SGLang (CUDA)"
+ASCEND = "vLLM-Ascend"
+HF = "transformers (CPU)"
+SERVERS = (VLLM, SGLANG, ASCEND, HF)
+
+MARLIN_GROUP_SIZES = (-1, 32, 64, 128)  # vLLM marlin_utils.MARLIN_SUPPORTED_GROUP_SIZES
+MARLIN_MIN_THREAD_N = 64  # GPTQ_MARLIN_MIN_THREAD_N: output features per partition
+MARLIN_MIN_THREAD_K = 128  # GPTQ_MARLIN_MIN_THREAD_K: input features per partition
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one job writes, in the terms the servers' loaders decide on."""
+
+    format: str  # "compressed-tensors" | "ascend"
+    scheme: str  # "W4A16" | "W8A16" | "W8A8" (static activations) | "W8A8_DYNAMIC"
+    group_size: int  # -1: per output channel
+    symmetric: bool
+    serve_dtype: str  # "bfloat16" | "float16" | "float32"
+    model_type: str = ""
+    moe: bool = False
+
+    @property
+    def weight_only(self) -> bool:
+        return self.scheme in ("W4A16", "W8A16")
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear as the server builds it (fused where the server fuses)."""
+
+    name: str
+    out_features: int
+    in_features: int
+
+
+@dataclass(frozen=True)
+class MoeLayer:
+    """One fused routed-experts layer: ``hidden`` = H, ``intermediate`` = I of one expert."""
+
+    name: str
+    hidden: int
+    intermediate: int
+
+
+@dataclass(frozen=True)
+class Rule:
+    server: str
+    why: str  # one line: what the server needs
+    source: str  # file and function of the server code
+    applies: Callable[[Job], bool]
+    job_fails: Callable[[Job], bool] | None = None  # the whole output
+    linear_fails: Callable[[Job, Linear], bool] | None = None  # dense (fused) linears
+    moe_fails: Callable[[Job, MoeLayer], bool] | None = None  # fused expert layers
+    effect: str = "cannot serve"  # or "serves, but not exactly the calibrated model:"
+
+
+def _ct(job: Job) -> bool:
+    return job.format == "compressed-tensors"
+
+
+def _asc(job: Job) -> bool:
+    return job.format == "ascend"
+
+
+def _marlin_linear_fails(job: Job, lin: Linear) -> bool:
+    g = job.group_size
+    return (lin.out_features % MARLIN_MIN_THREAD_N != 0 or lin.in_features % MARLIN_MIN_THREAD_K != 0
+            or g not in MARLIN_GROUP_SIZES or (g != -1 and lin.in_features % g != 0))
+
+
+def _marlin_moe_ok(job: Job, moe: MoeLayer) -> bool:
+    g = job.group_size
+    return moe.hidden % 128 == 0 and moe.intermediate % max(64, g) == 0 and g in MARLIN_GROUP_SIZES
+
+
+def _wna16_moe_fails(job: Job, moe: MoeLayer) -> bool:
+    """Marlin MoE when its shapes allow, else the Triton WNA16 MoE method, which asserts
+    ``strategy == "group"`` (no per-channel scales)."""
+    return not _marlin_moe_ok(job, moe) and job.group_size == -1
+
+
+REFUSALS: tuple[Rule, ...] = (
+    Rule("all", "vLLM's and SGLang's W4A16/W8A16 MoE methods assert symmetric weights "
+         "(CompressedTensorsWNA16MarlinMoEMethod / CompressedTensorsWNA16MoEMethod: \"Only symmetric "
+         "quantization is supported for MoE\"); set quant.symmetric=true",
+         "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors_moe.py, "
+         "CompressedTensorsWNA16MarlinMoEMethod.__init__; SGLang schemes/compressed_tensors_wNa16_moe.py, "
+         "CompressedTensorsWNA16MoE.__init__",
+         applies=lambda j: _ct(j) and j.weight_only and j.moe, job_fails=lambda j: not j.symmetric),
+    Rule("all", "vLLM-Ascend registers no W8A16 MoE scheme (methods/registry.py has no ('W8A16', 'moe'): "
+         "AscendModelSlimConfig raises NotImplementedError); use quant=w8a8 quant.act_dynamic=true "
+         "(W8A8_DYNAMIC) for Ascend MoE models",
+         "vllm_ascend/quantization/modelslim_config.py, create_scheme_for_layer",
+         applies=lambda j: _asc(j) and j.moe, job_fails=lambda j: j.scheme == "W8A16"),
+)
+
+RULES: tuple[Rule, ...] = (
+    # -- which server loads which format at all ------------------------------------------------
+    *(Rule(s, "loads compressed-tensors, not the msModelSlim description format",
+           "its quantization config registry (the ascend format is vLLM-Ascend's AscendModelSlimConfig)",
+           applies=_asc, job_fails=lambda j: True) for s in (VLLM, SGLANG, HF)),
+    Rule(ASCEND, "compressed-tensors W4A16 has only an MoE scheme on Ascend (no ('W4A16', 'linear')) "
+         "and W8A16 none (_detect_quant_type raises NotImplementedError): use output.format=ascend",
+         "vllm_ascend/quantization/compressed_tensors_config.py, "
+         "AscendCompressedTensorsConfig._create_scheme_for_layer_type",
+         applies=lambda j: _ct(j) and j.weight_only, job_fails=lambda j: True),
+    Rule(ASCEND, "compressed-tensors static W8A8 needs symmetric input activations on Ascend "
+         "(_is_static_tensor_w8a8; ours are asymmetric): use output.format=ascend",
+         "vllm_ascend/quantization/compressed_tensors_config.py, AscendCompressedTensorsConfig._detect_quant_type",
+         applies=lambda j: _ct(j) and j.scheme == "W8A8", job_fails=lambda j: True),
+    Rule(SGLANG, "its int8 W8A8 scheme quantizes activations per token at run time whatever the "
+         "checkpoint says (apply_weights → per_token_quant_int8: the static scale is not used, so it "
+         "would not compute the calibrated model) and its per-tensor input_scale [1] cannot take "
+         "fused q/k/v or gate/up shards: use quant.act_dynamic=true",
+         "python/sglang/srt/layers/quantization/compressed_tensors/schemes/compressed_tensors_w8a8_int8.py, "
+         "CompressedTensorsW8A8Int8.create_weights / apply_weights",
+         applies=lambda j: _ct(j) and j.scheme == "W8A8", job_fails=lambda j: True),
+    Rule(HF, "transformers cannot load int-quantized (W8A8) MoE experts: its compressed-tensors loader "
+         "dequantizes fused experts only from weight_packed",
+         "transformers/integrations/compressed_tensors.py, CompressedTensorsDequantize.convert",
+         applies=lambda j: _ct(j) and not j.weight_only and j.moe, job_fails=lambda j: True),
+    Rule(HF, "transformers fake-quantizes dynamic activations with compressed-tensors' own rule, "
+         "max|x| / 127.5, while the servers' int8 kernels (and the calibration) use max|x| / 127",
+         "compressed_tensors/quantization/utils/helpers.py, calculate_qparams",
+         applies=lambda j: _ct(j) and j.scheme == "W8A8_DYNAMIC" and not j.moe, job_fails=lambda j: True,
+         effect="serves, but not exactly the calibrated model"),
+    Rule(ASCEND, "static W8A8 needs a 16-bit serving dtype: deq_scale exists only for bfloat16 (float32) "
+         "and float16 (int64); set output.dtype=bfloat16 or float16",
+         "vllm_ascend/quantization/methods/w8a8_static.py, AscendW8A8LinearMethod.get_perchannel_param",
+         applies=lambda j: _asc(j) and j.scheme == "W8A8", job_fails=lambda j: j.serve_dtype == "float32"),
+    # -- kernel shape limits ------------------------------------------------------------------
+    *(Rule(s, f"Marlin (the CUDA W4A16/W8A16 kernel; the only one for bfloat16) needs out_features % "
+              f"{MARLIN_MIN_THREAD_N} == 0, in_features % {MARLIN_MIN_THREAD_K} == 0 and a group size in "
+              f"{list(MARLIN_GROUP_SIZES)}",
+           "vllm/model_executor/layers/quantization/utils/marlin_utils.py, verify_marlin_supports_shape / "
+           "_check_marlin_supported (SGLang: python/sglang/srt/layers/quantization/marlin_utils.py)",
+           applies=lambda j: _ct(j) and j.weight_only, linear_fails=_marlin_linear_fails) for s in (VLLM, SGLANG)),
+    *(Rule(s, "fused MoE experts: Marlin MoE needs hidden % 128 == 0, intermediate % max(64, group) == 0 "
+              "and a group size in [-1, 32, 64, 128]; otherwise the Triton WNA16 MoE method, which asserts "
+              "per-group scales (strategy group, not channel)",
+           "vllm/model_executor/layers/quantization/utils/marlin_utils.py, check_moe_marlin_supports_layer; "
+           "compressed_tensors_moe.py, CompressedTensorsWNA16MoEMethod.__init__",
+           applies=lambda j: _ct(j) and j.weight_only and j.moe, moe_fails=_wna16_moe_fails) for s in (VLLM, SGLANG)),
+)
+
+_FUSE = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+         "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)$")
+_EXPERT_ROLE = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
+
+
+def served_shapes(linears: list[tuple[str, int, int]]) -> tuple[list[Linear], list[MoeLayer]]:
+    """(name, out, in) of the quantized checkpoint linears → the fused linears and expert layers
+    a server builds from them."""
+    fused: dict[str, list[int]] = {}
+    moe: dict[str, dict[str, tuple[int, int]]] = defaultdict(dict)
+    for name, out_f, in_f in linears:
+        m = _EXPERT.match(name)
+        if m and m.group(3) in _EXPERT_ROLE:
+            moe[m.group(1)][_EXPERT_ROLE[m.group(3)]] = (out_f, in_f)
+            continue
+        prefix, _, leaf = name.rpartition(".")
+        key = f"{prefix}.{_FUSE[leaf]}" if leaf in _FUSE else name
+        if key in fused:
+            fused[key][0] += out_f
+        else:
+            fused[key] = [out_f, in_f]
+    dense = [Linear(k, o, i) for k, (o, i) in fused.items()]
+    layers = []
+    for name, roles in moe.items():
+        if "down" in roles:
+            hidden, inter = roles["down"]
+        else:
+            inter, hidden = next(iter(roles.values()))
+        layers.append(MoeLayer(name, hidden, inter))
+    return dense, layers
+
+
+@dataclass
+class Finding:
+    rule: Rule
+    where: list[str] = field(default_factory=list)  # offending linears; empty: the whole output
+
+
+def check(job: Job, dense: list[Linear], moe: list[MoeLayer], rules: tuple[Rule, ...] = RULES) -> dict[str, list[Finding]]:
+    """Per server, the rules this output breaks (an empty list: servable, as far as known)."""
+    out: dict[str, list[Finding]] = {s: [] for s in SERVERS}
+    for rule in rules:
+        if not rule.applies(job):
+            continue
+        if rule.job_fails is not None and rule.job_fails(job):
+            out.setdefault(rule.server, []).append(Finding(rule))
+            continue
+        where = []
+        if rule.linear_fails is not None:
+            where += [f"{lin.name} [{lin.out_features}x{lin.in_features}]" for lin in dense
+                      if rule.linear_fails(job, lin)]
+        if rule.moe_fails is not None:
+            where += [f"{m.name} [H={m.hidden}, I={m.intermediate}]" for m in moe if rule.moe_fails(job, m)]
+        if where:
+            out.setdefault(rule.server, []).append(Finding(rule, where))
+    return out
+
+
+def warnings(job: Job, dense: list[Linear], moe: list[MoeLayer]) -> list[str]:
+    """The servers that cannot serve the output and why (one line per reason, naming every server
+    it holds for), then one line naming the servers that can."""
+    found = check(job, dense, moe)
+    grouped: dict[tuple[str, str, tuple[str, ...]], list[str]] = {}
+    for server, findings in found.items():
+        for f in findings:
+            grouped.setdefault((f.rule.effect, f.rule.why, f.rule.source, tuple(f.where)), []).append(server)
+    lines = []
+    for (effect, why, source, where), servers in grouped.items():
+        who = " and ".join(servers)
+        if where:
+            shown = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+            lines.append(f"servability: {who} {effect} {len(where)} linear(s) ({shown}): {why} [{source}]")
+        elif effect == "cannot serve":
+            lines.append(f"servability: {who} cannot serve this output: {why} [{source}]")
+        else:
+            lines.append(f"servability: {who} {effect}: {why} [{source}]")
+    ok = [s for s, fs in found.items() if not any(f.rule.effect == "cannot serve" for f in fs)]
+    lines.append(f"servability: servable by {', '.join(ok) if ok else 'none of ' + ', '.join(SERVERS)} "
+                 f"({job.format} {job.scheme}, serving dtype {job.serve_dtype}; shapes at tensor-parallel size 1)")
+    return lines
+
+
+def refuse(job: Job) -> None:
+    """Raise a one-line ConfigError for an output no server could load in a correct form."""
+    from .config import ConfigError
+
+    for rule in REFUSALS:
+        if rule.applies(job) and rule.job_fails is not None and rule.job_fails(job):
+            raise ConfigError(f"{job.format} {job.scheme} {'MoE ' if job.moe else ''}output: {rule.why}")
+
+
+# -- from a job's config and plan ------------------------------------------------------------------
+
+def job_of(cfg, plan, serve_dtype) -> Job:
+    """The :class:`Job` of a config and model plan (``serve_dtype``: a torch dtype)."""
+    q = cfg.quant
+    if q.act_bits is None:
+        scheme = f"W{q.bits}A16"
+    else:
+        scheme = "W8A8_DYNAMIC" if q.act_dynamic else "W8A8"
+    return Job(format=cfg.output.format, scheme=scheme, group_size=q.group_size, symmetric=q.symmetric,
+               serve_dtype=str(serve_dtype).removeprefix("torch."), model_type=plan.arch.name,
+               moe=plan.arch.moe is not None)
+
+
+def plan_warnings(cfg, plan, serve_dtype) -> list[str]:
+    dense, moe = served_shapes([(lin.name, lin.out_features, lin.in_features) for lin in plan.linears])
+    return warnings(job_of(cfg, plan, serve_dtype), dense, moe)

@@ -1,0 +1,319 @@
+"""The parameters the servers' loaders create for one decoder layer, and how their weight
+loaders place checkpoint tensors into them: copied from the loader code (cited per table),
+so that tests can check that a dist_quant output fills every parameter exactly.
+
+Read from: vLLM main (``vllm/model_executor/layers/quantization/compressed_tensors/``,
+``fused_moe/layer.py``, ``linear.py``, ``models/{llama,qwen2,qwen2_moe,qwen3_moe,mixtral}.py``),
+SGLang (``python/sglang/srt/layers/quantization/compressed_tensors/schemes/``, same tables as
+vLLM's for these schemes), vLLM-Ascend (``vllm_ascend/quantization/``, snapshot 182b75e,
+2026-08-22). ``params_dtype`` is the serving dtype (config.json ``torch_dtype``).
+
+A :class:`Param` is one ``register_parameter`` of a ``create_weights``; a :class:`Module` is one
+server layer (a fused linear or a fused-MoE layer) with the checkpoint prefixes it loads from.
+:func:`load` runs the placement rules and returns per-parameter coverage counts and values.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+I8, I32, I64, F32 = torch.int8, torch.int32, torch.int64, torch.float32
+
+
+@dataclass(frozen=True)
+class Param:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    out_dim: int | None = 0  # linear: dim the fused shards are stacked along; None: one value for all shards
+    out_pack: int = 1  # linear: values packed along out_dim per element (zero points)
+    transposed: bool = False  # MoE: the loader transposes the checkpoint tensor (is_transposed)
+    single: bool = False  # MoE: one value per expert (weight_shape: FusedMoE._load_single_value)
+    used: bool = True  # False: loaded, never read at inference (weight_shape)
+    exact_dtype: bool = False  # the checkpoint must have exactly this dtype (not a lossless cast)
+
+
+@dataclass
+class Module:
+    name: str  # the server's module prefix (what quant configs and descriptions are keyed by)
+    kind: str  # "linear" or "moe"
+    params: dict[str, Param]
+    shards: list[tuple[str, int]] = field(default_factory=list)  # linear: (checkpoint prefix, out size)
+    experts: list[dict[str, str]] = field(default_factory=list)  # moe: per expert {"w1"|"w2"|"w3": prefix}
+
+
+# -- one linear's parameters, per scheme --------------------------------------------------------------
+
+def vllm_wna16(out: int, inp: int, bits: int, group: int, symmetric: bool, pd: torch.dtype) -> dict[str, Param]:
+    """CompressedTensorsWNA16.create_weights (vLLM compressed_tensors_wNa16.py; SGLang's copy,
+    compressed_tensors_wNa16.py, creates the same): weight_packed PackedvLLMParameter int32
+    [out, in // pack_factor]; weight_scale Group/ChannelQuantScaleParameter params_dtype
+    [out, in // group]; weight_shape BasevLLMParameter int64 [2]; weight_zero_point (asymmetric)
+    PackedvLLMParameter(output_dim=0, packed_dim=0) int32 [out // pack_factor, groups]."""
+    pack = 32 // bits
+    groups = 1 if group == -1 else inp // group
+    p = {"weight_packed": Param(I32, (out, inp // pack), exact_dtype=True),
+         "weight_scale": Param(pd, (out, groups), exact_dtype=True),
+         "weight_shape": Param(I64, (2,), out_dim=None, used=False)}
+    if not symmetric:
+        p["weight_zero_point"] = Param(I32, (out // pack, groups), out_pack=pack, exact_dtype=True)
+    return p
+
+
+def vllm_w8a8_int8(out: int, inp: int, static: bool, pd: torch.dtype) -> dict[str, Param]:
+    """CompressedTensorsW8A8Int8.create_weights (vLLM compressed_tensors_w8a8_int8.py): weight
+    ModelWeightParameter int8 [out, in]; weight_scale ChannelQuantScaleParameter float32 [out, 1];
+    static: input_scale BasevLLMParameter float32 [1], input_zero_point (asymmetric)
+    BasevLLMParameter int8 [1] — one value for q, k and v (QKVParallelLinear.weight_loader_v2 →
+    BasevLLMParameter.load_qkv_weight copies every shard into the same [1])."""
+    p = {"weight": Param(I8, (out, inp), exact_dtype=True), "weight_scale": Param(F32, (out, 1))}
+    if static:
+        p["input_scale"] = Param(F32, (1,), out_dim=None, exact_dtype=True)
+        p["input_zero_point"] = Param(I8, (1,), out_dim=None, exact_dtype=True)
+    return p
+
+
+def ascend_w8a8_static(out: int, inp: int, pd: torch.dtype) -> dict[str, Param]:
+    """AscendW8A8LinearMethod (vllm_ascend/quantization/methods/w8a8_static.py): get_weight
+    weight int8 [out, in]; get_pertensor_param input_scale params_dtype [1], input_offset int8
+    [1] (PerTensorScaleParameter; AscendLinearMethod is not a v2 loader, so
+    QKVParallelLinear.weight_loader copies each shard into the same [1]); get_perchannel_param
+    quant_bias int32 [out], deq_scale float32 [out] for bfloat16 / int64 [out] for float16 (none
+    for float32), weight_scale / weight_offset params_dtype [out, 1]."""
+    p = {"weight": Param(I8, (out, inp), exact_dtype=True),
+         "input_scale": Param(pd, (1,), out_dim=None, exact_dtype=True),
+         "input_offset": Param(I8, (1,), out_dim=None),
+         "quant_bias": Param(I32, (out,), exact_dtype=True),
+         "weight_scale": Param(pd, (out, 1), exact_dtype=True),
+         "weight_offset": Param(pd, (out, 1), exact_dtype=True)}
+    if pd == torch.bfloat16:
+        p["deq_scale"] = Param(F32, (out,), exact_dtype=True)
+    elif pd == torch.float16:
+        p["deq_scale"] = Param(I64, (out,), exact_dtype=True)
+    return p
+
+
+def ascend_w8a8_dynamic(out: int, inp: int, pd: torch.dtype) -> dict[str, Param]:
+    """AscendW8A8DynamicLinearMethod (w8a8_dynamic.py) and AscendW8A16LinearMethod (w8a16.py):
+    weight int8 [out, in]; weight_scale, weight_offset params_dtype [out, 1]."""
+    return {"weight": Param(I8, (out, inp), exact_dtype=True),
+            "weight_scale": Param(pd, (out, 1), exact_dtype=True),
+            "weight_offset": Param(pd, (out, 1), exact_dtype=True)}
+
+
+# -- fused MoE parameters, per scheme (E experts, hidden H, intermediate I) ---------------------------
+
+def vllm_wna16_moe(e: int, h: int, i: int, bits: int, group: int, pd: torch.dtype) -> dict[str, Param]:
+    """CompressedTensorsWNA16MarlinMoEMethod.create_weights (Marlin backend) and
+    CompressedTensorsWNA16MoEMethod.create_weights (compressed_tensors_moe*.py): is_transposed=True;
+    w13_weight_packed int32 [E, H // pack, 2I], w2_weight_packed int32 [E, I // pack, H];
+    w13_weight_scale params_dtype [E, H // group, 2I], w2_weight_scale [E, I // group, H];
+    w13/w2_weight_shape [E, 2] (torch.empty default float32). FusedMoE.weight_loader transposes
+    the checkpoint tensor for these two methods. (The g_idx parameters are not loaded when the
+    checkpoint has none; act-order is off for the fused experts.)"""
+    pack = 32 // bits
+    g13 = 1 if group == -1 else h // group
+    g2 = 1 if group == -1 else i // group
+    return {"w13_weight_packed": Param(I32, (e, h // pack, 2 * i), transposed=True, exact_dtype=True),
+            "w2_weight_packed": Param(I32, (e, i // pack, h), transposed=True, exact_dtype=True),
+            "w13_weight_scale": Param(pd, (e, g13, 2 * i), transposed=True, exact_dtype=True),
+            "w2_weight_scale": Param(pd, (e, g2, h), transposed=True, exact_dtype=True),
+            "w13_weight_shape": Param(F32, (e, 2), single=True, used=False),
+            "w2_weight_shape": Param(F32, (e, 2), single=True, used=False)}
+
+
+def vllm_w8a8_int8_moe(e: int, h: int, i: int, pd: torch.dtype) -> dict[str, Param]:
+    """CompressedTensorsW8A8Int8MoEMethod.create_weights: w13_weight int8 [E, 2I, H], w2_weight
+    int8 [E, H, I]; w13_weight_scale float32 [E, 2I, 1], w2_weight_scale float32 [E, H, 1]
+    (quant_method CHANNEL); no input scales (dynamic per token only)."""
+    return {"w13_weight": Param(I8, (e, 2 * i, h), exact_dtype=True),
+            "w2_weight": Param(I8, (e, h, i), exact_dtype=True),
+            "w13_weight_scale": Param(F32, (e, 2 * i, 1)), "w2_weight_scale": Param(F32, (e, h, 1))}
+
+
+def ascend_w8a8_dynamic_moe(e: int, h: int, i: int, pd: torch.dtype) -> dict[str, Param]:
+    """AscendW8A8DynamicFusedMoEMethod.get_weight / get_dynamic_quant_param (w8a8_dynamic.py):
+    w13_weight int8 [E, 2I, H], w2_weight int8 [E, H, I]; w13_weight_scale / w13_weight_offset
+    params_dtype [E, 2I, 1], w2_weight_scale / w2_weight_offset [E, H, 1] (AscendFusedMoEMethod
+    sets quant_method CHANNEL)."""
+    return {"w13_weight": Param(I8, (e, 2 * i, h), exact_dtype=True),
+            "w2_weight": Param(I8, (e, h, i), exact_dtype=True),
+            "w13_weight_scale": Param(pd, (e, 2 * i, 1), exact_dtype=True),
+            "w13_weight_offset": Param(pd, (e, 2 * i, 1), exact_dtype=True),
+            "w2_weight_scale": Param(pd, (e, h, 1), exact_dtype=True),
+            "w2_weight_offset": Param(pd, (e, h, 1), exact_dtype=True)}
+
+
+# -- the server's layer: which modules, fused how ----------------------------------------------------
+
+def layer_modules(config: dict, index: int, linear, moe, has_bias: bool, pd: torch.dtype) -> list[Module]:
+    """The quantized modules of decoder layer ``index`` as vLLM's model classes build them:
+    QKVParallelLinear ``self_attn.qkv_proj`` (stacked_params_mapping q/k/v), RowParallelLinear
+    ``o_proj``; dense MLP MergedColumnParallelLinear ``mlp.gate_up_proj`` (gate 0, up 1) +
+    ``down_proj``; MoE (qwen2_moe / qwen3_moe ``mlp.experts``, mixtral
+    ``block_sparse_moe.experts``, FusedMoE.make_expert_params_mapping: gate/up → w13 shards
+    w1/w3, down → w2), qwen2_moe's ``mlp.shared_expert`` a dense MLP. ``linear(out, in)`` and
+    ``moe(E, H, I)`` give the parameter tables."""
+    mt = config["model_type"]
+    p = f"model.layers.{index}."
+    h = config["hidden_size"]
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    hd = config.get("head_dim") or h // heads
+    q_size, kv_size = heads * hd, kv * hd
+    qkv = linear(q_size + 2 * kv_size, h)
+    if has_bias:  # ColumnParallelLinear(bias=True): bias params_dtype [out], output_dim 0
+        qkv["bias"] = Param(pd, (q_size + 2 * kv_size,))
+    mods = [Module(p + "self_attn.qkv_proj", "linear", qkv,
+                   [(p + "self_attn.q_proj", q_size), (p + "self_attn.k_proj", kv_size),
+                    (p + "self_attn.v_proj", kv_size)]),
+            Module(p + "self_attn.o_proj", "linear", linear(h, q_size), [(p + "self_attn.o_proj", h)])]
+
+    def dense_mlp(prefix: str, inter: int) -> list[Module]:
+        return [Module(prefix + "gate_up_proj", "linear", linear(2 * inter, h),
+                       [(prefix + "gate_proj", inter), (prefix + "up_proj", inter)]),
+                Module(prefix + "down_proj", "linear", linear(h, inter), [(prefix + "down_proj", h)])]
+
+    if mt in ("llama", "qwen2", "qwen3", "mistral"):
+        return mods + dense_mlp(p + "mlp.", config["intermediate_size"])
+    if mt == "mixtral":
+        e, i = config["num_local_experts"], config["intermediate_size"]
+        block, names = p + "block_sparse_moe.experts", ("w1", "w2", "w3")
+    else:
+        e, i = config.get("num_experts") or config["num_local_experts"], config["moe_intermediate_size"]
+        block, names = p + "mlp.experts", ("gate_proj", "down_proj", "up_proj")
+    experts = [{shard: f"{block}.{x}.{name}" for shard, name in zip(("w1", "w2", "w3"), names)} for x in range(e)]
+    mods.append(Module(block, "moe", moe(e, h, i), experts=experts))
+    if mt == "qwen2_moe" and config.get("shared_expert_intermediate_size"):
+        mods += dense_mlp(p + "mlp.shared_expert.", config["shared_expert_intermediate_size"])
+    return mods
+
+
+# -- placement (the weight loaders) -----------------------------------------------------------------
+
+class LoadError(AssertionError):
+    pass
+
+
+@dataclass
+class Loaded:
+    values: dict[str, torch.Tensor]  # float64 copies of what the loader put in each parameter
+    counts: dict[str, torch.Tensor]  # how many checkpoint tensors wrote each element
+    consumed: set[str]  # checkpoint tensor names the loader consumed
+
+
+def _put(name: str, p: Param, loaded: torch.Tensor, out: Loaded, index) -> None:
+    if p.exact_dtype and loaded.dtype != p.dtype:
+        raise LoadError(f"{name}: checkpoint dtype {loaded.dtype}, loader parameter {p.dtype}")
+    cast = loaded.to(p.dtype)
+    if not torch.equal(cast.to(loaded.dtype), loaded):
+        raise LoadError(f"{name}: {loaded.dtype} → {p.dtype} is not exact")
+    view = out.values[name][index] if index is not None else out.values[name]
+    counts = out.counts[name][index] if index is not None else out.counts[name]
+    if tuple(view.shape) != tuple(cast.shape):
+        raise LoadError(f"{name}: checkpoint slice {tuple(cast.shape)} into parameter slice {tuple(view.shape)}")
+    if p.used and p.out_dim is None and bool((counts > 0).any()) and not torch.equal(view, cast.double()):
+        raise LoadError(f"{name}: the shards sharing this parameter carry different values "
+                        f"({view.flatten().tolist()} vs {cast.double().flatten().tolist()})")
+    view.copy_(cast.double())
+    counts += 1
+
+
+def load(modules: list[Module], tensors: dict[str, torch.Tensor]) -> Loaded:
+    """Place ``tensors`` (checkpoint name → tensor) into the modules' parameters the way the
+    servers' weight loaders do; raise :class:`LoadError` where a loader would fail or lose bits."""
+    out = Loaded({}, {}, set())
+    for m in modules:
+        for suffix, p in m.params.items():
+            key = f"{m.name}.{suffix}"
+            out.values[key] = torch.zeros(p.shape, dtype=torch.float64)
+            out.counts[key] = torch.zeros(p.shape, dtype=torch.int64)
+    for m in modules:
+        if m.kind == "linear":
+            offset = 0
+            for ckpt_prefix, size in m.shards:
+                for name in [n for n in tensors if n.startswith(ckpt_prefix + ".")]:
+                    suffix = name[len(ckpt_prefix) + 1:]
+                    if suffix not in m.params:
+                        raise LoadError(f"{name}: the server's {m.name} has no parameter {suffix!r}")
+                    p, key = m.params[suffix], f"{m.name}.{suffix}"
+                    if p.out_dim is None:
+                        index = None
+                    else:  # QKV / MergedColumn weight_loader: narrow the output dim (packed units)
+                        index = tuple([slice(None)] * p.out_dim + [slice(offset // p.out_pack,
+                                                                         (offset + size) // p.out_pack)])
+                    _put(key, p, tensors[name], out, index)
+                    out.consumed.add(name)
+                offset += size
+        else:  # FusedMoE.weight_loader
+            for e, shards in enumerate(m.experts):
+                for shard, ckpt_prefix in shards.items():
+                    for name in [n for n in tensors if n.startswith(ckpt_prefix + ".")]:
+                        suffix = name[len(ckpt_prefix) + 1:]
+                        key_suffix = ("w2_" if shard == "w2" else "w13_") + suffix
+                        if key_suffix not in m.params:
+                            raise LoadError(f"{name}: the server's {m.name} has no parameter {key_suffix!r}")
+                        p, key = m.params[key_suffix], f"{m.name}.{key_suffix}"
+                        t = tensors[name]
+                        if p.transposed and t.dim() == 2:
+                            t = t.t().contiguous()
+                        if p.single:
+                            index = (e,)
+                        else:
+                            dim = 1 if p.transposed else 0  # SHARD_ID_TO_SHARDED_DIM w1/w3: 0, flipped
+                            full = p.shape[1 + dim]
+                            if shard == "w2":
+                                index = (e,)
+                            else:
+                                half = full // 2
+                                lo = 0 if shard == "w1" else half
+                                sl = [slice(None), slice(None)]
+                                sl[dim] = slice(lo, lo + half)
+                                index = (e, *sl)
+                        _put(key, p, t, out, index)
+                        out.consumed.add(name)
+    return out
+
+
+def check_complete(modules: list[Module], loaded: Loaded) -> None:
+    """Every parameter element written (sharded ones exactly once); raise otherwise."""
+    for m in modules:
+        for suffix, p in m.params.items():
+            key = f"{m.name}.{suffix}"
+            c = loaded.counts[key]
+            if bool((c == 0).any()):
+                raise LoadError(f"{key}: {int((c == 0).sum())} of {c.numel()} elements never loaded")
+            if p.out_dim is not None and not p.single and bool((c > 1).any()):
+                raise LoadError(f"{key}: shards overlap")
+
+
+# -- vLLM-Ascend's description lookup (modelslim_config.py) --------------------------------------------
+
+# packed_modules_model_mapping entries of the model types used here; others fall back to the vLLM
+# model class's packed_modules_mapping (qkv_proj, gate_up_proj), which has no "experts" entry
+ASCEND_PACKED = {"qwen3_moe": {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"],
+                               "experts": ["experts.0.gate_proj", "experts.0.up_proj", "experts.0.down_proj"]}}
+VLLM_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+# (quant_type, layer_type) pairs registered by @register_scheme in vllm_ascend/quantization/methods/
+ASCEND_SCHEMES = {("W8A8", "linear"), ("W8A8_DYNAMIC", "linear"), ("W8A8_DYNAMIC", "moe"), ("W8A16", "linear"),
+                  ("W4A16", "moe"), ("W4A8_DYNAMIC", "moe")}
+
+
+def ascend_quant_type(desc: dict, prefix: str, model_type: str, layer_type: str) -> str:
+    """get_linear_quant_type + get_scheme_class: the type vLLM-Ascend picks for a server module
+    (KeyError where the description lacks the key it looks up; shards must agree)."""
+    mapping = ASCEND_PACKED.get(model_type, VLLM_PACKED)
+    proj = prefix.split(".")[-1]
+    if proj in mapping:
+        kinds = {desc[prefix.replace(proj, shard) + ".weight"] for shard in mapping[proj]}
+        if len(kinds) != 1:
+            raise LoadError(f"{prefix}: shards typed {sorted(kinds)}")
+        kind = kinds.pop()
+    else:
+        kind = desc[prefix + ".weight"]
+    if kind != "FLOAT" and (kind, layer_type) not in ASCEND_SCHEMES:
+        raise LoadError(f"{prefix}: vLLM-Ascend has no scheme for ({kind!r}, {layer_type!r})")
+    return kind
+
+
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
