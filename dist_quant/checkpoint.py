@@ -1,6 +1,7 @@
 """Lazy, validated access to a local Hugging Face checkpoint: config.json plus
 safetensors weights (one file or sharded with an index). Only headers are read until a
-tensor is asked for; tensors are read one at a time with ``safe_open``."""
+tensor is asked for (with plain reads: no file is memory-mapped, so a file larger than free
+memory is fine); tensors are read one at a time into fresh buffers."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from . import fp8
 
@@ -60,6 +60,7 @@ class TensorInfo:
     stored_dtype: str | None = None
     scale: TensorInfo | None = None
     write_dtype: str | None = None  # written through unquantized in this dtype (FP8: the model's float dtype)
+    offset: int = -1  # safetensors: byte offset of the data in the file (-1: not a safetensors tensor)
 
     @property
     def out_dtype(self) -> str:
@@ -159,6 +160,65 @@ def _load_pickle(fpath: Path) -> dict[str, torch.Tensor]:
     return data
 
 
+MAX_HEADER_BYTES = 100 * 2**20  # the limit safetensors itself applies
+
+
+def read_safetensors_header(fpath: Path, fname: str) -> list[TensorInfo]:
+    """The tensors a safetensors file declares, from its header only (8-byte little-endian
+    length, then JSON), read with ordinary reads: the file is never memory-mapped, whatever
+    its size. Raises ValueError on a malformed header."""
+    size = fpath.stat().st_size
+    with open(fpath, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{size} bytes, too short for a safetensors header")
+        header_len = int.from_bytes(head, "little")
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise ValueError(f"header length {header_len} is invalid for a {size}-byte file")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    infos = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"tensor {name!r} has a malformed header entry {entry!r}") from None
+        if dtype not in DTYPE_BYTES:
+            raise ValueError(f"tensor {name!r} has unsupported dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise ValueError(f"tensor {name!r} has an invalid shape {shape!r}")
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end) \
+                or end - start != tensor_nbytes(tuple(shape), dtype):
+            raise ValueError(f"tensor {name!r} has data_offsets {[start, end]} that do not match "
+                             f"its shape {shape} and dtype {dtype}")
+        infos.append(TensorInfo(name, tuple(shape), dtype, fname, offset=8 + header_len + start))
+    return sorted(infos, key=lambda t: t.offset)
+
+
+def read_tensor(fpath: Path, info: TensorInfo) -> torch.Tensor:
+    """One tensor of a safetensors file, read into a fresh CPU buffer (no memory map: the
+    RSS holds this tensor only, not the file's pages)."""
+    dtype = TORCH_DTYPES.get(info.dtype)
+    if dtype is None:
+        raise CheckpointError(f"tensor {info.name!r} has dtype {info.dtype}, which cannot be read as a torch tensor")
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    with open(fpath, "rb", buffering=0) as fh:
+        fh.seek(info.offset)
+        view, done = memoryview(buf.numpy()), 0
+        while done < info.nbytes:
+            got = fh.readinto(view[done:])
+            if not got:
+                raise CheckpointError(f"weight file {str(fpath)!r} ended inside tensor {info.name!r}")
+            done += got
+    return buf.view(dtype).reshape(info.shape)
+
+
 class Checkpoint:
     """A model directory: its config and a name → :class:`TensorInfo` table from headers.
 
@@ -184,6 +244,7 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
         self._ranges: dict[str, tuple[int, int]] = {}  # safetensors: name -> byte range in its file
+        self._raw: dict[str, TensorInfo] = {}  # safetensors: the header's entry (stored dtype, offset)
         self._prefetcher: Prefetcher | None = None
         files, pickled = _weight_files(root, allow_pickle)
         for fname, expected in files.items():
@@ -195,7 +256,7 @@ class Checkpoint:
             if missing:
                 raise CheckpointError(f"weight file {fname!r} lacks {len(missing)} tensor(s) the index names, e.g. {missing[0]!r}")
             if not pickled:
-                self._check_size(fpath)
+                self._check_size(fpath, fname)
         self._fold_fp8_scales()
         self._handles: dict[str, object] = {}
 
@@ -245,14 +306,13 @@ class Checkpoint:
 
     def _read_header(self, fpath: Path, fname: str) -> list[str]:
         try:
-            with safe_open(fpath, framework="pt") as f:
-                names = list(f.keys())
-                for name in names:
-                    sl = f.get_slice(name)
-                    self.tensors[name] = TensorInfo(name, tuple(sl.get_shape()), sl.get_dtype(), fname)
-        except (SafetensorError, OSError) as exc:
+            infos = read_safetensors_header(fpath, fname)
+        except (ValueError, OSError) as exc:
             raise CheckpointError(f"weight file {str(fpath)!r} is unreadable or corrupt: {exc}") from None
-        return names
+        for info in infos:
+            self.tensors[info.name] = self._raw[info.name] = info
+            self._ranges[info.name] = (info.offset, info.offset + info.nbytes)
+        return [info.name for info in infos]
 
     def _read_pickle(self, fpath: Path, fname: str) -> list[str]:
         data = _load_pickle(fpath)
@@ -264,19 +324,13 @@ class Checkpoint:
         self._pickled[fname] = data
         return list(data)
 
-    def _check_size(self, fpath: Path) -> None:
+    def _check_size(self, fpath: Path, fname: str) -> None:
         """A truncated file still parses its header; compare the data size with the header's claim."""
-        with open(fpath, "rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        for name, v in header.items():
-            if name != "__metadata__":
-                begin, stop = v["data_offsets"]
-                self._ranges[name] = (8 + header_len + begin, 8 + header_len + stop)
-        if fpath.stat().st_size < 8 + header_len + end:
+        ends = [t.offset + t.nbytes for t in self.tensors.values() if t.file == fname]
+        end = max(ends, default=0)
+        if fpath.stat().st_size < end:
             raise CheckpointError(f"weight file {str(fpath)!r} is truncated ({fpath.stat().st_size} bytes, "
-                                  f"header promises {8 + header_len + end})")
+                                  f"header promises {end})")
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -294,17 +348,12 @@ class Checkpoint:
         return self._read(info.file, name)
 
     def _read(self, file: str, name: str) -> torch.Tensor:
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = safe_open(self.root / file, framework="pt")
-            self._handles[file] = handle
-        return handle.get_tensor(name)
+        """The tensor as stored (header dtype), read without a memory map."""
+        return read_tensor(self.root / file, self._raw[name])
 
     def release(self) -> None:
-        """Close the open safetensors handles. A handle memory-maps its whole file, and every
-        page read through it stays in this process's RSS until the handle closes; the layer
-        loop calls this after each layer so that resident memory does not grow with depth
-        (tensors still alive keep their own pages mapped until they are freed)."""
+        """Nothing stays open between reads (tensors are read with plain reads into fresh
+        buffers, so no file page is mapped into this process); kept for the layer loop."""
         self._handles.clear()
 
     def prefetch(self, names: Iterable[str]) -> None:

@@ -6,35 +6,21 @@ of each, the bytes each rank reads and writes, its estimated peak memory, and th
 part files. Settings that cannot work (an unsupported architecture, a group size that
 does not divide a linear's input features, missing tensors, ...) fail here, exit 2.
 
-Peak memory per rank (on its compute device) is estimated as the largest of
-
-* layer phase: one decoder layer's weights in the compute dtype (MoE: without its routed
-  experts, plus one expert in float32: owners read their experts one at a time)
-  + this rank's activations: residual stream, the previous and current stage input and
-    the next residual (4 × samples_r × seq_len × hidden), or at the MLP stage the
-    intermediate-size input of ``down_proj`` (samples_r × seq_len × intermediate) plus one
-    batch's gate/up/activation transients (3 × batch × seq_len × intermediate)
-  + one batch's attention scores (batch × heads × seq_len²), an upper bound for SDPA
-  + the Hessian workspace: the largest Hessian in float64 (in² × 8 bytes) times 2 while
-    it is accumulated and reduced, times 7 on the rank that solves it with GPTQ (normalized
-    copy, permuted copy, damped matrix, Cholesky factor, inverse and its factor)
-  + the weight being solved, in float32, with its dequantized copy;
-* embedding phase: the embedding matrix in the compute dtype + the layer-0 inputs;
-
-plus the fixed overhead of the process (Python, torch, a CUDA/CANN context: ~0.5–2 GB).
+Peak memory per rank (on its compute device) is estimated stage by stage by
+:mod:`dist_quant.estimate` (see there for what is counted), plus the process's fixed
+overhead. Linears whose rows are split over several owners (``OwnerPlan.rows``) are shown
+as ``down_proj->0,1,2,3`` in the plan.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
+from . import estimate as mem
+from .checkpoint import DTYPE_BYTES
 from .calibration import rank_rows
 from .config import JobConfig
-
-DTYPE_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
-GPTQ_HESSIAN_COPIES = 7
-CAPTURE_HESSIAN_COPIES = 2
-
+from .estimate import DTYPE_SIZE, PROCESS_OVERHEAD
 
 @dataclass
 class RankEstimate:
@@ -47,11 +33,13 @@ class RankEstimate:
     part_files: list[str] = field(default_factory=list)
     memory: dict[str, int] = field(default_factory=dict)  # component → bytes
 
+    worst_stage: str = ""
+
     @property
     def peak_bytes(self) -> int:
         m = self.memory
-        layer = m["layer_weights"] + m["activations"] + m["attention_scores"] + m["hessians"] + m["solve_weight"]
-        return max(layer, m["embedding_phase"])
+        layer = m["layer_weights"] + m["activations"] + m["hessians"] + m["solve_weight"]
+        return max(layer, m["embedding_phase"]) + m["process"]
 
 
 def _gb(n: float) -> str:
@@ -86,7 +74,11 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
         layer_bytes.append(sum(t.read_bytes for t in infos))  # on disk (FP8 releases: float8 + scales)
         layer_numel.append(sum(math.prod(t.shape) for t in infos))
     every_rank_reads = sum(layer_bytes) + ckpt.tensors[plan.arch.embed].read_bytes
-    max_in_all = max((lin.in_features for lin in plan.linears), default=hidden)
+    # the stages whose memory is estimated: dense stages by (layer, stage), a sparse MoE MLP as one
+    stage_groups: dict[tuple[int, str], list] = {}
+    for lin in plan.linears:
+        key = (lin.layer, "moe_mlp" if lin.expert is not None else lin.stage)
+        stage_groups.setdefault(key, []).append(lin)
 
     out = []
     for r in range(world_size):
@@ -103,24 +95,49 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
         rest = [t for grp in plan.layer_tensors for t in grp] + list(plan.global_tensors)
         reads += sum(ckpt.tensors[t].read_bytes for t in rest if owners.owner.get(t) == r)
         my_parts = [p for p in parts if p.rank == r]
-        solve_in = max((lin.in_features for lin in mine), default=0)
-        solve_w = max((lin.in_features * lin.out_features for lin in mine), default=0)
-        gptq = cfg.quant.method == "gptq"
-        hess = 8 * max(CAPTURE_HESSIAN_COPIES * max_in_all ** 2,
-                       (GPTQ_HESSIAN_COPIES if gptq else CAPTURE_HESSIAN_COPIES + 1) * solve_in ** 2)
-        attn_acts = 4 * tokens * hidden * c
-        mlp_acts = (3 * tokens * hidden + tokens * inter + 3 * b * seq * inter) * c
+        shape = mem.Shape(tokens, b * seq, seq, hidden, heads, c)
+        stage_peak, stage_parts, worst = 0, {"activations": 0, "hessians": 0, "solve_weight": 0}, ""
+        for key, lins in stage_groups.items():
+            total, parts_ = _stage_memory(cfg, ckpt, plan, owners, shape, r, key, lins, world_size)
+            if total > stage_peak:
+                stage_peak, stage_parts, worst = total, parts_, f"layer {key[0]} {key[1]}"
         memory = {
             "layer_weights": max(layer_numel, default=0) * c + 4 * max(experts.values(), default=0),
-            "activations": max(attn_acts, mlp_acts),
-            "attention_scores": b * heads * seq * seq * c,
-            "hessians": hess,
-            "solve_weight": 3 * 4 * solve_w,
+            **stage_parts,
             "embedding_phase": (vocab * hidden + tokens * hidden) * c,
+            # device=auto: the overhead of an accelerator process (the larger one)
+            "process": PROCESS_OVERHEAD.get(cfg.runtime.device, PROCESS_OVERHEAD["cuda"]),
         }
         out.append(RankEstimate(r, samples, len(mine), owners.solve_cost[r] if owners.solve_cost else 0.0,
-                                reads, sum(p.nbytes for p in my_parts), [p.file for p in my_parts], memory))
+                                reads, sum(p.nbytes for p in my_parts), [p.file for p in my_parts], memory,
+                                worst))
     return out
+
+
+def _stage_memory(cfg, ckpt, plan, owners, shape, rank, key, lins, world_size) -> tuple[int, dict]:
+    """Peak of one stage (``key`` = (layer, stage)) on ``rank``; see dist_quant/estimate.py."""
+    layer, stage = key
+    if stage == "moe_mlp":
+        conf = ckpt.config
+        experts = max(lin.expert for lin in lins) + 1
+        top_k = int(conf.get("num_experts_per_tok") or conf.get("top_k") or 1)
+        inter = max(lin.in_features for lin in lins if lin.stage == "expert_out")
+        acc = 8 if cfg.model.dtype == "float32" else 4
+        return mem.moe_mlp_bytes(shape, experts, top_k, world_size, (inter, shape.hidden), acc)
+    n = lins[0].in_features
+    mine = [(lin, lo, hi) for lin in lins for rr, lo, hi in owners.pieces(lin) if rr == rank]
+    read = [(lin.out_features, lin.in_features, DTYPE_BYTES.get(ckpt.tensors[lin.name + ".weight"].dtype, 2))
+            for lin in {m[0].name: m[0] for m in mine}.values()]
+    solve = mem.solve_weight_bytes(read, [(hi - lo, lin.in_features) for lin, lo, hi in mine])
+    group = cfg.quant.group_size if cfg.quant.group_size > 0 else lins[0].in_features
+    received = mem.received_bytes([(lin.out_features, lin.in_features) for lin in lins], group)
+    c, b = shape.compute_bytes, shape.batch_tokens
+    extra = 0
+    if stage == "mlp_out":  # one batch's gate, up and act(gate)·up
+        extra = 3 * b * n * c
+    elif stage == "attn_out":  # one batch's attention scores (an upper bound for SDPA)
+        extra = (b // shape.seq_len) * shape.heads * shape.seq_len ** 2 * c
+    return mem.stage_total(shape, n, extra, solve, received)
 
 
 def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[str], list[str]]:
@@ -170,15 +187,22 @@ def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[
                      f"{_gb(e.write_bytes):<10}  {len(e.part_files):>10}  {_gb(e.peak_bytes)}")
     worst = max(ranks, key=lambda e: e.peak_bytes)
     m = worst.memory
-    lines += ["", f"peak memory of rank {worst.rank} ({_gb(worst.peak_bytes)}; plus the process's fixed overhead): "
+    lines += ["", f"peak memory of rank {worst.rank} ({_gb(worst.peak_bytes)}, at {worst.worst_stage}): "
               + ", ".join(f"{k.replace('_', ' ')} {_gb(v)}" for k, v in m.items())]
     lines += ["", "part files:"]
     for p in parts:
         lines.append(f"  {p.file}  rank {p.rank}  {_gb(p.nbytes)}  {len(p.tensors)} tensors")
-    lines += ["", "plan (module -> owner rank):"]
+    split = [lin for lin in plan.linears if lin.name in owners.rows]
+    if split:
+        lin = split[0]
+        lines += ["", f"row split: {len(split)} linear(s) solved by several ranks that share the Hessian, e.g. "
+                  f"{lin.name}: " + ", ".join(f"rows {lo}-{hi} on rank {r}" for r, lo, hi in owners.pieces(lin))]
+    lines += ["", "plan (module -> owner rank):" + (" (a list: its rows are split over those ranks; the first "
+                                                    "writes it)" if split else "")]
     for i in range(plan.num_layers):
         prefix = plan.arch.layer_prefix(i)
-        mods = "  ".join(f"{lin.name[len(prefix):]}->{owners.owner[lin.name]}" for lin in plan.layer_linears(i))
+        mods = "  ".join(f"{lin.name[len(prefix):]}->{','.join(map(str, owners.solvers(lin)))}"
+                         for lin in plan.layer_linears(i))
         lines.append(f"  layer {i}: {mods}")
     return lines, warnings
 

@@ -23,8 +23,10 @@ class LinearInfo:
     has_bias: bool
     expert: int | None = None  # MoE: routed expert index (None: a dense linear, incl. shared experts)
 
-    def solve_cost(self, method: str) -> float:
-        return get_solver(method).cost(self.out_features, self.in_features)
+    def solve_cost(self, method: str, pieces: int = 1) -> float:
+        """Work of one owner's solve when the rows are split into ``pieces`` (GPTQ: every owner
+        factors the whole Hessian, ``n³/3``, and runs the column loop on its rows, ``n² m/k``)."""
+        return get_solver(method).cost(self.out_features / pieces, self.in_features)
 
 
 @dataclass(frozen=True)
@@ -125,15 +127,52 @@ def _layer_pattern(arch: ArchSpec, index: int) -> str:
     return "re:" + arch.layer_prefix(index).replace(".", "[.]") + ".*"
 
 
+RowPiece = tuple[int, int, int]  # (rank, first row, end row) of one owner's share of a linear
+MIN_PIECE_ROWS = 128  # a row split never leaves an owner fewer rows than this
+MIN_SPLIT_GAIN = 0.9  # one more piece must cut the owner's solve cost by at least 10 %
+
+
 @dataclass(frozen=True)
 class OwnerPlan:
     world_size: int
-    owner: dict[str, int]  # linear FQN or tensor name → rank
+    owner: dict[str, int]  # linear FQN or tensor name → rank (a split linear: the rank that writes it)
     solve_cost: tuple[float, ...] = field(default=())  # per rank
     write_bytes: tuple[int, ...] = field(default=())  # per rank, input bytes of owned tensors
+    rows: dict[str, tuple[RowPiece, ...]] = field(default_factory=dict)  # linears whose rows are split
 
     def owned_by(self, rank: int) -> list[str]:
         return [name for name, r in self.owner.items() if r == rank]
+
+    def pieces(self, lin: LinearInfo) -> tuple[RowPiece, ...]:
+        """Who solves which rows of ``lin`` (one piece, all rows, unless it is split)."""
+        return self.rows.get(lin.name) or ((self.owner[lin.name], 0, lin.out_features),)
+
+    def solvers(self, lin: LinearInfo) -> list[int]:
+        return [p[0] for p in self.pieces(lin)]
+
+
+def row_pieces(linears: list[LinearInfo], world_size: int, method: str) -> dict[str, int]:
+    """How many row pieces each linear of one stage is split into. GPTQ treats rows
+    independently given the Hessian, so a stage with fewer linears than ranks (e.g. the
+    lone ``down_proj``) lets idle ranks take rows of its widest linears: each extra owner
+    holds the (shared) Hessian and factors it too, but solves and holds only its rows,
+    so the stage's longest solve and the largest weight on one rank both shrink. Greedy:
+    the piece with the largest cost gets one more owner while ranks are idle, the pieces
+    keep ``MIN_PIECE_ROWS`` rows and the cost drops by ``1 − MIN_SPLIT_GAIN`` at least.
+    Pure and deterministic (ties by name)."""
+    k = {lin.name: 1 for lin in linears}
+    if method != "gptq":  # RTN's solve is elementwise: nothing to share
+        return k
+    spare = world_size - len(linears)
+    while spare > 0:
+        lin = max(linears, key=lambda x: (x.solve_cost(method, k[x.name]), x.name))
+        more = k[lin.name] + 1
+        if (lin.out_features // more < MIN_PIECE_ROWS
+                or lin.solve_cost(method, more) > MIN_SPLIT_GAIN * lin.solve_cost(method, k[lin.name])):
+            break
+        k[lin.name] = more
+        spare -= 1
+    return k
 
 
 def assign_owners(plan: ModelPlan, ckpt: Checkpoint, world_size: int, method: str) -> OwnerPlan:
@@ -146,15 +185,24 @@ def assign_owners(plan: ModelPlan, ckpt: Checkpoint, world_size: int, method: st
     for lin in plan.linears:
         if lin.expert is None:  # routed experts: owned per expert, below
             groups.setdefault((lin.layer, lin.stage), []).append(lin)
+    rows: dict[str, tuple[RowPiece, ...]] = {}
     for key in sorted(groups, key=lambda k: (k[0], [s.name for s in plan.arch.stages].index(k[1]))):
         stage_cost = [0.0] * world_size
-        for lin in sorted(groups[key], key=lambda x: (-x.solve_cost(method), x.name)):
-            r = min(range(world_size), key=lambda k: (stage_cost[k], cost[k], k))
-            owner[lin.name] = r
-            c = lin.solve_cost(method)
-            stage_cost[r] += c
-            cost[r] += c
-            nbytes[r] += ckpt.tensors[lin.name + ".weight"].nbytes
+        split = row_pieces(groups[key], world_size, method)
+        for lin in sorted(groups[key], key=lambda x: (-x.solve_cost(method, split[x.name]), x.name)):
+            k = split[lin.name]
+            c = lin.solve_cost(method, k)
+            taken: list[int] = []
+            for _ in range(k):  # each piece on a different rank
+                r = min((x for x in range(world_size) if x not in taken), key=lambda x: (stage_cost[x], cost[x], x))
+                taken.append(r)
+                stage_cost[r] += c
+                cost[r] += c
+            owner[lin.name] = taken[0]
+            if k > 1:
+                m = lin.out_features
+                rows[lin.name] = tuple((r, j * m // k, (j + 1) * m // k) for j, r in enumerate(taken))
+            nbytes[taken[0]] += ckpt.tensors[lin.name + ".weight"].nbytes
     assign_expert_owners([lin for lin in plan.linears if lin.expert is not None], world_size, method, owner,
                          cost, nbytes, lambda lin: ckpt.tensors[lin.name + ".weight"].nbytes)
     linear_weights = {lin.name + ".weight" for lin in plan.linears}
@@ -169,4 +217,4 @@ def assign_owners(plan: ModelPlan, ckpt: Checkpoint, world_size: int, method: st
         r = min(range(world_size), key=lambda k: (nbytes[k], k))
         owner[name] = r
         nbytes[r] += ckpt.tensors[name].nbytes
-    return OwnerPlan(world_size, owner, tuple(cost), tuple(nbytes))
+    return OwnerPlan(world_size, owner, tuple(cost), tuple(nbytes), rows)

@@ -57,7 +57,7 @@ from .numerics import check_result, check_weight
 from .plan import LinearInfo
 from .quant.activations import ActQuantArgs, StaticActParams, fake_quant
 from .quant.qparams import QuantResult
-from .stats import HessianStat, relative_output_error
+from .stats import DEQUANT_ROWS, HessianStat, error_ratio, quantized_output_error
 
 log = logging.getLogger("dist_quant")
 
@@ -331,32 +331,57 @@ class StageContext:
 
     def _quantize(self, linears: list[LinearInfo], inputs, masks) -> None:
         job, rank = self.job, self.comm.rank
-        owners = {job.owners.owner[lin.name] for lin in linears}
+        owners = {r for lin in linears for r in job.owners.solvers(lin)}
         # RTN needs no statistics to solve, but they give its output error for the report.
         with self.phase("capture"):
             stat = HessianStat(linears[0].in_features, self.device)
             for x, m in zip(inputs, masks):
                 stat.add(x, m)
         with self.phase("reduce"):
-            flat = self.comm.reduce_to(stat.packed(), owners, stat.reduce_op)
-            stat.unpack(flat)
-        hessian = stat.hessian() if rank in owners else None
-        tokens = int(stat.count.item()) if rank in owners else 0
-        del stat, flat
-        mine = [lin for lin in linears if job.owners.owner[lin.name] == rank]
-        solved: dict[str, QuantResult] = {}
+            stat.unpack(self.comm.reduce_to(stat.packed(), owners, stat.reduce_op))
+        # owners: the float32 Hessian and the solver's workspace share the reduced buffer
+        tokens = stat.tokens() if rank in owners else 0
+        hessian, work = stat.take() if rank in owners else (None, None)
+        del stat
+        # this rank's row pieces of the stage's linears (a whole linear unless its rows are split)
+        mine = [(lin, lo, hi) for lin in linears for r, lo, hi in job.owners.pieces(lin) if r == rank]
+        solved: dict = {}
         if mine:
             with self.phase("solve"):
-                solved = self.solve(mine, hessian, tokens)
+                solved = self.solve([p[0] for p in mine], hessian, tokens, work=work,
+                                    rows=[(lo, hi) for _, lo, hi in mine])
+        del hessian, work
         for lin in linears:
             owner = job.owners.owner[lin.name]
-            result = solved[lin.name] if owner == rank else self._empty_result(lin)
+            pieces = job.owners.pieces(lin)
+            result = solved[lin.name] if len(pieces) == 1 and owner == rank else self._empty_result(lin)
+            errors = torch.zeros(len(pieces), 4, dtype=torch.float64, device=self.device)  # num, den, s, fallback
             with self.phase("broadcast"):
-                for t in (result.q, result.scale, result.zero):
-                    self.comm.broadcast(t, owner)
+                for j, (src, lo, hi) in enumerate(pieces):
+                    if len(pieces) > 1 and src == rank:
+                        part = solved[lin.name, lo]
+                        for dst, t in zip((result.q, result.scale, result.zero), (part.q, part.scale, part.zero)):
+                            dst[lo:hi] = t
+                        info = self.record.modules.pop(f"{lin.name}[{lo}:{hi}]")
+                        errors[j] = torch.tensor([info["err_num"], info["err_den"], info["seconds"],
+                                                  float(info["fallback"] is not None)], dtype=torch.float64)
+                    for t in (result.q, result.scale, result.zero):
+                        self.comm.broadcast(t[lo:hi], src)
+                    if len(pieces) > 1:
+                        self.comm.broadcast(errors[j], src)
             module = self.module(lin.name)
-            module.weight.copy_(result.dequantize(job.args).to(module.weight.dtype))
+            for a in range(0, lin.out_features, DEQUANT_ROWS):  # block by block: no full float copy
+                rows = slice(a, a + DEQUANT_ROWS)
+                block = QuantResult(result.q[rows], result.scale[rows], result.zero[rows])
+                module.weight[rows].copy_(block.dequantize(job.args))
             if owner == rank:
+                if len(pieces) > 1:  # the writer reports the whole linear
+                    num, den = errors[:, :2].sum(dim=0).tolist()
+                    fell = [f"{lo}:{hi}" for (_, lo, hi), e in zip(pieces, errors) if e[3] > 0]
+                    self.record.modules[lin.name] = {
+                        "rank": owner, "rows": [list(p) for p in pieces], "seconds": float(errors[:, 2].max()),
+                        "fallback": f"rows {', '.join(fell)} used RTN (see the solving rank's log)" if fell else None,
+                        "tokens": tokens, "rel_output_error": error_ratio(num, den)}
                 bias = self.tensor(lin.name + ".bias") if lin.has_bias else None
                 self.write(lin, result, bias)
 
@@ -369,32 +394,46 @@ class StageContext:
 
     # -- local pieces ----------------------------------------------------------------------------
     def solve(self, linears: list[LinearInfo], hessian: torch.Tensor, tokens: int,
-              weights: list[torch.Tensor] | None = None, method: str | None = None) -> dict[str, QuantResult]:
+              weights: list[torch.Tensor] | None = None, method: str | None = None,
+              work: torch.Tensor | None = None, rows: list[tuple[int, int]] | None = None) -> dict:
         """Solve linears that share the Hessian ``hessian`` on this rank (no collectives).
         GPTQ treats rows independently, so their weights are stacked and solved in one pass
         (one factorization, one column loop), then split back per module. ``weights``
-        (float32, already read) and ``method`` override the read and ``quant.method``."""
+        (float32, already read) and ``method`` override the read and ``quant.method``;
+        ``work``: a Hessian-sized float32 buffer the solver may overwrite (stats.HessianStat.take);
+        ``rows``: row ranges (pieces of split linears, returned under ``(name, first row)`` and
+        recorded under ``name[lo:hi]``)."""
         t0 = time.perf_counter()
         if weights is None:
             weights = [self.weight(lin.name) for lin in linears]
+        if rows is not None:
+            weights = [w if (lo, hi) == (0, w.shape[0]) else w[lo:hi].clone() for w, (lo, hi) in zip(weights, rows)]
         for lin, w in zip(linears, weights):
             check_weight(lin.name, w)
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+        hessian = hessian.to(torch.float32).contiguous()
         method = method or self.cfg.quant.method
         solver = get_solver(method)
         with solver_threads(self.device):
-            result = solver.solve(stacked, hessian, self.args, self.job.solver_params(method))
+            result = solver.solve(stacked, hessian, self.args, self.job.solver_params(method), work)
+        del stacked
         if result.fallback:
             log.warning("%s: %s", ", ".join(lin.name for lin in linears), result.fallback)
         seconds = time.perf_counter() - t0
-        parts = result.split([lin.out_features for lin in linears])
-        for lin, w, part in zip(linears, weights, parts):
+        parts = result.split([w.shape[0] for w in weights])
+        out = {}
+        for k, (lin, w, part) in enumerate(zip(linears, weights, parts)):
             check_result(lin.name, part, self.args)
-            self.record.modules[lin.name] = {
+            num, den = quantized_output_error(w, part, self.args, hessian)
+            whole = rows is None or rows[k] == (0, lin.out_features)
+            key = lin.name if whole else f"{lin.name}[{rows[k][0]}:{rows[k][1]}]"
+            self.record.modules[key] = {
                 "rank": self.comm.rank, "seconds": seconds / len(linears), "fallback": result.fallback,
-                "tokens": tokens,
-                "rel_output_error": relative_output_error(w, part.dequantize(self.args), hessian)}
-        return {lin.name: part for lin, part in zip(linears, parts)}
+                "tokens": tokens, "rel_output_error": error_ratio(num, den)}
+            if not whole:  # a piece: its sums travel to the writer (see _quantize)
+                self.record.modules[key].update(err_num=num, err_den=den)
+            out[lin.name if whole else (lin.name, rows[k][0])] = part
+        return out
 
     def write(self, lin: LinearInfo, result: QuantResult, bias: torch.Tensor | None = None) -> None:
         """Pack a solved linear in the output format and stream it to this rank's part files."""

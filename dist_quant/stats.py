@@ -1,49 +1,128 @@
 """Calibration statistics kept as sums (never running means) so that a collective
-SUM across ranks is exact up to float64 rounding; normalized only after reducing."""
+SUM across ranks is exact up to float64 rounding; normalized only after reducing.
+
+Memory of a Hessian (``n = in_features``; one "float32 Hessian" is ``4 n²`` bytes):
+
+* capture, every rank: one float64 accumulator (2 float32 Hessians) that is also the
+  buffer the collective reduces in place (no packed copy), plus one row block of the
+  per-batch float32 product (``HESSIAN_ROW_BLOCK`` rows);
+* solve, owners only: :meth:`HessianStat.take` converts the reduced sums, in place, into
+  the float32 normalized Hessian in the first half of that same storage and hands out the
+  second half as the solver's workspace, so the owner never holds more than those
+  2 float32 Hessians (plus chunk-sized temporaries).
+
+The per-batch products are float32 GEMMs summed in float64: a float64 sum of float32
+products does not round in practice, so the reduced sum does not depend on how the
+batches were split over ranks (N ranks = 1 rank).
+"""
 from __future__ import annotations
 
 import torch
 
+HESSIAN_ROW_BLOCK = 4096  # rows of x xᵀ computed per GEMM (bounds the float32 temporary)
+TOKEN_CHUNK = 4096  # tokens of a batch converted to float32 at a time
+CONVERT_ROWS = 1024  # rows converted per step in take()
+ERROR_ROWS = 1024  # weight rows per step in output_error_rows()
+DEQUANT_ROWS = 1024  # rows of a quantized linear dequantized into the layer at a time (pipeline)
+
 
 class HessianStat:
-    """``Σ x xᵀ`` over real tokens (float64) and the token count."""
+    """``Σ x xᵀ`` over real tokens (float64) and the token count, in one flat buffer."""
 
     reduce_op = "sum"  # how its packed() buffer combines across ranks (the callers pass it to Comm)
 
     def __init__(self, features: int, device: torch.device):
-        self.sum = torch.zeros(features, features, dtype=torch.float64, device=device)
-        self.count = torch.zeros(1, dtype=torch.float64, device=device)
+        n = features
+        self.features = n
+        self.flat = torch.zeros(n * n + 1, dtype=torch.float64, device=device)
+
+    @property
+    def sum(self) -> torch.Tensor:
+        n = self.features
+        return self.flat[: n * n].view(n, n)
+
+    @property
+    def count(self) -> torch.Tensor:
+        return self.flat[self.features * self.features:]
 
     def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """``x`` [..., features]; ``mask`` [...] selects real tokens."""
-        x = x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
-        x = x.float()
-        self.sum += (x.T @ x).double()  # float32 GEMM per batch, float64 accumulation
-        self.count += x.shape[0]
+        """``x`` [..., features] (any float dtype); ``mask`` [...] selects real tokens. The
+        batch is taken ``TOKEN_CHUNK`` tokens at a time in float32 (a fixed split of the
+        batch, so the sums do not depend on the world size)."""
+        x = x.reshape(-1, x.shape[-1])
+        keep = None if mask is None else mask.reshape(-1)
+        s, n = self.sum, self.features
+        for t in range(0, x.shape[0], TOKEN_CHUNK):
+            xc = x[t:t + TOKEN_CHUNK]
+            if keep is not None:
+                xc = xc[keep[t:t + TOKEN_CHUNK]]
+            xc = xc.float()
+            for a in range(0, n, HESSIAN_ROW_BLOCK):  # float32 GEMM per row block, float64 accumulation
+                b = min(a + HESSIAN_ROW_BLOCK, n)
+                s[a:b].add_(xc[:, a:b].T @ xc)
+            self.count.add_(xc.shape[0])
 
     def packed(self) -> torch.Tensor:
-        """One flat buffer, so one collective carries sum and count."""
-        return torch.cat([self.sum.reshape(-1), self.count])
+        """The flat buffer itself (sum and count), so one in-place collective carries both."""
+        return self.flat
 
     def unpack(self, flat: torch.Tensor) -> None:
-        n = self.sum.shape[0]
-        self.sum = flat[: n * n].reshape(n, n)
-        self.count = flat[n * n:]
+        if flat.data_ptr() != self.flat.data_ptr():
+            self.flat = flat
+
+    def tokens(self) -> int:
+        return int(self.count.item())
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(H, workspace)``: the normalized float32 Hessian ``2 Σ x xᵀ / n`` and a float32
+        buffer of the same shape, both views of this stat's storage (which is consumed:
+        the float64 sums are overwritten). No other Hessian-sized buffer is allocated."""
+        n = self.features
+        tokens = self.tokens()
+        if tokens == 0:
+            raise ValueError("no calibration tokens reached this module")
+        src = self.sum
+        dst = self.flat.view(torch.float32)[: 2 * n * n]
+        h, work = dst[: n * n].view(n, n), dst[n * n:].view(n, n)
+        scale = 2.0 / tokens
+        # float32 rows [a, b) live in the bytes of float64 rows [a/2, b/2), all below b, so each
+        # block is read out (into a small temporary) before anything it overlaps is written.
+        for a in range(0, n, CONVERT_ROWS):
+            b = min(a + CONVERT_ROWS, n)
+            block = (src[a:b] * scale).to(torch.float32)
+            h[a:b].copy_(block)
+        self.flat = torch.empty(0, dtype=torch.float64)
+        return h, work
 
     def hessian(self) -> torch.Tensor:
-        """The normalized GPTQ Hessian ``2 Σ x xᵀ / n``."""
-        n = float(self.count.item())
-        if n == 0:
-            raise ValueError("no calibration tokens reached this module")
-        return self.sum * (2.0 / n)
+        """The normalized float32 Hessian (consumes the stat; see :meth:`take`)."""
+        return self.take()[0]
+
+
+def output_error_rows(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row ``r`` of ``w`` [out, in]: ``(ΔW H ΔWᵀ)_rr`` and ``(W H Wᵀ)_rr`` (float64),
+    computed in row blocks (float32 GEMMs) so that no ``[out, in]`` float64 copy exists.
+    Summed over a module's rows, their ratio is its relative output error."""
+    num = torch.empty(w.shape[0], dtype=torch.float64, device=w.device)
+    den = torch.empty_like(num)
+    hf = h.float()
+    for a in range(0, w.shape[0], ERROR_ROWS):
+        b = min(a + ERROR_ROWS, w.shape[0])
+        wb = w[a:b].float()
+        d = wb - w_hat[a:b].float()
+        num[a:b] = ((d @ hf).double() * d.double()).sum(dim=1)
+        den[a:b] = ((wb @ hf).double() * wb.double()).sum(dim=1)
+    return num, den
+
+
+def error_ratio(num: float, den: float) -> float:
+    return float(num / den) if den > 0 else float(num)
 
 
 def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """``‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖²`` on the calibration inputs, from the Hessian alone."""
-    w64, d = w.double(), (w - w_hat).double()
-    num = ((d @ h) * d).sum()
-    den = ((w64 @ h) * w64).sum()
-    return float(num / den) if den > 0 else float(num)
+    num, den = output_error_rows(w, w_hat, h)
+    return error_ratio(num.sum(), den.sum())
 
 
 class ChannelRangeStat:
@@ -78,3 +157,16 @@ class ChannelRangeStat:
     def absmax(self) -> torch.Tensor:
         """``max |x_j|`` per channel (0 for a channel no token reached)."""
         return torch.maximum(self.neg_min, self.max).clamp(min=0)
+
+
+def quantized_output_error(w: torch.Tensor, result, args, h: torch.Tensor) -> tuple[float, float]:
+    """``(tr(ΔW H ΔWᵀ), tr(W H Wᵀ))`` of a quantized linear (``result``: a ``QuantResult``),
+    dequantized block by block so that no float copy of the whole weight is made."""
+    num = den = 0.0
+    for a in range(0, w.shape[0], ERROR_ROWS):
+        b = min(a + ERROR_ROWS, w.shape[0])
+        part = type(result)(result.q[a:b], result.scale[a:b], result.zero[a:b])
+        n, d = output_error_rows(w[a:b], part.dequantize(args), h)
+        num += float(n.sum())
+        den += float(d.sum())
+    return num, den

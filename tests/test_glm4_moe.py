@@ -196,3 +196,15 @@ def test_mtp_layer_written_through_unquantized_and_ignored(glm, quant):
     for name in ("model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.0.self_attn.q_proj.bias",
                  "model.layers.1.self_attn.q_norm.weight"):
         assert torch.equal(out[name], src[name]), name
+
+
+def test_air_variant_without_qk_norm(glm):
+    """GLM-4.5-Air: ``use_qk_norm=false`` (no q_norm / k_norm tensors); the propagated hidden
+    states still equal the fake-quant reference's."""
+    model = make_tiny_glm4_moe(glm.root / "air", use_qk_norm=False, seed=3)
+    src = read_tensors(model)
+    assert not any("q_norm" in n or "k_norm" in n for n in src)
+    run = run_inprocess(model, glm.root / "out_air", calib_args(glm.root) + QUANTS["w4a16"], capture=True)
+    ref, replaced = load_fake_quant(model, run.out)
+    assert sum(".experts." in n for n in replaced) == 3 * EXPERTS
+    check_propagation(run, ref, atol=1e-4)

@@ -23,15 +23,15 @@ from dist_quant.quant.qparams import QuantArgs, QuantResult  # noqa: E402
 def test_cholesky_failure_falls_back_logged_and_output_is_finite(tmp_path, monkeypatch, capsys):
     import dist_quant.algorithms.gptq as gptq
     calls = []
-    real = gptq.inverse_cholesky
+    real = gptq.inverse_cholesky_
 
-    def failing_for_down_proj(h, damp, retries):  # down_proj is the only linear with 128 inputs
+    def failing_for_down_proj(h, work, damp, retries):  # down_proj is the only linear with 128 inputs
         if h.shape[0] == 128:
             calls.append(h.shape[0])
             return None, damp * 10**retries
-        return real(h, damp, retries)
+        return real(h, work, damp, retries)
 
-    monkeypatch.setattr(gptq, "inverse_cholesky", failing_for_down_proj)
+    monkeypatch.setattr(gptq, "inverse_cholesky_", failing_for_down_proj)
     model = make_tiny_model(tmp_path / "model", layers=2, hidden=64, intermediate=128)
     calib = WIKI
     out, run = tmp_path / "out", tmp_path / "run"

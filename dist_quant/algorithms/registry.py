@@ -3,8 +3,9 @@
 reads their keys; the stage API (dist_quant/stage.py) looks the chosen one up. Adding a
 solver is one entry here plus its pure function in its own file.
 
-A solver is ``solve(W, H, args, params) -> QuantResult`` (``W`` float32 [out, in], ``H`` the
-normalized Hessian of the inputs, float64), ``params(quant_config)`` builds its frozen
+A solver is ``solve(W, H, args, params, work) -> QuantResult`` (``W`` float32 [out, in], ``H`` the
+normalized Hessian of the inputs, float32, used as scratch and restored; ``work`` a buffer of
+its shape the solver may overwrite, or None), ``params(quant_config)`` builds its frozen
 parameters once per job, and ``cost(out, in)`` is the relative solve cost the owner plan
 balances.
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .flex_smooth import flex_scales
-from .gptq import GPTQParams, gptq_quantize
+from .gptq import GPTQParams, gptq_quantize_
 from .rtn import rtn_quantize
 from .smoothquant import smoothquant_scales
 
@@ -27,7 +28,7 @@ from .smoothquant import smoothquant_scales
 @dataclass(frozen=True)
 class Solver:
     name: str
-    solve: Callable[..., Any]  # (W, H, args, params) -> QuantResult
+    solve: Callable[..., Any]  # (W, H, args, params, work) -> QuantResult
     params: Callable[[Any], Any]  # QuantConfig -> frozen params
     cost: Callable[[int, int], float]  # (out_features, in_features) -> relative cost
 
@@ -37,9 +38,9 @@ def _gptq_params(q) -> GPTQParams:
 
 
 SOLVERS: dict[str, Solver] = {
-    "gptq": Solver("gptq", lambda w, h, args, p: gptq_quantize(w, h, args, p), _gptq_params,
+    "gptq": Solver("gptq", lambda w, h, args, p, work=None: gptq_quantize_(w, h, args, p, work), _gptq_params,
                    lambda m, n: float(n) * n * (n / 3 + m)),
-    "rtn": Solver("rtn", lambda w, h, args, p: rtn_quantize(w, args), lambda q: None,
+    "rtn": Solver("rtn", lambda w, h, args, p, work=None: rtn_quantize(w, args), lambda q: None,
                   lambda m, n: float(n) * m),
 }
 
