@@ -111,7 +111,7 @@ def run_job(name: str, model: Path, calib: Path, overrides: list[str], nproc: in
     shutil.rmtree(run_dir, ignore_errors=True)
     args = [f"model.path={model}", f"calib.path={calib}", *CALIB, *overrides, f"output.dir={out}",
             "output.part_file_size=200KB", f"runtime.run_dir={run_dir}", "runtime.threads=1"]
-    from reference import free_ports
+    from helpers import free_ports
 
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", TQDM_DISABLE="1")

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         comm.init(cfg.runtime.timeout_s)
         run_dir = Path(cfg.runtime.run_dir) if cfg.runtime.run_dir else None
         if run_dir is None:
-            run_dir = Path(comm.broadcast_object(time.strftime("runs/%Y-%m-%d_%H-%M-%S") if info.rank == 0 else None))
+            run_dir = Path(comm.decide(lambda: time.strftime("runs/%Y-%m-%d_%H-%M-%S")))
         setup_logging(info.rank, run_dir)
         if info.rank == 0:  # .hydra/config.yaml + overrides.yaml: the run can be repeated from here
             from .cli import write_run_record

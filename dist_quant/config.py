@@ -177,7 +177,18 @@ class CalibConfig:
     """Calibration data."""
 
     path: Optional[str] = None
-    """Plain text file, or .jsonl with a text field per line. Empty: built-in demo text."""
+    """Calibration file or dataset folder (see calib.format). Empty: built-in demo text."""
+    format: str = "auto"
+    """auto, text, jsonl, chat, dataset, ids or safetensors (docs/calibration.md). auto: a folder,
+    .parquet or .arrow → dataset; .safetensors → safetensors; .jsonl → ids / chat / jsonl by its
+    first record (input_ids / messages / other); anything else → text."""
+    chat_template: Optional[str] = None
+    """Chat records: a Jinja chat template (or a file holding one) instead of the tokenizer's own."""
+    smooth_path: Optional[str] = None
+    """A separate calibration set for the smoothing statistics and search (msModelSlim's
+    anti_calib_file), read like calib.path. Empty: smoothing uses the calibration set."""
+    smooth_num_samples: Optional[int] = None
+    """Samples drawn from calib.smooth_path. Empty: calib.num_samples."""
     num_samples: int = 128
     """Calibration samples (all ranks together; each rank takes its slice)."""
     seq_len: int = 512
@@ -185,7 +196,7 @@ class CalibConfig:
     batch_size: int = 8
     """Samples per forward batch (per rank)."""
     text_field: str = "text"
-    """JSONL field holding the text."""
+    """JSONL field / dataset column holding the text (a dataset column of chat messages works too)."""
     all_experts: bool = False
     """MoE: also run every token through every expert for the statistics only (every expert gets
     a Hessian of all tokens); the propagated outputs still follow the model's routing."""
@@ -199,6 +210,13 @@ class CalibConfig:
         _check(self.expert_fallback in ("all_tokens", "rtn"), "calib.expert_fallback", self.expert_fallback,
                "expected all_tokens or rtn")
         _check(self.num_samples > 0, "calib.num_samples", self.num_samples, "must be positive")
+        from .calib_sources.base import SOURCES  # the registry (filled by importing dist_quant.calib_sources)
+        from . import calib_sources  # noqa: F401
+
+        _check(self.format == "auto" or self.format in SOURCES, "calib.format", self.format,
+               "expected auto or one of " + ", ".join(SOURCES))
+        _check(self.smooth_num_samples is None or self.smooth_num_samples > 0, "calib.smooth_num_samples",
+               self.smooth_num_samples, "must be positive")
         _check(self.seq_len > 1, "calib.seq_len", self.seq_len, "must be at least 2")
         _check(self.batch_size > 0, "calib.batch_size", self.batch_size, "must be positive")
 
@@ -274,7 +292,8 @@ class JobConfig:
     start fresh otherwise; false: start fresh. A run that differs (model, config, world size,
     calibration tokens) is refused."""
     seed: int = 0
-    """Seed of every random choice (calibration subsets of the smoothing search)."""
+    """Seed of every random choice (calibration subsets of the smoothing search, the draw from a
+    calibration dataset)."""
 
     def __post_init__(self) -> None:
         resume = self.resume
@@ -283,3 +302,5 @@ class JobConfig:
         _check(resume is True or resume is False or resume == "auto", "resume", self.resume,
                "expected true, false or auto")
         object.__setattr__(self, "resume", resume)
+        _check(self.calib.smooth_path is None or self.quant.smooth != "none", "calib.smooth_path",
+               self.calib.smooth_path, "has no effect without smoothing (quant.smooth=none)")

@@ -138,4 +138,4 @@ def check_disk(cfg: JobConfig, ckpt: Checkpoint, parts, partial: Path) -> None:
 def preflight(cfg: JobConfig, comm, ckpt: Checkpoint, parts, partial: Path) -> None:
     check_model_files(ckpt)
     check_shapes(ckpt)
-    agree(comm, lambda: check_disk(cfg, ckpt, parts, partial) if comm.rank == 0 else None)
+    agree(comm, lambda: comm.rank0(check_disk, cfg, ckpt, parts, partial))

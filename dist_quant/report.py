@@ -4,7 +4,8 @@ Built on rank 0 from what every rank gathered (its layer records and peak memory
 
 * ``quant_report.json``: the fields documented in docs/report.md;
 * ``quant_report_error.png``: per layer, mean and max relative output error of its linears;
-* ``quant_report_time.png``: per layer, seconds by phase (stacked; slowest rank per phase).
+* ``quant_report_time.png``: per layer, seconds by phase (stacked; slowest rank per phase);
+* ``quant_report.html``: one self-contained page with all of it and more (report_html.py).
 
 Plots are drawn with matplotlib's Agg canvas (no display, no pyplot state); a plot that
 fails is logged and skipped, never failing the run.
@@ -115,6 +116,12 @@ def write_report(directory: Path, report: dict) -> list[Path]:
             written.append(directory / name)
         except Exception as exc:  # a plot is a convenience: never fail a finished run for it
             log.warning("report: could not draw %s: %s", name, exc)
+    try:
+        from .report_html import write_html
+
+        written.append(write_html(directory, report, tuple(p.name for p in written[1:])))
+    except Exception as exc:  # the page is a convenience too
+        log.warning("report: could not write the HTML page: %s", exc)
     return written
 
 

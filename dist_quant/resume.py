@@ -199,9 +199,8 @@ class Progress:
             self._fresh(fp)
             return 0
         key = "resume=auto" if resume == "auto" else "resume=true"
-        fp_rec, progress = self.comm.broadcast_object(
-            (_read_json(self.dir / "fingerprint.json"), _read_json(self.dir / "progress.json"))
-            if self.comm.rank == 0 else None, 0)
+        fp_rec, progress = self.comm.decide(
+            lambda: (_read_json(self.dir / "fingerprint.json"), _read_json(self.dir / "progress.json")))
         if fp_rec is None:
             if resume != "auto":
                 raise ResumeError(f"resume=true: no resumable run for this output.dir ({str(self.dir)!r} "

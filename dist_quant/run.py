@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .calibration import load_calibration
+from .calibration import CalibrationError, CalibrationSet
+from .calib_sources import load_calibration, load_smooth_calibration
 from .checkpoint import Checkpoint, CheckpointError
 from .config import ConfigError, JobConfig
 from .formats.registry import make_format
@@ -115,6 +116,43 @@ def log_owner_plan(plan: ModelPlan, owners: OwnerPlan) -> None:
         log.debug("owner plan: %s -> rank %d", lin.name, owners.owner[lin.name])
 
 
+def tokenizer_factory(root: Path):
+    """The checkpoint's tokenizer, loaded when a calibration format first needs one."""
+    def load():
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(root), trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 -- any failure becomes the one line below
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise CalibrationError(
+                f"model.path={str(root)!r}: no tokenizer that loads without remote code ({type(exc).__name__}: "
+                f"{first}); calibrate on pre-tokenized ids instead (calib.format=ids or safetensors, "
+                "see docs/calibration.md)") from None
+    return load
+
+
+def read_calibration(cfg: JobConfig, ckpt: Checkpoint) -> tuple[CalibrationSet, CalibrationSet | None]:
+    """The global calibration set and the separate smoothing set (calib.smooth_path), read
+    identically by every rank; the tokenizer is loaded only if a format needs it."""
+    default_text = None
+    if cfg.calib.path is None:
+        from .demo_data import demo_calibration_text
+
+        default_text = demo_calibration_text()
+    load, tok_box = tokenizer_factory(ckpt.root), {}
+
+    def shared():  # one tokenizer for both sets
+        if "tok" not in tok_box:
+            tok_box["tok"] = load()
+        return tok_box["tok"]
+
+    kw = dict(tokenizer_factory=shared, seed=cfg.seed, vocab_size=ckpt.config.get("vocab_size"))
+    calib = load_calibration(cfg.calib, None, default_text, **kw)
+    smooth = load_smooth_calibration(cfg.calib, **kw)
+    return calib, smooth
+
+
 def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> Path:
     t_start = time.time()
     model_path = resolve_model_path(cfg, comm)
@@ -128,15 +166,10 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     preflight(cfg, comm, ckpt, parts, partial)
     log_owner_plan(plan, owners)
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt.root), trust_remote_code=False)
-    default_text = None
-    if cfg.calib.path is None:
-        from .demo_data import demo_calibration_text
-
-        default_text = demo_calibration_text()
-    calib = load_calibration(cfg.calib, tokenizer, default_text)
+    if cfg.calib.smooth_path is not None:  # read and checked by calib_sources; not yet fed to the stage API
+        raise ConfigError(f"calib.smooth_path={cfg.calib.smooth_path!r}: not supported yet by the layer programs "
+                          "(dist_quant/stage.py); leave it unset (smoothing then uses calib.path)")
+    calib, _ = read_calibration(cfg, ckpt)
     mine = calib.rank_slice(comm.rank, comm.world_size, cfg.calib.batch_size)
     log.info("calibration: %d samples x %d tokens (%d real tokens); this rank: %d samples",
              calib.input_ids.shape[0], calib.input_ids.shape[1], calib.tokens, mine.input_ids.shape[0])

@@ -88,6 +88,35 @@ class Heads:
         return Heads(heads, kv, int(head_dim))
 
 
+PROFILE_BINS = 64
+
+
+def binned_max(t: torch.Tensor, bins: int = PROFILE_BINS) -> list[float]:
+    """Per-channel values → at most ``bins`` values: the max over contiguous channel blocks
+    (exact when there are no more channels than bins; outliers survive the binning)."""
+    t = t.detach().float().cpu()
+    n = t.numel()
+    if n <= bins:
+        return [float(v) for v in t]
+    edges = [i * n // bins for i in range(bins + 1)]
+    return [float(t[edges[i]:edges[i + 1]].max()) for i in range(bins)]
+
+
+def channel_profile(absmax: torch.Tensor, s: torch.Tensor) -> dict:
+    """What the report draws for a smoothing pair: per-channel max |x| of the consumers' input
+    before smoothing and after (x / s), binned to :data:`PROFILE_BINS` values, and the
+    outlier ratio max / median of each."""
+    after = absmax.float() / s.float()
+
+    def ratio(t):
+        med = float(t.median())
+        return float(t.max()) / med if med > 0 else None
+
+    return {"absmax_before": binned_max(absmax), "absmax_after": binned_max(after),
+            "channels": int(absmax.numel()), "outlier_ratio_before": ratio(absmax.float()),
+            "outlier_ratio_after": ratio(after)}
+
+
 # -- folding: pure module/tensor updates (tests call these directly) -----------------------------
 
 def fold_norm(norm_weight: torch.Tensor, s: torch.Tensor, norm_bias: torch.Tensor | None = None):
@@ -194,6 +223,7 @@ class Smoothing:
             stat.add(a, m)
         stat.unpack(self.comm.all_reduce(stat.packed(), "max"))
         a_max, w_max = stat.absmax(), weight.abs().amax(dim=0)
+        channel_max = a_max  # per consumer input channel, for the report's outlier picture
         if pair.kind == "ov":
             h = self.heads
             a_max, w_max = h.group_max(a_max), h.group_max(w_max)
@@ -210,7 +240,8 @@ class Smoothing:
         name = ctx.prefix + pair.name
         ctx.record.smoothing[name] = {"alpha": alpha, "beta": beta, "searched": searched, "rel_error": err,
                                       "scale_sha1": hashlib.sha1(s.cpu().numpy().tobytes()).hexdigest()[:16],
-                                      "scale_min": float(s.min()), "scale_max": float(s.max())}
+                                      "scale_min": float(s.min()), "scale_max": float(s.max()),
+                                      **channel_profile(channel_max, s)}
         log.debug("smoothing %s: alpha=%s beta=%s%s", name, alpha, beta,
                   f" (searched, rel. error {err:.4g})" if searched else "")
         return s

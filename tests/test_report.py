@@ -22,6 +22,7 @@ from tiny import corpus_text, make_tiny_model  # noqa: E402
 from dist_quant.pipeline import PHASES  # noqa: E402
 from dist_quant.progress import LayerProgress  # noqa: E402
 from dist_quant.report import ERROR_PLOT, REPORT_NAME, TIME_PLOT, build_report, write_report  # noqa: E402
+from dist_quant.report_html import HTML_NAME  # noqa: E402
 
 LAYERS = 3
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -185,7 +186,7 @@ def test_a_failing_plot_does_not_fail_the_report(tmp_path, monkeypatch, dq_log):
               "layers": [{"layer": 0, "seconds": {"load": 0.5, "solve": 1.5}, "error_mean": 0.01,
                           "error_max": 0.02, "modules": {}}]}
     written = write_report(tmp_path, report)
-    assert [p.name for p in written] == [REPORT_NAME, TIME_PLOT]
+    assert [p.name for p in written] == [REPORT_NAME, TIME_PLOT, HTML_NAME]
     assert json.loads((tmp_path / REPORT_NAME).read_text()) == report
     assert "no fonts" in dq_log.text
 
