@@ -12,9 +12,12 @@ of bench_gptq.py (the repository on PYTHONPATH).
 
 ``--dtype`` (default float32): the dtype the model is loaded and calibrated in.
 
+Runs inside OUT_DIR.work (GPTQModel's logs/ land there, not in the caller's directory).
+
 Prints one JSON line: wall seconds of the quantization (load to saved), peak RSS, perplexity.
 """
 import json
+import os
 import resource
 import sys
 import time
@@ -27,6 +30,9 @@ from gptqmodel import GPTQModel, QuantizeConfig
 
 
 def main(a) -> None:
+    a.model, a.data, a.out = os.path.abspath(a.model), os.path.abspath(a.data), os.path.abspath(a.out)
+    os.makedirs(a.out + ".work", exist_ok=True)
+    os.chdir(a.out + ".work")  # GPTQModel writes its run logs (logs/) into the current directory
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(a.model)
     rows = calibration_rows(tok, a.data, a.samples, a.seq_len)
