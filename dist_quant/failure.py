@@ -28,6 +28,7 @@ from typing import Any, Callable
 log = logging.getLogger("dist_quant")
 
 POLL_S = 1.0  # watchdog poll interval
+PEER_WAIT_S = 1.0  # a rank whose collective broke looks this long for the failed peer's posted cause
 LINGER_S = 2.0  # how long a failing rank 0 keeps its store up for the others to read the abort
 KEY, DONE = "abort", "abort_seen"
 
@@ -101,6 +102,10 @@ class Watch:
         if code == 2:
             message = str(exc)  # reported by __main__ (report_user_error)
         elif is_collective_error(exc):
+            cause = self._peer_failure(PEER_WAIT_S)
+            if cause is not None:  # the collective failed because that rank did: report its cause
+                self._stop.set()
+                self._acknowledge_and_die(*cause)
             message = (f"a collective failed on rank {self.comm.rank} (another rank died, hung past "
                        f"runtime.timeout_s, or stopped; see the other ranks' logs): {text}")
             log.error("%s", message)
@@ -135,6 +140,37 @@ class Watch:
         while time.monotonic() < deadline and self.store.add(DONE, 0) < self.comm.world_size:
             time.sleep(0.05)
 
+    def _peer_failure(self, wait_s: float) -> tuple[str, str, str] | None:
+        """``(code, rank, message)`` of a failure another rank posted, waiting up to ``wait_s``
+        for it (a rank posts its cause before its exit breaks the others' collectives)."""
+        if self.store is None:
+            return None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                if self.store.check([KEY]):
+                    raw = self.store.get(KEY).decode(errors="replace")
+                    code_s, rank_s, message = (raw.split("|", 2) + ["", ""])[:3]
+                    if rank_s != str(self.comm.rank):
+                        return code_s, rank_s, message
+            except Exception:
+                return None  # the store is gone with the failed rank
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+    def _acknowledge_and_die(self, code_s: str, rank_s: str, message: str) -> None:
+        """Stop this rank because rank ``rank_s`` failed, with that rank's message."""
+        try:
+            self.store.add(DONE, 1)
+            self._linger()
+        except Exception:
+            pass
+        code = int(code_s) if code_s.isdigit() else 1
+        if code == 2:
+            self._die(code, f"error: {message} (reported by rank {rank_s}); stopping rank {self.comm.rank}")
+        self._die(code, f"{message}; stopping rank {self.comm.rank}")
+
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
@@ -150,16 +186,7 @@ class Watch:
             code_s, rank_s, message = (raw.split("|", 2) + ["", ""])[:3]
             if rank_s == str(self.comm.rank) or self._handling.is_set():
                 continue  # our own failure, being reported by the main thread
-            try:
-                self.store.add(DONE, 1)
-                self._linger()
-            except Exception:
-                pass
-            code = int(code_s) if code_s.isdigit() else 1
-            if code == 2:
-                self._die(code, f"error: {message} (reported by rank {rank_s}); stopping rank {self.comm.rank}")
-            else:
-                self._die(code, f"{message}; stopping rank {self.comm.rank}")
+            self._acknowledge_and_die(code_s, rank_s, message)
             return
 
     def _die(self, code: int, message: str) -> None:
