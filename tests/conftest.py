@@ -13,6 +13,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny import WIKI, make_tiny_model  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module's tests (the solvers' bits are compared on one thread)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def calib_file() -> Path:
     """The calibration text every dense test uses: the package's own WikiText-2 excerpt."""

@@ -18,12 +18,7 @@ EPS32 = torch.finfo(torch.float32).eps
 NEAR_TIE = 1e-4  # relative gap between two ratios' errors below which float32 may pick either
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # solver bits as on one thread (tests/conftest.py)
 
 
 def candidates(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype) -> list[tuple]:

@@ -15,12 +15,7 @@ from dist_quant.quant.qparams import QuantArgs
 from dist_quant.stats import HessianStat, relative_output_error
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # solver bits as on one thread (tests/conftest.py)
 
 
 def _batches(n_batches=6, tokens=300, features=96, seed=0):

@@ -15,12 +15,7 @@ from dist_quant.quant.qparams import QuantArgs, compute_qparams
 from dist_quant.solver_threads import solve_workers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # solver bits as on one thread (tests/conftest.py)
 
 
 # -- references ------------------------------------------------------------------------------
