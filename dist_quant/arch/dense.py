@@ -27,13 +27,22 @@ def attention(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         return ctx.input_of(attn, "o_proj", hidden_states=h, position_embeddings=ctx.pos_emb, attention_mask=mask)
 
     hs = ctx.quantize("attn_in", lambda: [norm(x) for x in xs], downstream=lambda hs: [core(h) for h in hs])
+    return residual_stage(ctx, xs, hs, core, "attn_out", attn.o_proj)
+
+
+def residual_stage(ctx, xs: list[torch.Tensor], hs: list[torch.Tensor], core, stage: str,
+                   out) -> list[torch.Tensor]:
+    """The closing stage of a residual branch: ``core(h)`` for each batch of ``hs`` (the
+    branch's normed inputs; the list is emptied as soon as those are computed, so its
+    activations are freed before the solve), quantize ``stage`` on them, then
+    ``xs[j] += out(y)`` in place (each old batch is freed as it is replaced)."""
     with ctx.phase("propagate"):
         a = [core(h) for h in hs]
-    del hs
-    a = ctx.quantize("attn_out", a)
+    hs.clear()
+    a = ctx.quantize(stage, a)
     with ctx.phase("propagate"):
-        for j, y in enumerate(a):  # in place: each old batch is freed as it is replaced
-            xs[j] = xs[j] + attn.o_proj(y)
+        for j, y in enumerate(a):
+            xs[j] = xs[j] + out(y)
     return xs
 
 
@@ -60,14 +69,7 @@ def mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         return ctx.input_of(block, "down_proj", h)
 
     hs = ctx.quantize("mlp_in", lambda: [norm(x) for x in xs], downstream=lambda hs: [core(h) for h in hs])
-    with ctx.phase("propagate"):
-        d = [core(h) for h in hs]
-    del hs
-    d = ctx.quantize("mlp_out", d)
-    with ctx.phase("propagate"):
-        for j, y in enumerate(d):
-            xs[j] = xs[j] + block.down_proj(y)
-    return xs
+    return residual_stage(ctx, xs, hs, core, "mlp_out", block.down_proj)
 
 
 def program(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -62,14 +62,7 @@ def attention(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     if attn.q_lora_rank is not None:
         ctx.quantize("q_b", lambda: [attn.q_a_layernorm(attn.q_a_proj(h)) for h in hs])
     ctx.quantize("kv_b", lambda: [attn.kv_a_layernorm(attn.kv_a_proj_with_mqa(h)[..., :rank]) for h in hs])
-    with ctx.phase("propagate"):
-        a = [core(h) for h in hs]
-    del hs
-    a = ctx.quantize("attn_out", a)
-    with ctx.phase("propagate"):
-        for j, y in enumerate(a):  # in place: each old batch is freed as it is replaced
-            xs[j] = xs[j] + attn.o_proj(y)
-    return xs
+    return dense.residual_stage(ctx, xs, hs, core, "attn_out", attn.o_proj)
 
 
 def program(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
