@@ -77,6 +77,7 @@ def _two_rank_decide(rank: int, world: int, init: str, out: str) -> None:
     except ValueError as exc:
         error = str(exc)
     Path(out, f"rank{rank}.txt").write_text(f"{value}|{calls}|{error}|{comm.rank0(lambda: 'r0')}")
+    dist.barrier()  # neither rank tears gloo down while the other is still in a collective (SIGABRT)
     dist.destroy_process_group()
 
 
