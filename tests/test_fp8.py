@@ -18,24 +18,11 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dist_quant.checkpoint import Checkpoint, CheckpointError  # noqa: E402
+from tiny_deepseek import fp8_blocks  # noqa: E402  (amax/448 per block, independent of dist_quant/fp8.py)
 
 BLOCK = (16, 32)  # small blocks so the tiny model has several, partial edge blocks included
 FP8_QC = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
           "weight_block_size": list(BLOCK), "scale_fmt": "ue8m0"}  # V3.1 adds a scale-format key
-
-
-def ref_quantize(w: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
-    """amax/448 per block, float8_e4m3fn (written here, independently of dist_quant/fp8.py)."""
-    out, inp = w.shape
-    scale = torch.empty(math.ceil(out / block[0]), math.ceil(inp / block[1]))
-    q = torch.empty(out, inp, dtype=torch.float8_e4m3fn)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            tile = w[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]].float()
-            s = tile.abs().max().clamp(min=1e-12) / 448.0
-            scale[i, j] = s
-            q[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]] = (tile / s).to(torch.float8_e4m3fn)
-    return q, scale
 
 
 def ref_dequantize(q: torch.Tensor, scale: torch.Tensor, block) -> torch.Tensor:
@@ -61,7 +48,7 @@ def make_fp8_pair(src: Path, fp8_dir: Path, twin_dir: Path) -> None:
     fp8, twin = {}, {}
     for name, t in tensors.items():
         if name.endswith(".weight") and name.split(".")[-2] in FP8_LINEARS:
-            q, s = ref_quantize(t, BLOCK)
+            q, s = fp8_blocks(t, BLOCK)
             fp8[name], fp8[name + "_scale_inv"] = q, s
             twin[name] = ref_dequantize(q, s, BLOCK)
         else:

@@ -63,3 +63,16 @@ def make_tiny_model(directory: Path, arch: str = "llama", layers: int = 2, hidde
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(directory, **kwargs)
     return directory
+
+
+def randomize_weights(model, std: float, routers: tuple[str, ...] = ("mlp.gate.weight",)) -> None:
+    """Larger-than-default random weights (quantization error becomes visible): every matrix but
+    the embeddings and norms ~ N(0, std), routers ~ N(0, 0.5) (uneven expert loads)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed" in name or "norm" in name:
+                continue
+            if p.dim() >= 2:
+                p.normal_(0, std)
+            if name.endswith(routers):
+                p.normal_(0, 0.5)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny import make_tokenizer
+from tiny import make_tokenizer, randomize_weights
 
 FP8_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj",
                "up_proj", "down_proj")
@@ -65,14 +65,8 @@ def make_tiny_deepseek(directory: Path, layers: int = 3, experts: int = 8, top_k
                              first_dense=first_dense, mtp=mtp, tok=tok, **extra)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch.float32)
-    with torch.no_grad():  # larger-than-default weights make quantization error visible
-        for name, p in model.named_parameters():
-            if "embed" in name or "norm" in name:
-                continue
-            if p.dim() >= 2:
-                p.normal_(0, std)
-            if name.endswith("mlp.gate.weight"):
-                p.normal_(0, 0.5)  # a router with preferences: uneven expert loads
+    randomize_weights(model, std)
+    with torch.no_grad():
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0, 0.05)  # the correction bias takes part in the choice

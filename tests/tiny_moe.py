@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tiny import make_tokenizer
+from tiny import make_tokenizer, randomize_weights
 
 MOE_ARCHS = ("qwen2_moe", "qwen3_moe", "mixtral")
 
@@ -49,14 +49,7 @@ def make_tiny_moe(directory: Path, arch: str, layers: int = 2, hidden: int = 64,
                         expert_intermediate, tok, **extra)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
-    with torch.no_grad():  # larger-than-default weights make quantization error visible
-        for name, p in model.named_parameters():
-            if "embed" in name or "norm" in name:
-                continue
-            if p.dim() >= 2:
-                p.normal_(0, std)
-            if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
-                p.normal_(0, 0.5)  # a router with preferences: uneven expert loads
+    randomize_weights(model, std, ("mlp.gate.weight", "shared_expert_gate.weight"))
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(directory, **kwargs)
     return directory
