@@ -160,3 +160,19 @@ def relative_output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor)
 
 def relative_weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     return float((w.double() - w_hat.double()).norm() / w.double().norm())
+
+
+def assert_layers_match_model(model, ids: torch.Tensor, xs, atol: float, label: str = "",
+                              rtol: float = 1e-4) -> None:
+    """The pipeline's hidden states after each decoder layer (``xs``, one per layer) equal the
+    transformers ``model``'s own on ``ids`` (its last hidden state carries the final norm)."""
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    n = len(xs)
+    for i in range(n):
+        got = xs[i].reshape(hs[0].shape)
+        if i == n - 1:  # transformers applies the final norm to the last hidden state
+            got, want = model.model.norm(got), hs[-1]
+        else:
+            want = hs[i + 1]
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=f"{label}layer {i}")

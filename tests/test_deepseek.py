@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_jobs import finish, run_inprocess, start_ranks  # noqa: E402
 from moe_reference import (emulate_dynamic_activations, load_fake_quant, quantized_linears,  # noqa: E402
                            read_tensors)
+from reference import assert_layers_match_model  # noqa: E402
 from tiny import corpus_text  # noqa: E402
 from tiny_deepseek import make_tiny_deepseek  # noqa: E402
 
@@ -65,21 +66,8 @@ def job(env, key, model, *extra, capture=True):
     return env.runs[key]
 
 
-def hidden_states(model, ids):
-    with torch.no_grad():
-        return model(ids, output_hidden_states=True).hidden_states
-
-
 def check_propagation(model, run, atol=1e-4):
-    hs = hidden_states(model, run.calib.input_ids)
-    n = len(run.xs)
-    for i in range(n):
-        got = run.xs[i].reshape(hs[0].shape)
-        if i == n - 1:  # transformers applies the final norm to the last hidden state
-            got, want = model.model.norm(got), hs[-1]
-        else:
-            want = hs[i + 1]
-        torch.testing.assert_close(got, want, atol=atol, rtol=1e-4, msg=f"layer {i}")
+    assert_layers_match_model(model, run.calib.input_ids, run.xs, atol)
 
 
 # -- plan ------------------------------------------------------------------------------------------

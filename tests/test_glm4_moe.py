@@ -29,6 +29,7 @@ from moe_jobs import run_inprocess  # noqa: E402
 from moe_reference import (emulate_dynamic_activations, load_fake_quant, quantized_linears, read_tensors,  # noqa: E402
                            router_counts)
 from helpers import free_ports, make_job  # noqa: E402
+from reference import assert_layers_match_model  # noqa: E402
 from tiny import corpus_text, make_tokenizer  # noqa: E402
 
 EXPERTS, LAYERS, MTP = 4, 2, 2  # layer 0 dense, layer 1 sparse, layer 2 = the MTP layer
@@ -108,19 +109,9 @@ def glm(tmp_path_factory):
     return SimpleNamespace(root=root, model=model, one=one, two=two)
 
 
-def hidden_states(model, ids):
-    with torch.no_grad():
-        return model(ids, output_hidden_states=True).hidden_states
-
-
 def check_propagation(run, model, atol):
-    hs = hidden_states(model, run.calib.input_ids)
-    for i in range(LAYERS):
-        got = run.xs[i].reshape(hs[0].shape)
-        want = hs[i + 1]
-        if i == LAYERS - 1:  # transformers applies the final norm to the last hidden state
-            got, want = model.model.norm(got), hs[-1]
-        torch.testing.assert_close(got, want, atol=atol, rtol=1e-4, msg=f"layer {i}")
+    assert len(run.xs) == LAYERS
+    assert_layers_match_model(model, run.calib.input_ids, run.xs, atol)
 
 
 def test_w4a16_loads_in_transformers_and_matches_fake_quant(glm):

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from moe_jobs import run_inprocess  # noqa: E402
 from moe_reference import load_fake_quant, quantized_linears, router_counts  # noqa: E402
-from reference import read_tensors  # noqa: E402
+from reference import assert_layers_match_model, read_tensors  # noqa: E402
 from tiny import corpus_text  # noqa: E402
 from tiny_moe import MOE_ARCHS, make_tiny_moe  # noqa: E402
 
@@ -62,25 +62,11 @@ def job(env, key, arch, *extra, capture=True):
     return env.runs[(key, arch)]
 
 
-def hidden_states(model, ids):
-    with torch.no_grad():
-        return model(ids, output_hidden_states=True).hidden_states
-
-
 def check_propagation(env, arch, run):
     """Hidden states after each layer = the fake-quant transformers model's."""
     model, _ = load_fake_quant(env.models[arch], run.out)
-    ids = run.calib.input_ids
     assert run.calib.mask.all()
-    hs = hidden_states(model, ids)
-    n = len(run.xs)
-    for i in range(n):
-        got = run.xs[i].reshape(hs[0].shape)
-        if i == n - 1:  # transformers applies the final norm to the last hidden state
-            got, want = model.model.norm(got), hs[-1]
-        else:
-            want = hs[i + 1]
-        torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-4, msg=f"{arch} layer {i}")
+    assert_layers_match_model(model, run.calib.input_ids, run.xs, ATOL, label=f"{arch} ")
     return model
 
 
@@ -291,15 +277,7 @@ def test_w8a8_dynamic_activations_through_the_moe_block(env, arch):
     # another attention kernel into whole steps (eager vs sdpa differ by ~1e-3 here)
     model, _ = load_fake_quant(env.models[arch], run.out, attn="sdpa")
     emulate_dynamic_activations(model, quantized)
-    hs = hidden_states(model, run.calib.input_ids)
-    n = len(run.xs)
-    for i in range(n):
-        got = run.xs[i].reshape(hs[0].shape)
-        if i == n - 1:
-            got, want = model.model.norm(got), hs[-1]
-        else:
-            want = hs[i + 1]
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"{arch} layer {i}")
+    assert_layers_match_model(model, run.calib.input_ids, run.xs, 1e-5, label=f"{arch} ", rtol=1e-5)
     qc = json.loads((run.out / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "int-quantized"
     assert qc["config_groups"]["group_0"]["input_activations"]["dynamic"] is True
