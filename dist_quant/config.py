@@ -273,8 +273,22 @@ class RuntimeConfig:
     prefetch: bool = True
     """Read the next layer's tensors from disk into the page cache in a background thread while
     the current layer computes (no extra process memory: the pages are the kernel's cache)."""
+    activation_budget: Optional[str] = None
+    """Bytes (500MB, 8GB, ...) a closing stage's inputs (down_proj's act(gate)·up, o_proj's
+    attention output) may take on a rank when they are wider than the branch input: above it the
+    stage streams them, one batch at a time, computing each batch twice (for the statistics,
+    then with the solved weights) instead of holding all of the rank's samples. Same output bits.
+    Empty: never stream."""
+
+    @property
+    def activation_budget_bytes(self) -> Optional[int]:
+        if self.activation_budget is None:
+            return None
+        return parse_size(self.activation_budget, "runtime.activation_budget")
 
     def __post_init__(self) -> None:
+        if self.activation_budget is not None:
+            parse_size(self.activation_budget, "runtime.activation_budget")
         _check(self.device in ("auto", "cpu", "cuda", "npu"), "runtime.device", self.device,
                "expected auto, cpu, cuda or npu")
         _check(self.backend in ("auto", "gloo", "nccl", "hccl"), "runtime.backend", self.backend,

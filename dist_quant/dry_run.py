@@ -137,7 +137,15 @@ def _stage_memory(cfg, ckpt, plan, owners, shape, rank, key, lins, world_size) -
         extra = 3 * b * n * c
     elif stage == "attn_out":  # one batch's attention scores (an upper bound for SDPA)
         extra = (b // shape.seq_len) * shape.heads * shape.seq_len ** 2 * c
-    return mem.stage_total(shape, n, extra, solve, received)
+    return mem.stage_total(shape, n, extra, solve, received, streamed=_streamed(cfg, stage, n, shape))
+
+
+def _streamed(cfg, stage: str, n: int, shape) -> bool:
+    """The rule of ``StageContext.streams`` for a closing stage of a dense residual branch."""
+    budget = cfg.runtime.activation_budget_bytes
+    hooks = cfg.quant.act_bits is not None  # smoothing.w8a8_hooks: stage hooks exist only then
+    return (stage in ("attn_out", "mlp_out") and budget is not None and not hooks and n > shape.hidden
+            and shape.tokens * n * shape.compute_bytes > budget)
 
 
 def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[str], list[str]]:

@@ -7,7 +7,7 @@ features, ``h`` = hidden size):
 * **layer weights**: one decoder layer in the compute dtype (MoE: without its routed
   experts, which their owners read one at a time);
 * **activations**: the residual stream and the stage's inputs, held in the compute dtype
-  (``T·(h + n)·c``); while a stage's inputs are being built the previous stage's inputs are
+  (``T·(h + n)·c``; a streamed closing stage, ``runtime.activation_budget``: ``(2·T·h + b·n)·c``); while a stage's inputs are being built the previous stage's inputs are
   still alive (``T·(2h + n)·c``, plus one batch's gate/up/activation for ``down_proj`` or
   one batch's attention scores);
 * **Hessian** (``stats.HessianStat``): every rank accumulates ``Σ x xᵀ`` in float64
@@ -67,11 +67,18 @@ def received_bytes(stage_linears: list[tuple[int, int]], group: int) -> int:
     return sum(m * n + m * (n // group) * 5 + 16 * min(DEQUANT_ROWS, m) * n for m, n in stage_linears)
 
 
-def stage_total(s: Shape, n: int, extra_build: int, solve: int, received: int) -> tuple[int, dict]:
-    """Peak of one stage and its parts: max(building its inputs, capture + solve)."""
+def stage_total(s: Shape, n: int, extra_build: int, solve: int, received: int,
+                streamed: bool = False) -> tuple[int, dict]:
+    """Peak of one stage and its parts: max(building its inputs, capture + solve). A streamed
+    stage (``runtime.activation_budget``) holds the residual stream, the branch's normed
+    inputs and one batch of its own inputs instead of all of them."""
     c, t = s.compute_bytes, s.tokens
-    build = t * (2 * s.hidden + n) * c + extra_build
-    held = t * (s.hidden + n) * c
+    if streamed:
+        held = (2 * t * s.hidden + s.batch_tokens * n) * c
+        build = held + extra_build
+    else:
+        build = t * (2 * s.hidden + n) * c + extra_build
+        held = t * (s.hidden + n) * c
     hess = hessian_bytes(n, s)
     solve_phase = held + hess + solve + received
     if build >= solve_phase:

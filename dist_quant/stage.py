@@ -279,6 +279,25 @@ class StageContext:
                                "this linear was not quantized through it")
         return fake_quant(x, act, self.job.act_params[fqn])
 
+    def streams(self, stage: str, branch_inputs: list[torch.Tensor]) -> bool:
+        """Whether ``stage`` (a closing stage whose inputs are computed from ``branch_inputs``)
+        streams its inputs: this rank's inputs exceed ``runtime.activation_budget``, they are
+        wider than ``branch_inputs`` (otherwise holding those instead saves nothing), and no
+        stage hook needs them as a list (W8A8 smoothing / activation calibration)."""
+        budget = self.cfg.runtime.activation_budget_bytes
+        lins = self.linears(stage)
+        if budget is None or not lins or self.job.hooks or not branch_inputs:
+            return False
+        n, width = lins[0].in_features, branch_inputs[0].shape[-1]
+        tokens = sum(h.numel() // width for h in branch_inputs)
+        need = tokens * n * branch_inputs[0].element_size()
+        if n <= width or need <= budget:
+            return False
+        if self.once(f"stream {stage}"):
+            log.info("%s inputs (%.2f GB on this rank) exceed runtime.activation_budget: streamed, each batch "
+                     "computed twice", stage, need / 1e9)
+        return True
+
     # -- the collective stage ------------------------------------------------------------------
     def select(self, linears) -> list[LinearInfo]:
         """Quantized linears among ``linears`` (names, LinearInfo, or a stage name), in plan order."""
@@ -292,15 +311,26 @@ class StageContext:
         return sorted(out, key=lambda lin: self._order[lin.name])
 
     def quantize(self, linears, inputs: Inputs, downstream: Callable[[list], list] | None = None,
-                 masks: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                 masks: list[torch.Tensor] | None = None, stream: bool = False) -> list[torch.Tensor] | None:
         """Hooks (smoothing, activation quantization) → capture → reduce → solve (owners) →
         broadcast → write (owners), for linears that read the same input. ``inputs``: one
         tensor per batch, or a callable producing them (needed when smoothing refolds the
         norm that makes them). ``downstream(inputs)``: the input of the next stage's linears
         computed from these inputs with the current (float) weights, for smoothing pairs
         whose producer is quantized here (v→o, up→down). Returns the inputs as the
-        quantized linears see them."""
+        quantized linears see them. ``stream=True`` (see :meth:`streams`): ``inputs()`` is an
+        iterator consumed batch by batch by the capture (its time counts as capture) and
+        nothing is returned: the caller computes the inputs again for the forward."""
         make = inputs if callable(inputs) else None
+        if stream:
+            if make is None or self.job.hooks:
+                raise ValueError("quantize(stream=True) takes a callable of the inputs and a job without stage hooks")
+            lins = self.select(linears)
+            if lins:
+                if self.job.check_stop is not None:
+                    self.job.check_stop(self.index)
+                self._quantize(lins, make(), masks if masks is not None else self.masks)
+            return None
         with self.phase("propagate"):
             values = list(make()) if make is not None else list(inputs)
         lins = self.select(linears)

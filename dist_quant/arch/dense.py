@@ -35,7 +35,17 @@ def residual_stage(ctx, xs: list[torch.Tensor], hs: list[torch.Tensor], core, st
     """The closing stage of a residual branch: ``core(h)`` for each batch of ``hs`` (the
     branch's normed inputs; the list is emptied as soon as those are computed, so its
     activations are freed before the solve), quantize ``stage`` on them, then
-    ``xs[j] += out(y)`` in place (each old batch is freed as it is replaced)."""
+    ``xs[j] += out(y)`` in place (each old batch is freed as it is replaced). When the stage's
+    inputs exceed ``runtime.activation_budget`` (``ctx.streams``) they are never all held:
+    each batch's ``core(h)`` is computed for the statistics, then again for the forward with the
+    solved weights (``hs`` is kept meanwhile); the output is the same."""
+    if ctx.streams(stage, hs):
+        ctx.quantize(stage, lambda: (core(h) for h in hs), stream=True)
+        with ctx.phase("propagate"):
+            for j, h in enumerate(hs):
+                xs[j] = xs[j] + out(core(h))
+        hs.clear()
+        return xs
     with ctx.phase("propagate"):
         a = [core(h) for h in hs]
     hs.clear()
