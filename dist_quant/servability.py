@@ -77,7 +77,8 @@ class Rule:
     job_fails: Callable[[Job], bool] | None = None  # the whole output
     linear_fails: Callable[[Job, Linear], bool] | None = None  # dense (fused) linears
     moe_fails: Callable[[Job, MoeLayer], bool] | None = None  # fused expert layers
-    effect: str = "cannot serve"  # or "serves, but not exactly the calibrated model:"
+    effect: str = "cannot serve"  # or a limit that leaves it servable: "serves, but not exactly the
+    # calibrated model", "serves it only on Hopper GPUs (Machete)", "needs v0.24.0 or newer for"
 
 
 def _ct(job: Job) -> bool:
@@ -94,21 +95,40 @@ def _marlin_linear_fails(job: Job, lin: Linear) -> bool:
             or g not in MARLIN_GROUP_SIZES or (g != -1 and lin.in_features % g != 0))
 
 
-def _marlin_moe_ok(job: Job, moe: MoeLayer) -> bool:
+def _marlin_linear_fails_padded(job: Job, lin: Linear) -> bool:
+    """vLLM ≥ v0.24.0: ``MarlinLinearKernel.can_implement`` zero-pads misaligned tiles; only the
+    group size and ``in_features % group_size`` remain (our outputs carry no act-order ``g_idx``)."""
     g = job.group_size
-    return moe.hidden % 128 == 0 and moe.intermediate % max(64, g) == 0 and g in MARLIN_GROUP_SIZES
+    return g not in MARLIN_GROUP_SIZES or (g != -1 and lin.in_features % g != 0)
 
 
-def _wna16_moe_fails(job: Job, moe: MoeLayer) -> bool:
+def _marlin_linear_needs_new_vllm(job: Job, lin: Linear) -> bool:
+    return _marlin_linear_fails(job, lin) and not _marlin_linear_fails_padded(job, lin)
+
+
+def _marlin_moe_ok(job: Job, moe: MoeLayer, padded: bool = False) -> bool:
+    """``check_moe_marlin_supports_layer``; ``padded``: vLLM ≥ v0.25.0 (``allow_tile_padding``),
+    where only ``hidden % 128`` and ``intermediate % group`` remain."""
+    g = job.group_size
+    inter_ok = moe.intermediate % (max(g, 1) if padded else max(64, g)) == 0
+    return moe.hidden % 128 == 0 and inter_ok and g in MARLIN_GROUP_SIZES
+
+
+def _wna16_moe_fails(job: Job, moe: MoeLayer, padded: bool = False) -> bool:
     """Marlin MoE when its shapes allow, else the Triton WNA16 MoE method, which asserts
     ``strategy == "group"`` (no per-channel scales)."""
-    return not _marlin_moe_ok(job, moe) and job.group_size == -1
+    return not _marlin_moe_ok(job, moe, padded) and job.group_size == -1
+
+
+def _wna16_moe_needs_new_vllm(job: Job, moe: MoeLayer) -> bool:
+    return _wna16_moe_fails(job, moe) and not _wna16_moe_fails(job, moe, padded=True)
 
 
 REFUSALS: tuple[Rule, ...] = (
     Rule("all", "vLLM's and SGLang's W4A16/W8A16 MoE methods assert symmetric weights "
          "(CompressedTensorsWNA16MarlinMoEMethod / CompressedTensorsWNA16MoEMethod: \"Only symmetric "
-         "quantization is supported for MoE\"); set quant.symmetric=true",
+         "quantization is supported for MoE\") in vLLM before v0.29.0 (Marlin MoE: before v0.23.0) and "
+         "SGLang before v0.5.14, the releases most deployments run; set quant.symmetric=true",
          "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors_moe.py, "
          "CompressedTensorsWNA16MarlinMoEMethod.__init__; SGLang schemes/compressed_tensors_wNa16_moe.py, "
          "CompressedTensorsWNA16MoE.__init__",
@@ -141,6 +161,24 @@ RULES: tuple[Rule, ...] = (
          "python/sglang/srt/layers/quantization/compressed_tensors/schemes/compressed_tensors_w8a8_int8.py, "
          "CompressedTensorsW8A8Int8.create_weights / apply_weights",
          applies=lambda j: _ct(j) and j.scheme == "W8A8", job_fails=lambda j: True),
+    Rule(SGLANG, "SGLang has no CUDA int8 W8A8 MoE method: get_moe_scheme raises NotImplementedError "
+         "(\"The W8A8Int8 Fused MoE scheme is implemented only for NPU for now\", v0.5.8-v0.5.23; "
+         "RuntimeError \"Unsupported FusedMoe scheme\" in v0.4.5-v0.5.5)",
+         "python/sglang/srt/layers/quantization/compressed_tensors/compressed_tensors.py, "
+         "CompressedTensorsConfig.get_moe_scheme",
+         applies=lambda j: _ct(j) and j.scheme == "W8A8_DYNAMIC" and j.moe, job_fails=lambda j: True),
+    Rule(VLLM, "asymmetric 8-bit weights: Marlin takes zero points only for 4 bits "
+         "(query_marlin_supported_quant_types(has_zp=True) = [uint4]); only Machete (Hopper, SM 9.0) runs "
+         "uint8 with zero points",
+         "vllm/model_executor/layers/quantization/utils/marlin_utils.py, query_marlin_supported_quant_types; "
+         "kernels/mixed_precision/machete.py",
+         applies=lambda j: _ct(j) and j.scheme == "W8A16" and not j.moe, job_fails=lambda j: not j.symmetric,
+         effect="serves it only on Hopper GPUs (Machete)"),
+    Rule(SGLANG, "asymmetric 8-bit weights: its CompressedTensorsWNA16 hands them to Marlin, which has "
+         "no 8-bit zero-point type (query_marlin_supported_quant_types(has_zp=True) = [uint4])",
+         "python/sglang/srt/layers/quantization/compressed_tensors/schemes/compressed_tensors_wNa16.py, "
+         "CompressedTensorsWNA16.process_weights_after_loading",
+         applies=lambda j: _ct(j) and j.scheme == "W8A16" and not j.moe, job_fails=lambda j: not j.symmetric),
     Rule(HF, "transformers cannot load int-quantized (W8A8) MoE experts: its compressed-tensors loader "
          "dequantizes fused experts only from weight_packed",
          "transformers/integrations/compressed_tensors.py, CompressedTensorsDequantize.convert",
@@ -155,18 +193,39 @@ RULES: tuple[Rule, ...] = (
          "vllm_ascend/quantization/methods/w8a8_static.py, AscendW8A8LinearMethod.get_perchannel_param",
          applies=lambda j: _asc(j) and j.scheme == "W8A8", job_fails=lambda j: j.serve_dtype == "float32"),
     # -- kernel shape limits ------------------------------------------------------------------
-    *(Rule(s, f"Marlin (the CUDA W4A16/W8A16 kernel; the only one for bfloat16) needs out_features % "
-              f"{MARLIN_MIN_THREAD_N} == 0, in_features % {MARLIN_MIN_THREAD_K} == 0 and a group size in "
-              f"{list(MARLIN_GROUP_SIZES)}",
-           "vllm/model_executor/layers/quantization/utils/marlin_utils.py, verify_marlin_supports_shape / "
-           "_check_marlin_supported (SGLang: python/sglang/srt/layers/quantization/marlin_utils.py)",
-           applies=lambda j: _ct(j) and j.weight_only, linear_fails=_marlin_linear_fails) for s in (VLLM, SGLANG)),
-    *(Rule(s, "fused MoE experts: Marlin MoE needs hidden % 128 == 0, intermediate % max(64, group) == 0 "
-              "and a group size in [-1, 32, 64, 128]; otherwise the Triton WNA16 MoE method, which asserts "
-              "per-group scales (strategy group, not channel)",
-           "vllm/model_executor/layers/quantization/utils/marlin_utils.py, check_moe_marlin_supports_layer; "
-           "compressed_tensors_moe.py, CompressedTensorsWNA16MoEMethod.__init__",
-           applies=lambda j: _ct(j) and j.weight_only and j.moe, moe_fails=_wna16_moe_fails) for s in (VLLM, SGLANG)),
+    Rule(SGLANG, f"Marlin (the CUDA W4A16/W8A16 kernel; the only one for bfloat16) needs out_features % "
+                 f"{MARLIN_MIN_THREAD_N} == 0, in_features % {MARLIN_MIN_THREAD_K} == 0 and a group size in "
+                 f"{list(MARLIN_GROUP_SIZES)} (SGLang pads nothing, v0.5.4-v0.5.23)",
+         "python/sglang/srt/layers/quantization/marlin_utils.py, check_marlin_supports_shape",
+         applies=lambda j: _ct(j) and j.weight_only, linear_fails=_marlin_linear_fails),
+    Rule(VLLM, f"a group size in {list(MARLIN_GROUP_SIZES)} dividing in_features (Marlin; from v0.24.0 "
+               "MarlinLinearKernel.can_implement zero-pads misaligned tiles, nothing else remains)",
+         "vllm/model_executor/layers/quantization/utils/marlin_utils.py, _check_marlin_supported; "
+         "kernels/mixed_precision/marlin.py, MarlinLinearKernel.can_implement",
+         applies=lambda j: _ct(j) and j.weight_only, linear_fails=_marlin_linear_fails_padded),
+    Rule(VLLM, f"Marlin before v0.24.0 needs out_features % {MARLIN_MIN_THREAD_N} == 0 and in_features % "
+               f"{MARLIN_MIN_THREAD_K} == 0 (verify_marlin_supports_shape); v0.24.0 and newer pad the tiles",
+         "vllm/model_executor/layers/quantization/utils/marlin_utils.py, verify_marlin_supports_shape",
+         applies=lambda j: _ct(j) and j.weight_only, linear_fails=_marlin_linear_needs_new_vllm,
+         effect="needs v0.24.0 or newer for"),
+    Rule(SGLANG, "fused MoE experts: Marlin MoE needs hidden % 128 == 0, intermediate % max(64, group) == 0 "
+                 "and a group size in [-1, 32, 64, 128]; otherwise the Triton WNA16 MoE method, which asserts "
+                 "per-group scales (strategy group, not channel)",
+         "python/sglang/srt/layers/quantization/marlin_utils.py, check_moe_marlin_supports_layer; "
+         "compressed_tensors_moe.py, CompressedTensorsWNA16MoEMethod",
+         applies=lambda j: _ct(j) and j.weight_only and j.moe, moe_fails=_wna16_moe_fails),
+    Rule(VLLM, "fused MoE experts: Marlin MoE (from v0.25.0 with tile padding) needs hidden % 128 == 0, "
+               "intermediate % group == 0 and a group size in [-1, 32, 64, 128]; otherwise the Triton WNA16 MoE "
+               "method, which asserts per-group scales (strategy group, not channel)",
+         "vllm/model_executor/layers/quantization/utils/marlin_utils.py, check_moe_marlin_supports_layer; "
+         "compressed_tensors_moe.py, CompressedTensorsWNA16MoEMethod.__init__",
+         applies=lambda j: _ct(j) and j.weight_only and j.moe,
+         moe_fails=lambda j, m: _wna16_moe_fails(j, m, padded=True)),
+    Rule(VLLM, "fused MoE experts: Marlin MoE before v0.25.0 needs intermediate % max(64, group) == 0 "
+               "(no tile padding), and per-channel experts have no Triton fallback",
+         "vllm/model_executor/layers/quantization/utils/marlin_utils.py, check_moe_marlin_supports_layer",
+         applies=lambda j: _ct(j) and j.weight_only and j.moe, moe_fails=_wna16_moe_needs_new_vllm,
+         effect="needs v0.25.0 or newer for"),
 )
 
 _FUSE = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
