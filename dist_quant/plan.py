@@ -63,7 +63,7 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
 
     if arch.moe is not None and getattr(quant, "act_bits", None) is not None and not quant.act_dynamic:
         raise ConfigError(f"quant.act_dynamic=false with the MoE model_type={model_type!r}: routed experts "
-                          "support dynamic per-token int8 activations only (set quant.act_dynamic=true)")
+                          "support dynamic per-token activations only (set quant.act_dynamic=true)")
     linears: list[LinearInfo] = []
     layer_tensors: list[tuple[str, ...]] = []
     ignore = set(quant.ignore) | (set(quant.moe_ignore) if arch.moe is not None else set())

@@ -55,6 +55,7 @@ from .algorithms.gptq import GPTQParams
 from .algorithms.registry import get_solver
 from .numerics import check_result, check_weight
 from .plan import LinearInfo
+from .quant import floatgrid as fg
 from .quant.activations import ActQuantArgs, StaticActParams, fake_quant
 from .quant.qparams import QuantResult
 from .solver_threads import single_threaded, solve_workers
@@ -333,7 +334,8 @@ class StageContext:
         if mine:
             with self.phase("solve"):
                 solved = self.solve([p[0] for p in mine], hessian, tokens, work=work,
-                                    rows=[(lo, hi) for _, lo, hi in mine], solvers=owners)
+                                    rows=[(lo, hi) for _, lo, hi in mine], solvers=owners,
+                                    fused_amax=self._fused_amax(linears))
         del hessian, work
         for lin in linears:
             owner = job.owners.owner[lin.name]
@@ -369,6 +371,14 @@ class StageContext:
                 bias = self.tensor(lin.name + ".bias") if lin.has_bias else None
                 self.write(lin, result, bias)
 
+    def _fused_amax(self, linears: list[LinearInfo]) -> float | None:
+        """FP8 per-tensor weights: max|w| over the stage's linears (the parts a server fuses,
+        q/k/v and gate/up), so that they share one scale: vLLM requantizes fused per-tensor
+        parts to their largest scale (``requantize_with_max_scale``), a no-op when they agree."""
+        if self.args.grid != "fp8" or self.args.fp8_strategy != "tensor":
+            return None
+        return max(float(self.weight(lin.name).abs().amax()) for lin in linears)
+
     def _empty_result(self, lin: LinearInfo) -> QuantResult:
         groups = self.args.groups(lin.in_features)
         return QuantResult(
@@ -380,7 +390,7 @@ class StageContext:
     def solve(self, linears: list[LinearInfo], hessian: torch.Tensor, tokens: int,
               weights: list[torch.Tensor] | None = None, method: str | None = None,
               work: torch.Tensor | None = None, rows: list[tuple[int, int]] | None = None,
-              solvers: set[int] | None = None) -> dict:
+              solvers: set[int] | None = None, fused_amax: float | None = None) -> dict:
         """Solve linears that share the Hessian ``hessian`` on this rank (no collectives).
         GPTQ treats rows independently, so their weights are stacked and solved in one pass
         (one factorization, one column loop), then split back per module. ``weights``
@@ -389,12 +399,16 @@ class StageContext:
         ``rows``: row ranges (pieces of split linears, returned under ``(name, first row)`` and
         recorded under ``name[lo:hi]``); ``solvers``: the ranks solving at the same time (default:
         all); a GPTQ solve gets the cores of the local ranks that wait meanwhile as row workers
-        (dist_quant/solver_threads.py)."""
+        (dist_quant/solver_threads.py). FP8 grid: the scales are fixed from the whole weights first
+        (``fused_amax``: the per-tensor max|w| shared by the stage; default: over ``linears``)."""
         t0 = time.perf_counter()
         if weights is None:
             weights = [self.weight(lin.name) for lin in linears]
+        scales = self._fp8_scales(weights, fused_amax)
         if rows is not None:
             weights = [w if (lo, hi) == (0, w.shape[0]) else w[lo:hi].clone() for w, (lo, hi) in zip(weights, rows)]
+            if scales is not None:
+                scales = [s[lo:hi] for s, (lo, hi) in zip(scales, rows)]
         for lin, w in zip(linears, weights):
             check_weight(lin.name, w)
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
@@ -408,7 +422,8 @@ class StageContext:
                 torch.get_num_threads(), info.rank, info.local_world_size,
                 range(info.world_size) if solvers is None else solvers))
         with single_threaded(self.device):
-            result = solver.solve(stacked, hessian, self.args, params, work)
+            result = solver.solve(stacked, hessian, self.args, params, work,
+                                  scale=torch.cat(scales) if scales is not None else None)
         del stacked
         if result.fallback:
             log.warning("%s: %s", ", ".join(lin.name for lin in linears), result.fallback)
@@ -427,6 +442,15 @@ class StageContext:
                 self.record.modules[key].update(err_num=num, err_den=den)
             out[lin.name if whole else (lin.name, rows[k][0])] = part
         return out
+
+    def _fp8_scales(self, weights: list[torch.Tensor], fused_amax: float | None) -> list[torch.Tensor] | None:
+        """Fixed FP8-grid scales per weight ([out, groups], floatgrid.fp8_row_scales); None: int grid."""
+        if self.args.grid != "fp8":
+            return None
+        strategy = self.args.fp8_strategy
+        if strategy == "tensor" and fused_amax is None:
+            fused_amax = max(float(w.abs().amax()) for w in weights)
+        return [fg.fp8_row_scales(w, strategy, fused_amax) for w in weights]
 
     def write(self, lin: LinearInfo, result: QuantResult, bias: torch.Tensor | None = None) -> None:
         """Pack a solved linear in the output format and stream it to this rank's part files."""

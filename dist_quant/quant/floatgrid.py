@@ -127,3 +127,75 @@ def nvfp4_dequantize(codes: torch.Tensor, group_scale: torch.Tensor, global_scal
     out_f, in_f = codes.shape
     vals = e2m1_values(codes).reshape(out_f, in_f // NVFP4_GROUP, NVFP4_GROUP)
     return (vals * (group_scale.float() / global_scale.float())[..., None]).reshape(out_f, in_f)
+
+
+# -- FP8 activations ---------------------------------------------------------------------------------
+# What vLLM's FP8 linears compute on their input (``scaled_fp8_quant``): dynamic per token
+# ``scale = max|x| / 448`` (floored at ``1 / (448 · 512)``, vLLM's ``min_scaling_factor``), dynamic
+# per token and group of 128 input columns for block FP8 (``per_token_group_quant_fp8``), or a
+# calibrated static per-tensor ``input_scale``; then ``fp8(x / scale) · scale``.
+FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
+
+
+def fp8_token_scale(x: torch.Tensor, group: int = 0) -> torch.Tensor:
+    """Dynamic scales: per token ``[..., 1]`` (``group`` 0), or per token and group of ``group``
+    columns ``[..., cols / group, 1]`` of the view ``x.reshape(..., cols / group, group)``."""
+    x = x.float()
+    if group:
+        x = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+    return (x.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=FP8_MIN_SCALE)
+
+
+def fake_quant_fp8_dynamic(x: torch.Tensor, group: int = 0) -> torch.Tensor:
+    """``fp8(x / s) · s`` with the dynamic scales of :func:`fp8_token_scale`."""
+    scale = fp8_token_scale(x, group)
+    v = x.float()
+    if group:
+        v = v.reshape(*v.shape[:-1], v.shape[-1] // group, group)
+    return (to_fp8(v / scale).float() * scale).reshape(x.shape).to(x.dtype)
+
+
+def fp8_static_scale(amax: float | torch.Tensor) -> torch.Tensor:
+    """The per-tensor input scale of a calibrated ``max|x|`` (float32 [1])."""
+    amax = torch.as_tensor(amax, dtype=torch.float32).reshape(1)
+    return (amax / FP8_MAX).clamp(min=FP8_MIN_SCALE)
+
+
+def fake_quant_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    s = float(scale)
+    return (to_fp8(x.float() / s).float() * s).to(x.dtype)
+
+
+# -- FP8 weights as a solver grid ------------------------------------------------------------------
+def fp8_row_scales(w: torch.Tensor, strategy: str, amax: float | None = None,
+                   block: int = FP8_BLOCK) -> torch.Tensor:
+    """The FP8 weight scales of ``w`` [out, in] in the solvers' layout, one value per row and
+    column group, float32 ``[out, groups]``: ``channel`` [out, 1]; ``tensor`` [out, 1], every row
+    ``amax / 448`` (``amax``: the max|w| over the fused linears sharing the scale, default
+    ``w``'s own); ``block`` [out, in / block], each 128×128 block's scale repeated over its rows."""
+    if strategy == "tensor":
+        a = float(w.float().abs().amax()) if amax is None else float(amax)
+        return fp8_scale(torch.tensor([[a]]), "tensor").reshape(1, 1).expand(w.shape[0], 1).clone()
+    s = fp8_scale(w, strategy, block)
+    if strategy == "block":
+        s = s.repeat_interleave(block, 0)[: w.shape[0]]
+    return s.contiguous()
+
+
+def collapse_row_scales(scale: torch.Tensor, strategy: str, block: int = FP8_BLOCK) -> torch.Tensor:
+    """The stored ``weight_scale`` of solver-layout scales: channel [out, 1], tensor [1], block
+    [ceil(out / block), in / block] (the first row of each row block)."""
+    if strategy == "tensor":
+        return scale[:1, 0].clone()
+    if strategy == "block":
+        return scale[::block].contiguous()
+    return scale.contiguous()
+
+
+def fp8_bits(values: torch.Tensor) -> torch.Tensor:
+    """int8 tensor holding the E4M3 bit patterns of ``values`` (FP8-representable floats)."""
+    return to_fp8(values).view(torch.int8)
+
+
+def fp8_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    return bits.view(FP8)
