@@ -156,8 +156,9 @@ RULES: tuple[Rule, ...] = (
          "vllm_ascend/quantization/methods/w8a8_static.py, AscendW8A8LinearMethod.get_perchannel_param",
          applies=lambda j: _asc(j) and j.scheme == "W8A8", job_fails=lambda j: j.serve_dtype == "float32"),
     # -- FP8 and W4AFP8 (docs/float_formats.md) --------------------------------------------------
-    Rule(ASCEND, "vLLM-Ascend has no FP8 compressed-tensors scheme (_detect_quant_type knows int8 W8A8 and "
-         "int W4A16/W4A8 only) and Ascend NPUs have no FP8 matmul: use quant=w8a8",
+    Rule(ASCEND, "vLLM-Ascend has no FP8 compressed-tensors scheme: its _detect_quant_type matches on bits and "
+         "strategy only (_is_dynamic_token_w8a8 / _is_static_tensor_w8a8 / _is_dynamic_token_w4a8 never read the "
+         "type), so FP8 tensors would be taken for int8 ones: use quant=w8a8 or output.format=ascend",
          "vllm_ascend/quantization/compressed_tensors_config.py, AscendCompressedTensorsConfig._detect_quant_type",
          applies=lambda j: _ct(j) and j.scheme in FLOAT_SCHEMES, job_fails=lambda j: True),
     Rule(SGLANG, "SGLang's compressed-tensors W4A8-FP8 scheme exists for MoE experts only "
