@@ -93,7 +93,9 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
                 has_bias = fqn + ".bias" in ckpt
                 if has_bias:
                     owned.add(fqn + ".bias")
-                if quant.group_size != -1 and shape[1] % quant.group_size:
+                if getattr(quant, "weight_type", "int") == "fp8":
+                    pass  # FP8 blocks: formats/compressed_tensors_fp8.check_float_shapes, after the plan
+                elif quant.group_size != -1 and shape[1] % quant.group_size:
                     raise ConfigError(f"quant.group_size={quant.group_size} does not divide the "
                                       f"{shape[1]} input features of {fqn!r}; use a divisor or -1")
                 linears.append(LinearInfo(fqn, i, stage.name, shape[0], shape[1], has_bias, stage.expert))
