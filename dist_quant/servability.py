@@ -165,6 +165,17 @@ RULES: tuple[Rule, ...] = (
          "(schemes/compressed_tensors_w4a8_fp8_moe.py; no dense linear scheme)",
          "python/sglang/srt/layers/quantization/compressed_tensors/compressed_tensors.py, _get_scheme_from_parts",
          applies=lambda j: _ct(j) and j.scheme == "W4AFP8", job_fails=lambda j: True),
+    Rule(SGLANG, "SGLang's CompressedTensorsW8A8Fp8 creates channel or tensor weight scales only "
+         "(create_weights asserts QuantizationStrategy.TENSOR otherwise): no 128x128 block scales",
+         "python/sglang/srt/layers/quantization/compressed_tensors/schemes/compressed_tensors_w8a8_fp8.py, "
+         "CompressedTensorsW8A8Fp8.create_weights",
+         applies=lambda j: _ct(j) and j.scheme == "FP8_BLOCK", job_fails=lambda j: True),
+    Rule(HF, "transformers cannot build W4AFP8 layers: from_pretrained fails initialising the int8 weight its "
+         "compressed-tensors integration registers for an int scheme with activation quantization "
+         "(NotImplementedError in normal_; observed with transformers 5.24, tests/test_float_formats.py); "
+         "evaluate with dist_quant.fakequant.load_fake_quant_model",
+         "transformers/modeling_utils.py, PreTrainedModel._init_weights (via the compressed-tensors integration)",
+         applies=lambda j: _ct(j) and j.scheme == "W4AFP8", job_fails=lambda j: True),
     # -- kernel shape limits ------------------------------------------------------------------
     *(Rule(s, f"Marlin (the CUDA W4A16/W8A16 kernel; the only one for bfloat16) needs out_features % "
               f"{MARLIN_MIN_THREAD_N} == 0, in_features % {MARLIN_MIN_THREAD_K} == 0 and a group size in "
