@@ -105,13 +105,15 @@ class QuantConfig:
     """Flex smooth search: calibration tokens (over all ranks) that score each candidate."""
     # -- float formats: FP8 weights, FP8 activations (docs/float_formats.md) ---------------------
     weight_type: str = "int"
-    """Weight number format: int (integers of quant.bits bits) or fp8 (FP8 E4M3, quant.bits=8)."""
+    """Weight number format: int (integers of quant.bits bits), fp8 (FP8 E4M3, quant.bits=8) or
+    nvfp4 (FP4 E2M1 in groups of 16 with FP8 group scales and a global scale; quant.bits=4)."""
     weight_strategy: str = "channel"
     """FP8 weights: channel (a scale per output channel), tensor (one scale, shared by the parts
     a server fuses: q/k/v, gate/up) or block (a scale per 128×128 block; quant.group_size=128)."""
     act_type: str = "int"
     """Activations with quant.act_bits=8: int (int8) or fp8 (FP8 E4M3; per token when dynamic, per
-    token and group of 128 columns with block weights, calibrated per tensor when static)."""
+    token and group of 128 columns with block weights, calibrated per tensor when static); with
+    quant.act_bits=4: nvfp4 (calibrated global scale, group scales at run time)."""
 
     def __post_init__(self) -> None:
         solvers = _solver_names()
@@ -156,8 +158,20 @@ FP8_BLOCK = 128  # vLLM's block FP8 kernels: 128×128 weight blocks, 1×128 acti
 def _check_float_formats(q: "QuantConfig") -> None:
     """FP8 weights (quant.weight_type=fp8) and FP8 activations (quant.act_type=fp8) and how they
     combine: FP8_DYNAMIC / FP8 (static) / FP8_BLOCK, and W4AFP8 (int4 weights, FP8 activations)."""
-    _check(q.weight_type in ("int", "fp8"), "quant.weight_type", q.weight_type, "expected int or fp8")
-    _check(q.act_type in ("int", "fp8"), "quant.act_type", q.act_type, "expected int or fp8")
+    _check(q.weight_type in ("int", "fp8", "nvfp4"), "quant.weight_type", q.weight_type,
+           "expected int, fp8 or nvfp4")
+    _check(q.act_type in ("int", "fp8", "nvfp4"), "quant.act_type", q.act_type, "expected int, fp8 or nvfp4")
+    if q.weight_type == "nvfp4" or q.act_type == "nvfp4":  # NVFP4A16 / NVFP4 (W4A4)
+        _check(q.weight_type == "nvfp4" and q.bits == 4 and q.group_size == 16 and q.symmetric
+               and q.observer == "minmax", "quant.weight_type", q.weight_type,
+               f"NVFP4 needs quant.weight_type=nvfp4, bits=4, group_size=16, symmetric, observer=minmax (got "
+               f"weight_type={q.weight_type}, bits={q.bits}, group_size={q.group_size}, symmetric={q.symmetric}, "
+               f"observer={q.observer})")
+        _check(q.act_bits is None or (q.act_bits == 4 and q.act_type == "nvfp4" and not q.act_dynamic),
+               "quant.act_bits", q.act_bits, "NVFP4 weights take float activations (null) or NVFP4 ones "
+               "(quant.act_bits=4, quant.act_type=nvfp4, quant.act_dynamic=false: a calibrated global scale)")
+        _check(q.smooth == "none", "quant.smooth", q.smooth, "NVFP4 uses quant.smooth=none")
+        return
     _check(q.weight_strategy in ("channel", "tensor", "block"), "quant.weight_strategy", q.weight_strategy,
            "expected channel, tensor or block")
     if q.weight_type == "fp8":
@@ -185,8 +199,8 @@ def _check_float_formats(q: "QuantConfig") -> None:
 
 def _check_w8a8(q: "QuantConfig") -> None:
     """Activation quantization and smoothing keys (and how they combine)."""
-    _check(q.act_bits in (None, 8), "quant.act_bits", q.act_bits, "expected null (no activation "
-           "quantization) or 8")
+    _check(q.act_bits in (None, 8) or q.act_type == "nvfp4", "quant.act_bits", q.act_bits,
+           "expected null (no activation quantization) or 8")
     if q.act_bits == 8 and q.act_type == "int":
         _check(q.bits == 8 and q.group_size == -1 and q.symmetric, "quant.act_bits", q.act_bits,
                f"W8A8 needs int8 per-channel symmetric weights (quant.bits=8, quant.group_size=-1, "

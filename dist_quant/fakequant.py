@@ -3,7 +3,8 @@ dist_quant computes: dequantized int8 weights, and input activations fake-quanti
 forward pre-hooks (static per-tensor with the stored scale and offset, or dynamic per
 token). It reads both output formats:
 
-* compressed-tensors ``float-quantized`` (FP8) and ``pack-quantized`` int4 with FP8 activations
+* compressed-tensors ``nvfp4-pack-quantized`` (NVFP4 weights; NVFP4 inputs with the stored global
+  scale for W4A4), ``float-quantized`` (FP8) and ``pack-quantized`` int4 with FP8 activations
   (W4AFP8): dequantized weights, FP8 input fake-quantization (dynamic per token / per token and
   group, or the static ``input_scale``), as vLLM computes (dist_quant/quant/floatgrid.py);
 * compressed-tensors ``int-quantized``: ``weight`` × ``weight_scale``; ``input_scale`` /
@@ -50,7 +51,9 @@ def read_tensors(directory: Path, index_name: str) -> dict[str, torch.Tensor]:
 def _act_hook(kind: str, params: StaticActParams | None = None, divisor: float = TOKEN_DIVISOR):
     def hook(module, args):
         x = args[0]
-        if kind == "fp8_static":
+        if kind == "nvfp4":
+            x = fg.fake_quant_nvfp4(x, params.scale)
+        elif kind == "fp8_static":
             x = fg.fake_quant_fp8_static(x, params.scale)
         elif kind == "fp8_dynamic":
             x = fg.fake_quant_fp8_dynamic(x, int(divisor))  # divisor: the column group (0: per token)
@@ -108,9 +111,27 @@ def _linear_plan_w4afp8(tensors, qc: dict):
     return plan
 
 
+def _linear_plan_nvfp4(tensors, qc: dict):
+    """``nvfp4-pack-quantized``: ``e2m1(weight_packed) · weight_scale / weight_global_scale`` per
+    group of 16; W4A4 inputs: NVFP4 with ``input_global_scale`` (local scales at run time)."""
+    inputs = qc["config_groups"]["group_0"].get("input_activations")
+    plan = {}
+    for key, t in tensors.items():
+        if not key.endswith(".weight_packed"):
+            continue
+        mod = key[: -len(".weight_packed")]
+        w = fg.nvfp4_dequantize(fg.unpack_e2m1(t), tensors[mod + ".weight_scale"], tensors[mod + ".weight_global_scale"])
+        act = ("none", None, 0.0) if inputs is None else (
+            "nvfp4", StaticActParams(tensors[mod + ".input_global_scale"].float().reshape(1), torch.zeros(1)), 0.0)
+        plan[mod] = (w, act)
+    return plan
+
+
 def _linear_plan_ct(tensors, config: dict, divisor: float = TOKEN_DIVISOR):
     qc = config["quantization_config"]
     inputs = qc["config_groups"]["group_0"].get("input_activations")
+    if qc.get("format") == "nvfp4-pack-quantized":
+        return _linear_plan_nvfp4(tensors, qc)
     if qc.get("format") == "float-quantized":
         return _linear_plan_fp8(tensors, qc)
     if qc.get("format") == "pack-quantized" and inputs is not None and inputs.get("type") == "float":

@@ -95,6 +95,8 @@ def quant_args(cfg: JobConfig, ckpt: Checkpoint, plan: ModelPlan) -> QuantArgs:
     dtype = ckpt.tensors[first].dtype if first else "F32"
     scale_dtype = serving_dtype(cfg.output.dtype, dtype)  # scales are rounded to the serving dtype
     q = cfg.quant
+    if q.weight_type == "nvfp4":  # effective scales float32; stored as E4M3 group scales + a global scale
+        return QuantArgs(4, 16, True, torch.float32, grid="nvfp4")
     if q.weight_type == "fp8":  # FP8 scales are float32 (vLLM's weight_scale parameters are float32)
         return QuantArgs(8, q.group_size, True, torch.float32, grid="fp8", fp8_strategy=q.weight_strategy)
     return QuantArgs(q.bits, q.group_size, q.symmetric, scale_dtype, mse=q.observer == "mse")

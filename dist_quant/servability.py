@@ -28,7 +28,7 @@ ASCEND = "vLLM-Ascend"
 HF = "transformers (CPU)"
 SERVERS = (VLLM, SGLANG, ASCEND, HF)
 
-FLOAT_SCHEMES = ("FP8_DYNAMIC", "FP8", "FP8_BLOCK", "W4AFP8")  # FP8 activations (docs/float_formats.md)
+FLOAT_SCHEMES = ("FP8_DYNAMIC", "FP8", "FP8_BLOCK", "W4AFP8", "NVFP4", "NVFP4A16")  # FP8 activations (docs/float_formats.md)
 MARLIN_GROUP_SIZES = (-1, 32, 64, 128)  # vLLM marlin_utils.MARLIN_SUPPORTED_GROUP_SIZES
 MARLIN_MIN_THREAD_N = 64  # GPTQ_MARLIN_MIN_THREAD_N: output features per partition
 MARLIN_MIN_THREAD_K = 128  # GPTQ_MARLIN_MIN_THREAD_K: input features per partition
@@ -48,7 +48,7 @@ class Job:
 
     @property
     def weight_only(self) -> bool:
-        return self.scheme in ("W4A16", "W8A16")
+        return self.scheme in ("W4A16", "W8A16")  # integer weight-only (NVFP4A16 is its own scheme)
 
 
 @dataclass(frozen=True)
@@ -156,9 +156,10 @@ RULES: tuple[Rule, ...] = (
          "vllm_ascend/quantization/methods/w8a8_static.py, AscendW8A8LinearMethod.get_perchannel_param",
          applies=lambda j: _asc(j) and j.scheme == "W8A8", job_fails=lambda j: j.serve_dtype == "float32"),
     # -- FP8 and W4AFP8 (docs/float_formats.md) --------------------------------------------------
-    Rule(ASCEND, "vLLM-Ascend has no FP8 compressed-tensors scheme: its _detect_quant_type matches on bits and "
-         "strategy only (_is_dynamic_token_w8a8 / _is_static_tensor_w8a8 / _is_dynamic_token_w4a8 never read the "
-         "type), so FP8 tensors would be taken for int8 ones: use quant=w8a8 or output.format=ascend",
+    Rule(ASCEND, "vLLM-Ascend has no FP8 or NVFP4 compressed-tensors scheme: its _detect_quant_type matches on "
+         "bits and strategy only (_is_dynamic_token_w8a8 / _is_static_tensor_w8a8 / _is_dynamic_token_w4a8 never "
+         "read the type, so FP8 would be taken for int8) and has no 4-bit-activation or float W4A16 entry: use "
+         "quant=w8a8 or output.format=ascend",
          "vllm_ascend/quantization/compressed_tensors_config.py, AscendCompressedTensorsConfig._detect_quant_type",
          applies=lambda j: _ct(j) and j.scheme in FLOAT_SCHEMES, job_fails=lambda j: True),
     Rule(SGLANG, "SGLang's compressed-tensors W4A8-FP8 scheme exists for MoE experts only "
@@ -288,7 +289,9 @@ def refuse(job: Job) -> None:
 def job_of(cfg, plan, serve_dtype) -> Job:
     """The :class:`Job` of a config and model plan (``serve_dtype``: a torch dtype)."""
     q = cfg.quant
-    if q.act_bits is None:
+    if q.weight_type == "nvfp4":
+        scheme = "NVFP4A16" if q.act_bits is None else "NVFP4"
+    elif q.act_bits is None:
         scheme = f"W{q.bits}A16"
     elif q.act_type == "fp8":
         scheme = "W4AFP8" if q.weight_type != "fp8" else {"channel": "FP8_DYNAMIC", "tensor": "FP8",

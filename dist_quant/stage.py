@@ -92,6 +92,7 @@ class Job:
     hooks: list = field(default_factory=list)
     pos_emb: tuple | None = None
     act_params: dict[str, StaticActParams | None] = field(default_factory=dict)  # linear → input quantizer
+    weight_amax: dict[str, float] = field(default_factory=dict)  # linear → fused max|w| (NVFP4 global scale)
     notes: set = field(default_factory=set)  # keys of one-time log messages already given
     check_stop: Callable[[int], None] | None = None  # resume.Progress.check_stop (dist_quant/stop.py)
     _params: dict = field(default_factory=dict, repr=False)  # solver name → its frozen params
@@ -157,6 +158,11 @@ def inputs_of(module: nn.Module, children: Sequence[str], *args, **kwargs) -> di
     if missing:
         raise RuntimeError(f"the forward of {type(module).__name__} never reached {missing}")
     return seen
+
+
+def _shares_amax(args) -> bool:
+    """The weight scale depends on max|w| of the fused parts together (FP8 tensor, NVFP4 global)."""
+    return (args.grid == "fp8" and args.fp8_strategy == "tensor") or args.grid == "nvfp4"
 
 
 class StageContext:
@@ -331,11 +337,14 @@ class StageContext:
         # this rank's row pieces of the stage's linears (a whole linear unless its rows are split)
         mine = [(lin, lo, hi) for lin in linears for r, lo, hi in job.owners.pieces(lin) if r == rank]
         solved: dict = {}
+        fused = self._fused_amax(linears) if mine or rank in {job.owners.owner[lin.name] for lin in linears} else None
         if mine:
             with self.phase("solve"):
                 solved = self.solve([p[0] for p in mine], hessian, tokens, work=work,
                                     rows=[(lo, hi) for _, lo, hi in mine], solvers=owners,
-                                    fused_amax=self._fused_amax(linears))
+                                    fused_amax=fused)
+        if fused is not None:  # the writer's NVFP4 global scale (the owner may solve no piece)
+            job.weight_amax.update({lin.name: fused for lin in linears})
         del hessian, work
         for lin in linears:
             owner = job.owners.owner[lin.name]
@@ -372,10 +381,11 @@ class StageContext:
                 self.write(lin, result, bias)
 
     def _fused_amax(self, linears: list[LinearInfo]) -> float | None:
-        """FP8 per-tensor weights: max|w| over the stage's linears (the parts a server fuses,
-        q/k/v and gate/up), so that they share one scale: vLLM requantizes fused per-tensor
-        parts to their largest scale (``requantize_with_max_scale``), a no-op when they agree."""
-        if self.args.grid != "fp8" or self.args.fp8_strategy != "tensor":
+        """FP8 per-tensor weights and NVFP4 global scales: max|w| over the stage's linears (the
+        parts a server fuses, q/k/v and gate/up), so that they share one scale: vLLM requantizes
+        fused per-tensor FP8 parts to their largest scale (``requantize_with_max_scale``) and takes
+        the max of fused NVFP4 global scales (``CompressedTensorsW4A4Fp4``), no-ops when they agree."""
+        if not _shares_amax(self.args):
             return None
         return max(float(self.weight(lin.name).abs().amax()) for lin in linears)
 
@@ -404,7 +414,7 @@ class StageContext:
         t0 = time.perf_counter()
         if weights is None:
             weights = [self.weight(lin.name) for lin in linears]
-        scales = self._fp8_scales(weights, fused_amax)
+        scales = self._fp8_scales(linears, weights, fused_amax)
         if rows is not None:
             weights = [w if (lo, hi) == (0, w.shape[0]) else w[lo:hi].clone() for w, (lo, hi) in zip(weights, rows)]
             if scales is not None:
@@ -443,19 +453,22 @@ class StageContext:
             out[lin.name if whole else (lin.name, rows[k][0])] = part
         return out
 
-    def _fp8_scales(self, weights: list[torch.Tensor], fused_amax: float | None) -> list[torch.Tensor] | None:
-        """Fixed FP8-grid scales per weight ([out, groups], floatgrid.fp8_row_scales); None: int grid."""
-        if self.args.grid != "fp8":
+    def _fp8_scales(self, linears: list[LinearInfo], weights: list[torch.Tensor],
+                    fused_amax: float | None) -> list[torch.Tensor] | None:
+        """Fixed float-grid scales per weight ([out, groups], floatgrid.grid_scales); None: int grid."""
+        if self.args.grid == "int":
             return None
-        strategy = self.args.fp8_strategy
-        if strategy == "tensor" and fused_amax is None:
+        if _shares_amax(self.args) and fused_amax is None:
             fused_amax = max(float(w.abs().amax()) for w in weights)
-        return [fg.fp8_row_scales(w, strategy, fused_amax) for w in weights]
+            self.job.weight_amax.update({lin.name: fused_amax for lin in linears})
+        return [fg.grid_scales(w, self.args.grid, self.args.fp8_strategy, fused_amax) for w in weights]
 
     def write(self, lin: LinearInfo, result: QuantResult, bias: torch.Tensor | None = None) -> None:
         """Pack a solved linear in the output format and stream it to this rank's part files."""
         with self.phase("write"):
             act = self.job.act_params.get(lin.name) if self.job.act is not None else None
+            if self.args.grid == "nvfp4":
+                result = replace(result, global_scale=fg.nvfp4_global_scale(torch.tensor(self.job.weight_amax[lin.name])))
             for name, tensor in self.job.fmt.pack_linear(lin.name, result, bias, act).items():
                 self.job.writer.add(name, tensor)
 

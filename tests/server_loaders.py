@@ -96,6 +96,21 @@ def vllm_w8a8_fp8(out: int, inp: int, strategy: str, static: bool) -> dict[str, 
     return p
 
 
+def vllm_nvfp4(out: int, inp: int, w4a4: bool) -> dict[str, Param]:
+    """CompressedTensorsW4A16Fp4.create_weights (compressed_tensors_w4a16_nvfp4.py) and
+    CompressedTensorsW4A4Fp4.create_weights (compressed_tensors_w4a4_nvfp4.py): weight_packed
+    ModelWeightParameter uint8 [out, in/2]; weight_scale GroupQuantScaleParameter float8_e4m3fn
+    [out, in/16]; weight_global_scale PerTensorScaleParameter float32, one slot per fused shard,
+    max taken after loading (modelled as one value all shards must agree on); W4A4:
+    input_global_scale the same way."""
+    p = {"weight_packed": Param(torch.uint8, (out, inp // 2), exact_dtype=True),
+         "weight_scale": Param(F8, (out, inp // 16), exact_dtype=True),
+         "weight_global_scale": Param(F32, (1,), out_dim=None, exact_dtype=True)}
+    if w4a4:
+        p["input_global_scale"] = Param(F32, (1,), out_dim=None, exact_dtype=True)
+    return p
+
+
 def vllm_w8a8_fp8_moe(e: int, h: int, i: int, strategy: str) -> dict[str, Param]:
     """CompressedTensorsW8A8Fp8MoEMethod.create_weights (compressed_tensors_moe.py): w13_weight
     float8_e4m3fn [E, 2I, H], w2_weight [E, H, I]; channel: w13_weight_scale float32 [E, 2I, 1],

@@ -18,7 +18,7 @@ import torch
 
 from helpers import free_port, run_main
 from reference import unpack_int32
-from server_loaders import check_complete, layer_modules, load, vllm_w8a8_fp8, vllm_wna16
+from server_loaders import check_complete, layer_modules, load, vllm_nvfp4, vllm_w8a8_fp8, vllm_wna16
 from tiny import corpus_text, make_tiny_model
 
 from dist_quant.algorithms.gptq import GPTQParams, gptq_quantize
@@ -31,7 +31,9 @@ from dist_quant.quant.qparams import QuantArgs
 ROOT = Path(__file__).resolve().parents[1]
 CALIB = ["calib.num_samples=8", "calib.seq_len=32", "calib.batch_size=4", "runtime.threads=1"]
 F8 = torch.float8_e4m3fn
-PRESETS = {"fp8_dynamic": "FP8_DYNAMIC", "fp8_static": "FP8", "fp8_block": "FP8_BLOCK", "w4afp8": "W4AFP8"}
+PRESETS = {"fp8_dynamic": "FP8_DYNAMIC", "fp8_static": "FP8", "fp8_block": "FP8_BLOCK", "w4afp8": "W4AFP8",
+           "nvfp4": "NVFP4", "nvfp4a16": "NVFP4A16"}
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # OCP MX spec, E2M1 magnitudes by code
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -313,10 +315,11 @@ def test_unservable_float_jobs_are_refused_before_any_work(env, tmp_path):
         assert not out.exists() and not Path(f"{out}.partial").exists()
 
 
-def test_two_ranks_write_the_same_fp8_static_gptq_output_as_one(env):
-    extra = ("quant=fp8_static", "quant.weight_solver=gptq")
-    one = quantize(env, "fp8_static-gptq", *extra)
-    two = env["base"] / "out" / "fp8_static-gptq-2ranks"
+@pytest.mark.parametrize("preset", ["fp8_static", "nvfp4"])
+def test_two_ranks_write_the_same_output_as_one(env, preset):
+    extra = (f"quant={preset}", "quant.weight_solver=gptq")
+    one = quantize(env, f"{preset}-gptq", *extra)
+    two = env["base"] / "out" / f"{preset}-gptq-2ranks"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "dist_quant",
            *argv(env, "m128", two, *extra)]
@@ -326,9 +329,81 @@ def test_two_ranks_write_the_same_fp8_static_gptq_output_as_one(env):
     t1 = read_tensors(one, "model.safetensors.index.json")
     t2 = read_tensors(two, "model.safetensors.index.json")
     assert t1.keys() == t2.keys()
-    for name in t1:  # the MAX-reduced input scales and the GPTQ solves: the same bytes
+    for name in t1:  # the MAX-reduced input (global) scales and the GPTQ solves: the same bytes
         a, b = t1[name], t2[name]
         assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dtype == F8 else a,
                                                   b.view(torch.uint8) if b.dtype == F8 else b), name
     files2 = json.loads((two / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(set(files2.values())) >= 2  # both ranks wrote part files
+
+
+def e2m1_table_decode(packed: torch.Tensor) -> torch.Tensor:
+    """This file's NVFP4 reader: two codes a byte (even column in the low nibble), bit 3 the sign."""
+    lo, hi = (packed & 0x0F).long(), (packed >> 4).long()
+    codes = torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
+    mag = torch.tensor(E2M1)[codes & 7]
+    return torch.where(codes >= 8, -mag, mag)
+
+
+@pytest.mark.parametrize("preset,solver", [("nvfp4a16", "rtn"), ("nvfp4a16", "gptq"), ("nvfp4", "rtn")])
+def test_nvfp4_outputs_against_the_published_rule_transformers_and_vllm_tables(env, preset, solver):
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+    from transformers import AutoModelForCausalLM
+
+    out = quantize(env, f"{preset}-{solver}", f"quant={preset}", f"quant.weight_solver={solver}")
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["format"] == "nvfp4-pack-quantized"
+    want = preset_name_to_scheme(PRESETS[preset], ["Linear"]).model_dump(mode="json")
+    group = qc["config_groups"]["group_0"]
+    assert group["weights"] == want["weights"] and group.get("input_activations") == want.get("input_activations")
+    t = read_tensors(out, "model.safetensors.index.json")
+    src = read_tensors(env["m128"], "model.safetensors.index.json")
+    mods = sorted(k[: -len(".weight_packed")] for k in t if k.endswith(".weight_packed"))
+    assert len(mods) == 14
+    ref_model = load_fake_quant_model(out)
+    for mod in mods:
+        gs = t[mod + ".weight_global_scale"]
+        assert gs.dtype == torch.float32 and t[mod + ".weight_scale"].dtype == F8
+        w_hat = e2m1_table_decode(t[mod + ".weight_packed"]) * (
+            t[mod + ".weight_scale"].float() / gs).repeat_interleave(16, dim=1)
+        assert torch.equal(ref_model.get_submodule(mod).weight.detach(), w_hat)
+        if solver == "rtn":  # group scale fp8(amax / 6 · gs); gs = 448 · 6 / amax of the fused parts
+            part = mod.rsplit(".", 1)[1]
+            fused = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu"}.get(part)
+            names = ([mod.replace(part, n) for n in ("q_proj", "k_proj", "v_proj")] if fused == "qkv" else
+                     [mod.replace(part, n) for n in ("gate_proj", "up_proj")] if fused == "gu" else [mod])
+            amax = max(float(src[n + ".weight"].abs().max()) for n in names)
+            assert float(gs) == pytest.approx(448 * 6 / amax, rel=1e-6)
+            w = src[mod + ".weight"].float()
+            s = cast(w.reshape(w.shape[0], -1, 16).abs().amax(-1) / 6 * gs)
+            assert torch.equal(t[mod + ".weight_scale"].float(), s)
+
+    # transformers decompresses NVFP4 to bfloat16 (a float32 model fails its matmul): compare in bfloat16
+    ids = ids_for(out)
+    served = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16).eval()
+    got = logits(served, ids)
+    for mod in mods:
+        assert torch.equal(served.get_submodule(mod).weight.float(),
+                           ref_model.get_submodule(mod).weight.detach().bfloat16().float())
+    if preset == "nvfp4a16":
+        assert rel(got, logits(load_fake_quant_model(out, dtype=torch.bfloat16), ids)) < 1e-5
+    else:  # activations: compressed-tensors' own NVFP4 input rule (float32) is ours, element for element
+        lin = served.get_submodule(mods[0]).float()
+        x = torch.randn(3, 7, lin.in_features, generator=torch.Generator().manual_seed(3)) * 0.3
+        theirs = forward_quantize(lin, x, "input", lin.quantization_scheme.input_activations)
+        igs = t[mods[0] + ".input_global_scale"]
+        assert torch.equal(theirs, fg.fake_quant_nvfp4(x, igs))
+        v = x.reshape(3, 7, -1, 16)  # and the rule by hand: local fp8 scale per 16, E2M1 by the table
+        eff = cast(v.abs().amax(-1, keepdim=True) / 6 * float(igs)) / float(igs)
+        r = v / torch.where(eff > 0, eff, torch.ones_like(eff))
+        grid = torch.tensor(E2M1 + [-e for e in E2M1])
+        nearest = grid[(r.clamp(-6, 6)[..., None] - grid).abs().argmin(-1)]  # ties: checked in test_floatgrid
+        assert (nearest * eff).reshape(x.shape).sub(theirs).abs().max() <= 0.5 * eff.max()
+    fp = logits(AutoModelForCausalLM.from_pretrained(str(env["m128"]), dtype=torch.float32), ids)
+    assert rel(logits(ref_model, ids), fp) < 0.6  # sanity bound (4-bit float weights, random tiny model)
+
+    w4a4 = preset == "nvfp4"
+    modules = layer_modules(config, 0, lambda o, i: vllm_nvfp4(o, i, w4a4), None, False, torch.float32)
+    check_complete(modules, load(modules, {k: v for k, v in t.items() if k.startswith("model.layers.0.")}))

@@ -115,8 +115,8 @@ def gptq_quantize_(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, params: GP
     FP8 grid (``args.grid == "fp8"``): the scales are fixed before the solve, ``scale`` float32
     [out, groups] (default: ``w``'s own, :func:`floatgrid.fp8_row_scales`), and every column is
     rounded to the E4M3 grid of its scale instead of the integers."""
-    if args.grid == "fp8" and scale is None:
-        scale = fg.fp8_row_scales(w, args.fp8_strategy)
+    if args.grid != "int" and scale is None:
+        scale = fg.grid_scales(w, args.grid, args.fp8_strategy)
     if h.dtype != torch.float32 or not h.is_contiguous():
         raise ValueError(f"gptq_quantize_ needs a contiguous float32 Hessian, got {h.dtype}")
     out_f, n = w.shape
@@ -169,7 +169,7 @@ def _column_loop(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: Qua
             parts = list(pool.map(run, chunks, fixed_chunks))
         Q, scale, zero = (torch.cat(t) for t in zip(*parts))
     inverse = torch.argsort(perm)
-    q = fg.fp8_bits(Q[:, inverse]) if fixed is not None else Q[:, inverse].to(torch.int8)
+    q = fg.GRID_CODES[args.grid](Q[:, inverse]) if fixed is not None else Q[:, inverse].to(torch.int8)
     return QuantResult(q=q, scale=scale, zero=zero.to(torch.int8))
 
 
@@ -231,8 +231,8 @@ def quantize_columns(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args:
 
 def quantize_columns_grid(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: QuantArgs,
                           block_size: int, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`quantize_columns` on the FP8 E4M3 grid with fixed scales ``scale`` [out, groups]
-    (checkpoint group order): ``q = e4m3(w / s)`` (saturating, round to nearest even),
+    """:func:`quantize_columns` on a float grid (``args.grid``: FP8 E4M3, NVFP4 E2M1) with fixed
+    scales ``scale`` [out, groups] (checkpoint group order): ``q = grid(w / s)`` (nearest, ties even),
     ``err = (w − q·s) / U[i,i]``, the same error feedback. Returns the grid values (float, solve
     order), the scales and zeros (all 0)."""
     out_f, n = W.shape
@@ -240,8 +240,10 @@ def quantize_columns_grid(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, 
     grouped = args.group_size != -1
     group_of = (perm[::cols] // cols).tolist() if grouped else [0]
     scale = scale.float()
+    div = fg.nvfp4_safe(scale)  # an all-zero NVFP4 group has scale 0: its values round to 0
+    rnd = fg.GRID_ROUND[args.grid]
     Q = torch.empty_like(W)
-    cur_s = scale[:, 0].contiguous()
+    cur_s, cur_d = scale[:, 0].contiguous(), div[:, 0].contiguous()
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         Wt = W[:, i1:i2].T.contiguous()
@@ -251,9 +253,10 @@ def quantize_columns_grid(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, 
         diag = U1.diagonal().tolist()
         for i in range(i2 - i1):
             if grouped and (i1 + i) % cols == 0:
-                cur_s = scale[:, group_of[(i1 + i) // cols]].contiguous()
+                g = group_of[(i1 + i) // cols]
+                cur_s, cur_d = scale[:, g].contiguous(), div[:, g].contiguous()
             col, q, err = Wt[i], Qt[i], Et[i]
-            q.copy_(fg.to_fp8(col / cur_s))
+            q.copy_(rnd(col / cur_d))
             torch.mul(q, cur_s, out=err)
             torch.sub(col, err, out=err).div_(diag[i])
             if i + 1 < i2 - i1:

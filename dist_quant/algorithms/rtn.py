@@ -10,8 +10,8 @@ from ..quant.qparams import QuantArgs, QuantResult, compute_qparams, expand_grou
 def rtn_quantize(w: torch.Tensor, args: QuantArgs, scale: torch.Tensor | None = None) -> QuantResult:
     """Quantize ``w`` [out, in] group by group with scales from each group's own range
     (FP8 grid: ``scale``, float32 [out, groups], the fixed scales; default ``w``'s own)."""
-    if args.grid == "fp8":
-        return rtn_fp8(w, args, scale)
+    if args.grid != "int":
+        return rtn_grid(w, args, scale)
     out_f, in_f = w.shape
     cols = args.columns_per_group(in_f)
     groups = w.float().reshape(out_f, in_f // cols, cols).reshape(-1, cols)
@@ -24,10 +24,12 @@ def rtn_quantize(w: torch.Tensor, args: QuantArgs, scale: torch.Tensor | None = 
     )
 
 
-def rtn_fp8(w: torch.Tensor, args: QuantArgs, scale: torch.Tensor | None = None) -> QuantResult:
-    """``q = e4m3(w / scale)`` (saturating, round to nearest even) with one scale per row and group."""
+def rtn_grid(w: torch.Tensor, args: QuantArgs, scale: torch.Tensor | None = None) -> QuantResult:
+    """Round to the nearest value of the float grid (E4M3 saturating / E2M1, ties to even) with
+    one fixed scale per row and group: ``q = grid(w / scale)``."""
     if scale is None:
-        scale = fg.fp8_row_scales(w, args.fp8_strategy)
-    per_col = expand_groups(scale, args, w.shape[1])
-    return QuantResult(q=fg.fp8_bits(w.float() / per_col), scale=scale.float().clone(),
+        scale = fg.grid_scales(w, args.grid, args.fp8_strategy)
+    per_col = expand_groups(fg.nvfp4_safe(scale.float()), args, w.shape[1])
+    values = fg.GRID_ROUND[args.grid](w.float() / per_col)
+    return QuantResult(q=fg.GRID_CODES[args.grid](values), scale=scale.float().clone(),
                        zero=torch.zeros(scale.shape, dtype=torch.int8, device=w.device))

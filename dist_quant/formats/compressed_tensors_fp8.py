@@ -42,7 +42,9 @@ def scheme(args: QuantArgs, act: ActQuantArgs) -> QuantizationScheme:
     return preset_name_to_scheme(preset(args, act), ["Linear"])
 
 
-def quantization_config(args: QuantArgs, act: ActQuantArgs, ignore: list[str]) -> dict:
+def quantization_config(args: QuantArgs, act: ActQuantArgs | None, ignore: list[str]) -> dict:
+    if args.grid == "nvfp4":
+        return config_entry(preset_name_to_scheme(nvfp4_preset(act), ["Linear"]), NVFP4_FORMAT, ignore)
     fmt = FORMAT if args.grid == "fp8" else "pack-quantized"
     return config_entry(scheme(args, act), fmt, ignore)
 
@@ -93,6 +95,12 @@ def check_float_shapes(cfg, plan) -> None:
     output size (q/k/v, gate/up: the checkpoint's linears) and the input size to be multiples of
     the 128×128 block; refused up front, one line, naming the first linear that fails."""
     q = cfg.quant
+    if q.weight_type == "nvfp4":  # groups of 16 along the input
+        bad = [lin for lin in plan.linears if lin.in_features % fg.NVFP4_GROUP]
+        if bad:
+            raise ConfigError(f"quant.weight_type='nvfp4': {bad[0].name} has {bad[0].in_features} input features, "
+                              f"not a multiple of the NVFP4 group of {fg.NVFP4_GROUP}")
+        return
     if q.weight_type != "fp8" or q.weight_strategy != "block":
         return
     bad = [lin for lin in plan.linears if lin.out_features % FP8_BLOCK or lin.in_features % FP8_BLOCK]
@@ -101,3 +109,46 @@ def check_float_shapes(cfg, plan) -> None:
         raise ConfigError(f"quant.weight_strategy='block': {lin.name} is [{lin.out_features}, {lin.in_features}] "
                           f"and {len(bad)} linear(s) are not multiples of {FP8_BLOCK} in both sizes, which vLLM's "
                           "block FP8 loader requires (validate_fp8_block_shape); use quant=fp8_dynamic")
+
+
+# -- NVFP4 (``nvfp4-pack-quantized``; vLLM CompressedTensorsW4A4Fp4 / CompressedTensorsW4A16Fp4) --------
+NVFP4_FORMAT = "nvfp4-pack-quantized"
+
+
+def nvfp4_preset(act: ActQuantArgs | None) -> str:
+    return "NVFP4" if act is not None else "NVFP4A16"
+
+
+def compress_nvfp4(name: str, result: QuantResult, args: QuantArgs, act: ActQuantArgs | None,
+                   act_params: StaticActParams | None) -> dict[str, torch.Tensor]:
+    """``weight_packed`` uint8 [out, in/2] (two E2M1 codes a byte, the even column low),
+    ``weight_scale`` float8_e4m3fn [out, in/16], ``weight_global_scale`` float32 [1] (shared by
+    the fused parts), W4A4: ``input_global_scale`` float32 [1]. The weight is
+    ``e2m1 · weight_scale / weight_global_scale`` per group of 16."""
+    from compressed_tensors.compressors import NVFP4PackedCompressor
+
+    gs = result.global_scale.float().reshape(1)
+    group = fg.fp8_group_scales(result.scale, gs)
+    if not torch.equal(group.float() / gs, result.scale):
+        raise AssertionError(f"{name}: NVFP4 group scales are not E4M3 values over the global scale")
+    codes = result.q.view(torch.uint8)
+    state = {"weight": result.dequantize(args), "weight_scale": group.float(), "weight_global_scale": gs}
+    lib = NVFP4PackedCompressor.compress(state, preset_name_to_scheme(nvfp4_preset(act), ["Linear"]))
+    packed = fg.pack_e2m1(codes)
+    lib_codes = fg.unpack_e2m1(lib["weight_packed"])
+    if not torch.equal(fg.e2m1_values(lib_codes), fg.e2m1_values(codes)):  # the library may write -0
+        raise AssertionError(f"{name}: compressed-tensors NVFP4 packing differs from the solve")
+    out = {"weight_packed": packed, "weight_scale": group, "weight_global_scale": gs}
+    if act is not None:
+        assert act_params is not None, f"{name}: NVFP4 input global scale missing"
+        out["input_global_scale"] = act_params.scale.to(torch.float32).reshape(1)
+    return {f"{name}.{key}": value.contiguous() for key, value in out.items()}
+
+
+def nvfp4_specs(name: str, out_features: int, in_features: int, act: ActQuantArgs | None) -> list[TensorSpec]:
+    specs = [TensorSpec(f"{name}.weight_packed", "U8", (out_features, in_features // 2)),
+             TensorSpec(f"{name}.weight_scale", "F8_E4M3", (out_features, in_features // fg.NVFP4_GROUP)),
+             TensorSpec(f"{name}.weight_global_scale", "F32", (1,))]
+    if act is not None:
+        specs.append(TensorSpec(f"{name}.input_global_scale", "F32", (1,)))
+    return specs

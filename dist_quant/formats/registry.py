@@ -91,6 +91,19 @@ class CompressedTensorsFP8(OutputFormat):
         return ctf.quantization_config(self.args, self.act, ignore)
 
 
+class CompressedTensorsNVFP4(CompressedTensorsFP8):
+    """compressed-tensors ``nvfp4-pack-quantized``: NVFP4 weights, NVFP4 or float activations."""
+
+    def linear_specs(self, name, out_features, in_features, bias):
+        return ctf.nvfp4_specs(name, out_features, in_features, self.act) + ([bias] if bias else [])
+
+    def pack_linear(self, name, result, bias, act_params):
+        out = ctf.compress_nvfp4(name, result, self.args, self.act, act_params)
+        if bias is not None:
+            out[f"{name}.bias"] = bias
+        return out
+
+
 class CompressedTensorsW4AFP8(OutputFormat):
     """compressed-tensors ``pack-quantized`` int4 weights (as W4A16) with FP8 input activations."""
 
@@ -133,6 +146,8 @@ def act_args(cfg: JobConfig, args: QuantArgs) -> ActQuantArgs | None:
         return None
     scale_dtype = args.scale_dtype if cfg.output.format == "ascend" else torch.float32
     q = cfg.quant
+    if q.act_type == "nvfp4":  # static global scale, local scales per group of 16 at run time
+        return ActQuantArgs(dynamic=False, scale_dtype=torch.float32, grid="nvfp4")
     if q.act_type == "fp8":  # block FP8 weights: activations per token and group of 128 (vLLM)
         group = FP8_BLOCK if q.weight_type == "fp8" and q.weight_strategy == "block" else 0
         return ActQuantArgs(dynamic=q.act_dynamic, scale_dtype=torch.float32, grid="fp8", group=group)
@@ -140,15 +155,17 @@ def act_args(cfg: JobConfig, args: QuantArgs) -> ActQuantArgs | None:
 
 
 def _compressed_tensors(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | None) -> OutputFormat:
+    if args.grid == "nvfp4":
+        return CompressedTensorsNVFP4(args, act)
     if act is not None and act.grid == "fp8":
         return CompressedTensorsFP8(args, act) if args.grid == "fp8" else CompressedTensorsW4AFP8(args, act)
     return CompressedTensorsW8A8(args, act) if act is not None else OutputFormat(args, act)
 
 
 def _ascend(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | None) -> OutputFormat:
-    if cfg.quant.weight_type == "fp8" or cfg.quant.act_type == "fp8":
+    if cfg.quant.weight_type != "int" or cfg.quant.act_type != "int":
         raise ConfigError(f"output.format='ascend' with quant={cfg.quant.name}: the msModelSlim description "
-                          "format has no FP8 types (Ascend NPUs serve W8A8 / W8A8_DYNAMIC); use "
+                          "format has no FP8 / NVFP4 types (Ascend NPUs serve W8A8 / W8A8_DYNAMIC); use "
                           "output.format=compressed-tensors")
     if cfg.quant.bits != 8:
         raise ConfigError(f"output.format='ascend' with quant.bits={cfg.quant.bits}: the Ascend description "

@@ -199,3 +199,63 @@ def fp8_bits(values: torch.Tensor) -> torch.Tensor:
 
 def fp8_from_bits(bits: torch.Tensor) -> torch.Tensor:
     return bits.view(FP8)
+
+
+# -- NVFP4 as a solver grid, and NVFP4 activations ----------------------------------------------------
+def nvfp4_group_scales(w: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """The effective scales of ``w`` [out, in] per group of 16 columns, float32 [out, in/16]:
+    ``fp8(amax(group) / 6 · gs) / gs`` (what the served model multiplies the E2M1 values by)."""
+    out_f, in_f = w.shape
+    if in_f % NVFP4_GROUP:
+        raise ValueError(f"nvfp4: input features {in_f} are not a multiple of {NVFP4_GROUP}")
+    gs = global_scale.float().reshape(1, 1)
+    amax = w.float().reshape(out_f, in_f // NVFP4_GROUP, NVFP4_GROUP).abs().amax(dim=2)
+    return to_fp8(amax / FP4_MAX * gs).float() / gs
+
+
+def fp8_group_scales(eff: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """The stored float8 group scales of effective scales (exact: ``eff · gs`` is within float32
+    rounding of an E4M3 value, far below its spacing)."""
+    return to_fp8(eff.float() * global_scale.float().reshape(1, 1))
+
+
+def e2m1_round(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the nearest E2M1 value (ties to even, saturating at ±6)."""
+    return e2m1_values(e2m1_codes(x))
+
+
+def nvfp4_safe(eff: torch.Tensor) -> torch.Tensor:
+    """Scales to divide by: an all-zero group (scale 0) divides by 1 and gives code 0."""
+    return torch.where(eff > 0, eff, torch.ones_like(eff))
+
+
+def fake_quant_nvfp4(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4 activations (vLLM ``scaled_fp4_quant``): per token and group of 16, the local scale
+    ``fp8(amax / 6 · gs)`` with the calibrated global scale ``gs``; ``e2m1(x / s) · s`` with
+    ``s = local / gs``."""
+    v = x.float().reshape(*x.shape[:-1], x.shape[-1] // NVFP4_GROUP, NVFP4_GROUP)
+    gs = float(global_scale)
+    eff = to_fp8(v.abs().amax(dim=-1, keepdim=True) / FP4_MAX * gs).float() / gs
+    return (e2m1_round(v / nvfp4_safe(eff)) * eff).reshape(x.shape).to(x.dtype)
+
+
+def nvfp4_static_global_scale(amax: float | torch.Tensor) -> torch.Tensor:
+    """The input global scale of a calibrated ``max|x|``: ``448 · 6 / amax`` (float32 [1])."""
+    return nvfp4_global_scale(torch.as_tensor(amax, dtype=torch.float32).reshape(1))
+
+
+# -- the float grids the solvers round to (QuantArgs.grid) ---------------------------------------------
+# round: a value in scale units → the nearest grid value; codes: grid values → the int8 codes a
+# QuantResult holds (E4M3 bit patterns; E2M1 codes 0..15); values: codes → grid values.
+GRID_ROUND = {"fp8": lambda v: to_fp8(v).float(), "nvfp4": e2m1_round}
+GRID_CODES = {"fp8": fp8_bits, "nvfp4": lambda v: e2m1_codes(v).to(torch.int8)}
+GRID_VALUES = {"fp8": lambda q: q.view(FP8).float(), "nvfp4": lambda q: e2m1_values(q.view(torch.uint8))}
+
+
+def grid_scales(w: torch.Tensor, grid: str, strategy: str = "channel", amax: float | None = None) -> torch.Tensor:
+    """The fixed scales of ``w`` on ``grid`` in the solvers' layout [out, groups] (``amax``: the
+    max|w| of the fused linears sharing the per-tensor scale / NVFP4 global scale)."""
+    if grid == "fp8":
+        return fp8_row_scales(w, strategy, amax)
+    a = float(w.float().abs().amax()) if amax is None else float(amax)
+    return nvfp4_group_scales(w, nvfp4_global_scale(torch.tensor(a)))
