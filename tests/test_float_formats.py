@@ -163,6 +163,9 @@ def test_config_checks_name_the_bad_key():
         (dict(weight_type="fp8", bits=8, group_size=-1, act_bits=8, act_type="int"), "quant.weight_type='fp8'"),
         (dict(bits=4, group_size=64, act_bits=8, act_type="fp8", act_dynamic=True), "quant.act_type='fp8'"),
         (dict(weight_type="fp4"), "quant.weight_type='fp4'"),
+        (dict(weight_type="nvfp4", bits=4, group_size=32), "quant.weight_type='nvfp4'"),
+        (dict(weight_type="nvfp4", bits=4, group_size=16, act_bits=8, act_type="fp8", act_dynamic=True),
+         "quant.act_bits=8"),
     ]
     for kwargs, key in cases:
         with pytest.raises(ConfigError, match=key.replace("(", r"\(")):
@@ -305,7 +308,8 @@ def test_unservable_float_jobs_are_refused_before_any_work(env, tmp_path):
     moe = make_tiny_moe(tmp_path / "moe", "qwen3_moe", layers=1, vocab=256)
     cases = [("m64", ["quant=fp8_block"], "multiples of 128"),
              ("m64", ["quant=fp8_dynamic", "output.format=ascend"], "output.format='ascend'"),
-             ("moe", ["quant=fp8_static"], "quant.act_dynamic=false")]
+             ("moe", ["quant=fp8_static"], "quant.act_dynamic=false"),
+             ("moe", ["quant=nvfp4a16"], "MoE model_type")]
     env = {**env, "moe": moe}
     for model, extra, why in cases:
         out = tmp_path / f"out-{model}-{len(extra)}"
