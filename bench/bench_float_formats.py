@@ -1,5 +1,6 @@
 """Held-out perplexity of the FP8 presets on SmolLM2-135M-Instruct (quality only; timings on a
-shared machine mean nothing): FP, fp8_dynamic and fp8_static, each with RTN and GPTQ, with the
+shared machine mean nothing): FP, fp8_dynamic and fp8_static, each with RTN and GPTQ, nvfp4a16
+(RTN, GPTQ) and nvfp4 (RTN), with the
 activation quantization applied as vLLM computes it (dist_quant.fakequant; transformers'
 loader gives the same logits, tests/test_float_formats.py). fp8_block and w4afp8 need every
 linear to be a multiple of 128, which SmolLM2 (hidden 576) is not: they are refused up front.
@@ -22,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 RUNS = [("fp8_dynamic_rtn", "fp8_dynamic", "rtn"), ("fp8_dynamic_gptq", "fp8_dynamic", "gptq"),
-        ("fp8_static_rtn", "fp8_static", "rtn"), ("fp8_static_gptq", "fp8_static", "gptq")]
+        ("fp8_static_rtn", "fp8_static", "rtn"), ("fp8_static_gptq", "fp8_static", "gptq"),
+        ("nvfp4a16_rtn", "nvfp4a16", "rtn"), ("nvfp4a16_gptq", "nvfp4a16", "gptq"), ("nvfp4_rtn", "nvfp4", "rtn")]
 
 
 def quantize(model: Path, out: Path, preset: str, solver: str, args) -> None:
