@@ -271,7 +271,8 @@ class StageContext:
         return inputs_of(module, children, *args, **kwargs)
 
     def act(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """What linear ``name`` sees of its input ``x``: int8 / FP8 / NVFP4 fake-quantized in jobs with activation quantization
+        """What linear ``name`` sees of its input ``x``: int8 / FP8 / NVFP4 fake-quantized in jobs
+        with activation quantization
         (per token for dynamic activations; static ones need ``quantize`` to have calibrated
         that linear), ``x`` for float linears and weight-only jobs."""
         act = self.job.act
