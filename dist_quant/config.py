@@ -103,6 +103,17 @@ class QuantConfig:
     self_attn.o_proj, or an fnmatch pattern (model.layers.1?.mlp.down_proj)."""
     search_tokens: int = 1024
     """Flex smooth search: calibration tokens (over all ranks) that score each candidate."""
+    # -- float formats: FP8 weights, FP8 activations (docs/float_formats.md) ---------------------
+    weight_type: str = "int"
+    """Weight number format: int (integers of quant.bits bits), fp8 (FP8 E4M3, quant.bits=8) or
+    nvfp4 (FP4 E2M1 in groups of 16 with FP8 group scales and a global scale; quant.bits=4)."""
+    weight_strategy: str = "channel"
+    """FP8 weights: channel (a scale per output channel), tensor (one scale, shared by the parts
+    a server fuses: q/k/v, gate/up) or block (a scale per 128×128 block; quant.group_size=128)."""
+    act_type: str = "int"
+    """Activations with quant.act_bits=8: int (int8) or fp8 (FP8 E4M3; per token when dynamic, per
+    token and group of 128 columns with block weights, calibrated per tensor when static); with
+    quant.act_bits=4: nvfp4 (calibrated global scale, group scales at run time)."""
 
     def __post_init__(self) -> None:
         solvers = _solver_names()
@@ -110,6 +121,7 @@ class QuantConfig:
                self.weight_solver, "expected " + " or ".join(solvers))
         if self.weight_solver is not None:
             object.__setattr__(self, "method", self.weight_solver)
+        _check_float_formats(self)
         _check_w8a8(self)
         _check(self.method in solvers, "quant.method", self.method, "expected " + " or ".join(solvers))
         _check(self.bits in (4, 8), "quant.bits", self.bits, "supported weight bits are 4 and 8")
@@ -140,11 +152,56 @@ def _output_formats() -> tuple[str, ...]:
     return tuple(FORMATS)
 
 
+FP8_BLOCK = 128  # vLLM's block FP8 kernels: 128×128 weight blocks, 1×128 activation groups
+
+
+def _check_float_formats(q: "QuantConfig") -> None:
+    """FP8 weights (quant.weight_type=fp8) and FP8 activations (quant.act_type=fp8) and how they
+    combine: FP8_DYNAMIC / FP8 (static) / FP8_BLOCK, and W4AFP8 (int4 weights, FP8 activations)."""
+    _check(q.weight_type in ("int", "fp8", "nvfp4"), "quant.weight_type", q.weight_type,
+           "expected int, fp8 or nvfp4")
+    _check(q.act_type in ("int", "fp8", "nvfp4"), "quant.act_type", q.act_type, "expected int, fp8 or nvfp4")
+    if q.weight_type == "nvfp4" or q.act_type == "nvfp4":  # NVFP4A16 / NVFP4 (W4A4)
+        _check(q.weight_type == "nvfp4" and q.bits == 4 and q.group_size == 16 and q.symmetric
+               and q.observer == "minmax", "quant.weight_type", q.weight_type,
+               f"NVFP4 needs quant.weight_type=nvfp4, bits=4, group_size=16, symmetric, observer=minmax (got "
+               f"weight_type={q.weight_type}, bits={q.bits}, group_size={q.group_size}, symmetric={q.symmetric}, "
+               f"observer={q.observer})")
+        _check(q.act_bits is None or (q.act_bits == 4 and q.act_type == "nvfp4" and not q.act_dynamic),
+               "quant.act_bits", q.act_bits, "NVFP4 weights take float activations (null) or NVFP4 ones "
+               "(quant.act_bits=4, quant.act_type=nvfp4, quant.act_dynamic=false: a calibrated global scale)")
+        _check(q.smooth == "none", "quant.smooth", q.smooth, "NVFP4 uses quant.smooth=none")
+        return
+    _check(q.weight_strategy in ("channel", "tensor", "block"), "quant.weight_strategy", q.weight_strategy,
+           "expected channel, tensor or block")
+    if q.weight_type == "fp8":
+        _check(q.bits == 8, "quant.bits", q.bits, "FP8 weights are 8-bit (quant.weight_type=fp8)")
+        _check(q.symmetric, "quant.symmetric", q.symmetric, "FP8 weights are symmetric (no zero point)")
+        _check(q.observer == "minmax", "quant.observer", q.observer, "FP8 scales are max|w| / 448 (minmax)")
+        want = FP8_BLOCK if q.weight_strategy == "block" else -1
+        _check(q.group_size == want, "quant.group_size", q.group_size,
+               f"FP8 {q.weight_strategy} weights need quant.group_size={want}")
+        _check(q.act_bits == 8 and q.act_type == "fp8", "quant.weight_type", q.weight_type,
+               "FP8 weights are written with FP8 activations (quant.act_bits=8, quant.act_type=fp8)")
+        if q.weight_strategy == "block":
+            _check(q.act_dynamic, "quant.act_dynamic", q.act_dynamic, "block FP8 activations are dynamic per "
+                   "token and group of 128 (vLLM's CompressedTensorsW8A8Fp8 asserts a dynamic input scheme)")
+    elif q.act_type == "fp8" and q.act_bits == 8:  # W4AFP8: vLLM CompressedTensorsW4A8Fp8
+        _check(q.bits == 4 and q.group_size == 128 and q.symmetric, "quant.act_type", q.act_type,
+               f"int weights with FP8 activations (W4AFP8) need int4 symmetric weights in groups of 128 "
+               f"(vLLM's W4A8-FP8 kernels; got bits={q.bits}, group_size={q.group_size}, symmetric={q.symmetric})")
+        _check(q.act_dynamic, "quant.act_dynamic", q.act_dynamic, "W4AFP8 activations are dynamic per token")
+    if q.act_type == "fp8":
+        _check(q.act_bits == 8, "quant.act_type", q.act_type, "needs quant.act_bits=8")
+        _check(q.smooth == "none", "quant.smooth", q.smooth, "smoothing is written for int8 activations; "
+               "FP8 activations use quant.smooth=none")
+
+
 def _check_w8a8(q: "QuantConfig") -> None:
     """Activation quantization and smoothing keys (and how they combine)."""
-    _check(q.act_bits in (None, 8), "quant.act_bits", q.act_bits, "expected null (no activation "
-           "quantization) or 8")
-    if q.act_bits == 8:
+    _check(q.act_bits in (None, 8) or q.act_type == "nvfp4", "quant.act_bits", q.act_bits,
+           "expected null (no activation quantization) or 8")
+    if q.act_bits == 8 and q.act_type == "int":
         _check(q.bits == 8 and q.group_size == -1 and q.symmetric, "quant.act_bits", q.act_bits,
                f"W8A8 needs int8 per-channel symmetric weights (quant.bits=8, quant.group_size=-1, "
                f"quant.symmetric=true; got bits={q.bits}, group_size={q.group_size}, symmetric={q.symmetric})")

@@ -3,6 +3,10 @@ dist_quant computes: dequantized int8 weights, and input activations fake-quanti
 forward pre-hooks (static per-tensor with the stored scale and offset, or dynamic per
 token). It reads both output formats:
 
+* compressed-tensors ``nvfp4-pack-quantized`` (NVFP4 weights; NVFP4 inputs with the stored global
+  scale for W4A4), ``float-quantized`` (FP8) and ``pack-quantized`` int4 with FP8 activations
+  (W4AFP8): dequantized weights, FP8 input fake-quantization (dynamic per token / per token and
+  group, or the static ``input_scale``), as vLLM computes (dist_quant/quant/floatgrid.py);
 * compressed-tensors ``int-quantized``: ``weight`` × ``weight_scale``; ``input_scale`` /
   ``input_zero_point``, or per-token dynamic (scale = max|x| / 127, the servers' kernels) from
   the config;
@@ -26,6 +30,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .formats import ascend
+from .quant import floatgrid as fg
 from .quant.activations import TOKEN_DIVISOR, StaticActParams, fake_quant_dynamic, fake_quant_static
 
 
@@ -46,7 +51,13 @@ def read_tensors(directory: Path, index_name: str) -> dict[str, torch.Tensor]:
 def _act_hook(kind: str, params: StaticActParams | None = None, divisor: float = TOKEN_DIVISOR):
     def hook(module, args):
         x = args[0]
-        if kind == "static":
+        if kind == "nvfp4":
+            x = fg.fake_quant_nvfp4(x, params.scale)
+        elif kind == "fp8_static":
+            x = fg.fake_quant_fp8_static(x, params.scale)
+        elif kind == "fp8_dynamic":
+            x = fg.fake_quant_fp8_dynamic(x, int(divisor))  # divisor: the column group (0: per token)
+        elif kind == "static":
             x = fake_quant_static(x, params)
         elif kind == "dynamic":
             x = fake_quant_dynamic(x, divisor)
@@ -54,8 +65,77 @@ def _act_hook(kind: str, params: StaticActParams | None = None, divisor: float =
     return hook
 
 
+def _fp8_act(inputs: dict | None, tensors, mod: str):
+    """The FP8 activation quantizer of a compressed-tensors ``input_activations`` entry."""
+    if inputs is None:
+        return ("none", None, 0.0)
+    if inputs.get("dynamic"):
+        return ("fp8_dynamic", None, float(inputs.get("group_size") or 0))
+    return ("fp8_static", StaticActParams(tensors[mod + ".input_scale"].float().reshape(1), torch.zeros(1)), 0.0)
+
+
+def _linear_plan_fp8(tensors, qc: dict):
+    """``float-quantized``: ``weight`` (E4M3) × ``weight_scale`` (channel [out, 1], tensor [1],
+    block [ceil(out/128), ceil(in/128)] per 128×128 block)."""
+    group = qc["config_groups"]["group_0"]
+    block = (group["weights"].get("block_structure") or [None, None])
+    plan = {}
+    for key, t in tensors.items():
+        if not key.endswith(".weight") or t.dtype != torch.float8_e4m3fn:
+            continue
+        mod = key[: -len(".weight")]
+        scale = tensors[mod + ".weight_scale"].float()
+        if block[0] is not None:
+            scale = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[: t.shape[0], : t.shape[1]]
+        plan[mod] = (t.float() * (scale if scale.dim() == 2 else scale.reshape(1, 1)), _fp8_act(group.get("input_activations"), tensors, mod))
+    return plan
+
+
+def _linear_plan_w4afp8(tensors, qc: dict):
+    """``pack-quantized`` symmetric int4 with FP8 activations: ``weight_packed`` (eight 4-bit values
+    per int32, offset by 8) × ``weight_scale`` per group."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    group = qc["config_groups"]["group_0"]
+    bits = group["weights"]["num_bits"]
+    plan = {}
+    for key, t in tensors.items():
+        if not key.endswith(".weight_packed"):
+            continue
+        mod = key[: -len(".weight_packed")]
+        shape = tuple(int(v) for v in tensors[mod + ".weight_shape"].tolist())
+        q = unpack_from_int32(t, bits, torch.Size(shape)).float()
+        scale = tensors[mod + ".weight_scale"].float()
+        w = q * scale.repeat_interleave(shape[1] // scale.shape[1], dim=1)
+        plan[mod] = (w, _fp8_act(group.get("input_activations"), tensors, mod))
+    return plan
+
+
+def _linear_plan_nvfp4(tensors, qc: dict):
+    """``nvfp4-pack-quantized``: ``e2m1(weight_packed) · weight_scale / weight_global_scale`` per
+    group of 16; W4A4 inputs: NVFP4 with ``input_global_scale`` (local scales at run time)."""
+    inputs = qc["config_groups"]["group_0"].get("input_activations")
+    plan = {}
+    for key, t in tensors.items():
+        if not key.endswith(".weight_packed"):
+            continue
+        mod = key[: -len(".weight_packed")]
+        w = fg.nvfp4_dequantize(fg.unpack_e2m1(t), tensors[mod + ".weight_scale"], tensors[mod + ".weight_global_scale"])
+        act = ("none", None, 0.0) if inputs is None else (
+            "nvfp4", StaticActParams(tensors[mod + ".input_global_scale"].float().reshape(1), torch.zeros(1)), 0.0)
+        plan[mod] = (w, act)
+    return plan
+
+
 def _linear_plan_ct(tensors, config: dict, divisor: float = TOKEN_DIVISOR):
     qc = config["quantization_config"]
+    inputs = qc["config_groups"]["group_0"].get("input_activations")
+    if qc.get("format") == "nvfp4-pack-quantized":
+        return _linear_plan_nvfp4(tensors, qc)
+    if qc.get("format") == "float-quantized":
+        return _linear_plan_fp8(tensors, qc)
+    if qc.get("format") == "pack-quantized" and inputs is not None and inputs.get("type") == "float":
+        return _linear_plan_w4afp8(tensors, qc)
     if qc.get("format") != "int-quantized":
         raise ValueError(f"fake-quant model: compressed-tensors format {qc.get('format')!r} is not W8A8 "
                          "int-quantized (transformers loads weight-only formats itself)")

@@ -22,7 +22,13 @@ def check_weight(name: str, w: torch.Tensor) -> None:
 
 def check_result(name: str, result: QuantResult, args: QuantArgs) -> None:
     q, scale, zero = result.q, result.scale, result.zero
-    if q.numel() and (int(q.min()) < args.qmin or int(q.max()) > args.qmax):
+    if args.grid == "nvfp4" and q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+        raise NumericalError(f"{name}: E2M1 codes outside 0..15")
+    if args.grid == "nvfp4":
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: scale 0 is exact
+    if args.grid == "fp8" and q.numel() and bool(((q == 127) | (q == -1)).any()):  # E4M3 NaN: S.1111.111
+        raise NumericalError(f"{name}: NaN FP8 weight codes")
+    if args.grid == "int" and q.numel() and (int(q.min()) < args.qmin or int(q.max()) > args.qmax):
         raise NumericalError(f"{name}: integers outside [{args.qmin}, {args.qmax}] "
                              f"(min {int(q.min())}, max {int(q.max())})")
     if not torch.isfinite(scale).all() or not (scale > 0).all():

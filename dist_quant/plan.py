@@ -63,7 +63,7 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
 
     if arch.moe is not None and getattr(quant, "act_bits", None) is not None and not quant.act_dynamic:
         raise ConfigError(f"quant.act_dynamic=false with the MoE model_type={model_type!r}: routed experts "
-                          "support dynamic per-token int8 activations only (set quant.act_dynamic=true)")
+                          "support dynamic per-token activations only (set quant.act_dynamic=true)")
     linears: list[LinearInfo] = []
     layer_tensors: list[tuple[str, ...]] = []
     ignore = set(quant.ignore) | (set(quant.moe_ignore) if arch.moe is not None else set())
@@ -93,7 +93,9 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
                 has_bias = fqn + ".bias" in ckpt
                 if has_bias:
                     owned.add(fqn + ".bias")
-                if quant.group_size != -1 and shape[1] % quant.group_size:
+                if getattr(quant, "weight_type", "int") == "fp8":
+                    pass  # FP8 blocks: formats/compressed_tensors_fp8.check_float_shapes, after the plan
+                elif quant.group_size != -1 and shape[1] % quant.group_size:
                     raise ConfigError(f"quant.group_size={quant.group_size} does not divide the "
                                       f"{shape[1]} input features of {fqn!r}; use a divisor or -1")
                 linears.append(LinearInfo(fqn, i, stage.name, shape[0], shape[1], has_bias, stage.expert))

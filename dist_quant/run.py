@@ -19,6 +19,7 @@ from .checkpoint import Checkpoint, CheckpointError
 from .config import ConfigError, JobConfig
 from .formats.registry import make_format
 from .formats.serving import serving_dtype
+from .formats.compressed_tensors_fp8 import check_float_shapes
 from .servability import job_of, plan_warnings, refuse
 from .pipeline import LayerwiseQuantizer, output_specs
 from .plan import ModelPlan, OwnerPlan, assign_owners, inspect_model
@@ -94,6 +95,10 @@ def quant_args(cfg: JobConfig, ckpt: Checkpoint, plan: ModelPlan) -> QuantArgs:
     dtype = ckpt.tensors[first].dtype if first else "F32"
     scale_dtype = serving_dtype(cfg.output.dtype, dtype)  # scales are rounded to the serving dtype
     q = cfg.quant
+    if q.weight_type == "nvfp4":  # effective scales float32; stored as E4M3 group scales + a global scale
+        return QuantArgs(4, 16, True, torch.float32, grid="nvfp4")
+    if q.weight_type == "fp8":  # FP8 scales are float32 (vLLM's weight_scale parameters are float32)
+        return QuantArgs(8, q.group_size, True, torch.float32, grid="fp8", fp8_strategy=q.weight_strategy)
     return QuantArgs(q.bits, q.group_size, q.symmetric, scale_dtype, mse=q.observer == "mse")
 
 
@@ -107,6 +112,7 @@ def prepare(cfg: JobConfig, model_path: str, world_size: int):
     owners = assign_owners(plan, ckpt, world_size, cfg.quant.method)
     args = quant_args(cfg, ckpt, plan)
     refuse(job_of(cfg, plan, args.scale_dtype))  # outputs no server could load: one line, before any work
+    check_float_shapes(cfg, plan)  # block FP8: 128-multiples, one line, before any work
     return ckpt, plan, owners, args
 
 

@@ -28,6 +28,7 @@ ASCEND = "vLLM-Ascend"
 HF = "transformers (CPU)"
 SERVERS = (VLLM, SGLANG, ASCEND, HF)
 
+FLOAT_SCHEMES = ("FP8_DYNAMIC", "FP8", "FP8_BLOCK", "W4AFP8", "NVFP4", "NVFP4A16")  # FP8 activations (docs/float_formats.md)
 MARLIN_GROUP_SIZES = (-1, 32, 64, 128)  # vLLM marlin_utils.MARLIN_SUPPORTED_GROUP_SIZES
 MARLIN_MIN_THREAD_N = 64  # GPTQ_MARLIN_MIN_THREAD_N: output features per partition
 MARLIN_MIN_THREAD_K = 128  # GPTQ_MARLIN_MIN_THREAD_K: input features per partition
@@ -38,7 +39,7 @@ class Job:
     """What one job writes, in the terms the servers' loaders decide on."""
 
     format: str  # "compressed-tensors" | "ascend"
-    scheme: str  # "W4A16" | "W8A16" | "W8A8" (static activations) | "W8A8_DYNAMIC"
+    scheme: str  # "W4A16" | "W8A16" | "W8A8" (static activations) | "W8A8_DYNAMIC" | FLOAT_SCHEMES
     group_size: int  # -1: per output channel
     symmetric: bool
     serve_dtype: str  # "bfloat16" | "float16" | "float32"
@@ -47,7 +48,7 @@ class Job:
 
     @property
     def weight_only(self) -> bool:
-        return self.scheme in ("W4A16", "W8A16")
+        return self.scheme in ("W4A16", "W8A16")  # integer weight-only (NVFP4A16 is its own scheme)
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,28 @@ RULES: tuple[Rule, ...] = (
          "and float16 (int64); set output.dtype=bfloat16 or float16",
          "vllm_ascend/quantization/methods/w8a8_static.py, AscendW8A8LinearMethod.get_perchannel_param",
          applies=lambda j: _asc(j) and j.scheme == "W8A8", job_fails=lambda j: j.serve_dtype == "float32"),
+    # -- FP8 and W4AFP8 (docs/float_formats.md) --------------------------------------------------
+    Rule(ASCEND, "vLLM-Ascend has no FP8 or NVFP4 compressed-tensors scheme: its _detect_quant_type matches on "
+         "bits and strategy only (_is_dynamic_token_w8a8 / _is_static_tensor_w8a8 / _is_dynamic_token_w4a8 never "
+         "read the type, so FP8 would be taken for int8) and has no 4-bit-activation or float W4A16 entry: use "
+         "quant=w8a8 or output.format=ascend",
+         "vllm_ascend/quantization/compressed_tensors_config.py, AscendCompressedTensorsConfig._detect_quant_type",
+         applies=lambda j: _ct(j) and j.scheme in FLOAT_SCHEMES, job_fails=lambda j: True),
+    Rule(SGLANG, "SGLang's compressed-tensors W4A8-FP8 scheme exists for MoE experts only "
+         "(schemes/compressed_tensors_w4a8_fp8_moe.py; no dense linear scheme)",
+         "python/sglang/srt/layers/quantization/compressed_tensors/compressed_tensors.py, _get_scheme_from_parts",
+         applies=lambda j: _ct(j) and j.scheme == "W4AFP8", job_fails=lambda j: True),
+    Rule(SGLANG, "SGLang's CompressedTensorsW8A8Fp8 creates channel or tensor weight scales only "
+         "(create_weights asserts QuantizationStrategy.TENSOR otherwise): no 128x128 block scales",
+         "python/sglang/srt/layers/quantization/compressed_tensors/schemes/compressed_tensors_w8a8_fp8.py, "
+         "CompressedTensorsW8A8Fp8.create_weights",
+         applies=lambda j: _ct(j) and j.scheme == "FP8_BLOCK", job_fails=lambda j: True),
+    Rule(HF, "transformers cannot build W4AFP8 layers: from_pretrained fails initialising the int8 weight its "
+         "compressed-tensors integration registers for an int scheme with activation quantization "
+         "(NotImplementedError in normal_; observed with transformers 5.24, tests/test_float_formats.py); "
+         "evaluate with dist_quant.fakequant.load_fake_quant_model",
+         "transformers/modeling_utils.py, PreTrainedModel._init_weights (via the compressed-tensors integration)",
+         applies=lambda j: _ct(j) and j.scheme == "W4AFP8", job_fails=lambda j: True),
     # -- kernel shape limits ------------------------------------------------------------------
     Rule(SGLANG, f"Marlin (the CUDA W4A16/W8A16 kernel; the only one for bfloat16) needs out_features % "
                  f"{MARLIN_MIN_THREAD_N} == 0, in_features % {MARLIN_MIN_THREAD_K} == 0 and a group size in "
@@ -325,8 +348,13 @@ def refuse(job: Job) -> None:
 def job_of(cfg, plan, serve_dtype) -> Job:
     """The :class:`Job` of a config and model plan (``serve_dtype``: a torch dtype)."""
     q = cfg.quant
-    if q.act_bits is None:
+    if q.weight_type == "nvfp4":
+        scheme = "NVFP4A16" if q.act_bits is None else "NVFP4"
+    elif q.act_bits is None:
         scheme = f"W{q.bits}A16"
+    elif q.act_type == "fp8":
+        scheme = "W4AFP8" if q.weight_type != "fp8" else {"channel": "FP8_DYNAMIC", "tensor": "FP8",
+                                                          "block": "FP8_BLOCK"}[q.weight_strategy]
     else:
         scheme = "W8A8_DYNAMIC" if q.act_dynamic else "W8A8"
     return Job(format=cfg.output.format, scheme=scheme, group_size=q.group_size, symmetric=q.symmetric,

@@ -75,13 +75,18 @@ def override_keys(overrides: Sequence[str]) -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~").strip() for o in overrides if "=" in o}
 
 
+def float_preset(cfg) -> bool:
+    """FP8 weights or FP8 activations: their group sizes are fixed by the kernels (128), not a choice."""
+    return cfg.quant.get("weight_type", "int") == "fp8" or cfg.quant.get("act_type", "int") == "fp8"
+
+
 def apply_demo_defaults(cfg, overrides: Sequence[str]) -> None:
     """Set :data:`DEMO_DEFAULTS` on a composed config whose model.path is unset."""
     if cfg.model.path is not None:
         return
     explicit = override_keys(overrides)
     for key, value in DEMO_DEFAULTS.items():
-        if key in explicit or (key == "quant.group_size" and cfg.quant.group_size == -1):
+        if key in explicit or (key == "quant.group_size" and (cfg.quant.group_size == -1 or float_preset(cfg))):
             continue
         OmegaConf.update(cfg, key, value, merge=False)
 

@@ -55,6 +55,7 @@ from .algorithms.gptq import GPTQParams
 from .algorithms.registry import get_solver
 from .numerics import check_result, check_weight
 from .plan import LinearInfo
+from .quant import floatgrid as fg
 from .quant.activations import ActQuantArgs, StaticActParams, fake_quant
 from .quant.qparams import QuantResult
 from .solver_threads import single_threaded, solve_workers
@@ -91,6 +92,7 @@ class Job:
     hooks: list = field(default_factory=list)
     pos_emb: tuple | None = None
     act_params: dict[str, StaticActParams | None] = field(default_factory=dict)  # linear → input quantizer
+    weight_amax: dict[str, float] = field(default_factory=dict)  # linear → fused max|w| (NVFP4 global scale)
     notes: set = field(default_factory=set)  # keys of one-time log messages already given
     check_stop: Callable[[int], None] | None = None  # resume.Progress.check_stop (dist_quant/stop.py)
     _params: dict = field(default_factory=dict, repr=False)  # solver name → its frozen params
@@ -156,6 +158,11 @@ def inputs_of(module: nn.Module, children: Sequence[str], *args, **kwargs) -> di
     if missing:
         raise RuntimeError(f"the forward of {type(module).__name__} never reached {missing}")
     return seen
+
+
+def _shares_amax(args) -> bool:
+    """The weight scale depends on max|w| of the fused parts together (FP8 tensor, NVFP4 global)."""
+    return (args.grid == "fp8" and args.fp8_strategy == "tensor") or args.grid == "nvfp4"
 
 
 class StageContext:
@@ -264,7 +271,8 @@ class StageContext:
         return inputs_of(module, children, *args, **kwargs)
 
     def act(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """What linear ``name`` sees of its input ``x``: int8 fake-quantized in W8A8 jobs
+        """What linear ``name`` sees of its input ``x``: int8 / FP8 / NVFP4 fake-quantized in jobs
+        with activation quantization
         (per token for dynamic activations; static ones need ``quantize`` to have calibrated
         that linear), ``x`` for float linears and weight-only jobs."""
         act = self.job.act
@@ -360,10 +368,14 @@ class StageContext:
         # this rank's row pieces of the stage's linears (a whole linear unless its rows are split)
         mine = [(lin, lo, hi) for lin in linears for r, lo, hi in job.owners.pieces(lin) if r == rank]
         solved: dict = {}
+        fused = self._fused_amax(linears) if mine or rank in {job.owners.owner[lin.name] for lin in linears} else None
         if mine:
             with self.phase("solve"):
                 solved = self.solve([p[0] for p in mine], hessian, tokens, work=work,
-                                    rows=[(lo, hi) for _, lo, hi in mine], solvers=owners)
+                                    rows=[(lo, hi) for _, lo, hi in mine], solvers=owners,
+                                    fused_amax=fused)
+        if fused is not None:  # the writer's NVFP4 global scale (the owner may solve no piece)
+            job.weight_amax.update({lin.name: fused for lin in linears})
         del hessian, work
         for lin in linears:
             owner = job.owners.owner[lin.name]
@@ -399,6 +411,15 @@ class StageContext:
                 bias = self.tensor(lin.name + ".bias") if lin.has_bias else None
                 self.write(lin, result, bias)
 
+    def _fused_amax(self, linears: list[LinearInfo]) -> float | None:
+        """FP8 per-tensor weights and NVFP4 global scales: max|w| over the stage's linears (the
+        parts a server fuses, q/k/v and gate/up), so that they share one scale: vLLM requantizes
+        fused per-tensor FP8 parts to their largest scale (``requantize_with_max_scale``) and takes
+        the max of fused NVFP4 global scales (``CompressedTensorsW4A4Fp4``), no-ops when they agree."""
+        if not _shares_amax(self.args):
+            return None
+        return max(float(self.weight(lin.name).abs().amax()) for lin in linears)
+
     def _empty_result(self, lin: LinearInfo) -> QuantResult:
         groups = self.args.groups(lin.in_features)
         return QuantResult(
@@ -410,7 +431,7 @@ class StageContext:
     def solve(self, linears: list[LinearInfo], hessian: torch.Tensor, tokens: int,
               weights: list[torch.Tensor] | None = None, method: str | None = None,
               work: torch.Tensor | None = None, rows: list[tuple[int, int]] | None = None,
-              solvers: set[int] | None = None) -> dict:
+              solvers: set[int] | None = None, fused_amax: float | None = None) -> dict:
         """Solve linears that share the Hessian ``hessian`` on this rank (no collectives).
         GPTQ treats rows independently, so their weights are stacked and solved in one pass
         (one factorization, one column loop), then split back per module. ``weights``
@@ -419,12 +440,16 @@ class StageContext:
         ``rows``: row ranges (pieces of split linears, returned under ``(name, first row)`` and
         recorded under ``name[lo:hi]``); ``solvers``: the ranks solving at the same time (default:
         all); a GPTQ solve gets the cores of the local ranks that wait meanwhile as row workers
-        (dist_quant/solver_threads.py)."""
+        (dist_quant/solver_threads.py). FP8 grid: the scales are fixed from the whole weights first
+        (``fused_amax``: the per-tensor max|w| shared by the stage; default: over ``linears``)."""
         t0 = time.perf_counter()
         if weights is None:
             weights = [self.weight(lin.name) for lin in linears]
+        scales = self._fp8_scales(linears, weights, fused_amax)
         if rows is not None:
             weights = [w if (lo, hi) == (0, w.shape[0]) else w[lo:hi].clone() for w, (lo, hi) in zip(weights, rows)]
+            if scales is not None:
+                scales = [s[lo:hi] for s, (lo, hi) in zip(scales, rows)]
         for lin, w in zip(linears, weights):
             check_weight(lin.name, w)
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
@@ -438,7 +463,8 @@ class StageContext:
                 torch.get_num_threads(), info.rank, info.local_world_size,
                 range(info.world_size) if solvers is None else solvers))
         with single_threaded(self.device):
-            result = solver.solve(stacked, hessian, self.args, params, work)
+            result = solver.solve(stacked, hessian, self.args, params, work,
+                                  scale=torch.cat(scales) if scales is not None else None)
         del stacked
         if result.fallback:
             log.warning("%s: %s", ", ".join(lin.name for lin in linears), result.fallback)
@@ -458,10 +484,22 @@ class StageContext:
             out[lin.name if whole else (lin.name, rows[k][0])] = part
         return out
 
+    def _fp8_scales(self, linears: list[LinearInfo], weights: list[torch.Tensor],
+                    fused_amax: float | None) -> list[torch.Tensor] | None:
+        """Fixed float-grid scales per weight ([out, groups], floatgrid.grid_scales); None: int grid."""
+        if self.args.grid == "int":
+            return None
+        if _shares_amax(self.args) and fused_amax is None:
+            fused_amax = max(float(w.abs().amax()) for w in weights)
+            self.job.weight_amax.update({lin.name: fused_amax for lin in linears})
+        return [fg.grid_scales(w, self.args.grid, self.args.fp8_strategy, fused_amax) for w in weights]
+
     def write(self, lin: LinearInfo, result: QuantResult, bias: torch.Tensor | None = None) -> None:
         """Pack a solved linear in the output format and stream it to this rank's part files."""
         with self.phase("write"):
             act = self.job.act_params.get(lin.name) if self.job.act is not None else None
+            if self.args.grid == "nvfp4":
+                result = replace(result, global_scale=fg.nvfp4_global_scale(torch.tensor(self.job.weight_amax[lin.name])))
             for name, tensor in self.job.fmt.pack_linear(lin.name, result, bias, act).items():
                 self.job.writer.add(name, tensor)
 

@@ -87,7 +87,8 @@ class RankWriter:
         if name in self._pending:
             raise WriterError(f"tensor {name!r} given twice")
         tensor = tensor.detach().cpu()
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        values = tensor.float() if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else tensor
+        if values.is_floating_point() and not torch.isfinite(values).all():
             raise WriterError(f"refusing to write {name!r}: it contains NaN or Inf")
         self._pending[name] = tensor
         self._drain()

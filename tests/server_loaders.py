@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-I8, I32, I64, F32 = torch.int8, torch.int32, torch.int64, torch.float32
+I8, I32, I64, F32, F8 = torch.int8, torch.int32, torch.int64, torch.float32, torch.float8_e4m3fn
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,58 @@ def vllm_w8a8_int8(out: int, inp: int, static: bool, pd: torch.dtype) -> dict[st
     if static:
         p["input_scale"] = Param(F32, (1,), out_dim=None, exact_dtype=True)
         p["input_zero_point"] = Param(I8, (1,), out_dim=None, exact_dtype=True)
+    return p
+
+
+def vllm_w8a8_fp8(out: int, inp: int, strategy: str, static: bool) -> dict[str, Param]:
+    """CompressedTensorsW8A8Fp8.create_weights (vLLM compressed_tensors_w8a8_fp8.py, via fp8_utils
+    create_fp8_weight_parameter / create_fp8_scale_parameter / create_fp8_input_scale; SGLang's
+    compressed_tensors_w8a8_fp8.py creates the same): weight float8_e4m3fn [out, in]; weight_scale
+    float32: channel ChannelQuantScaleParameter [out, 1], block BlockQuantScaleParameter
+    [ceil(out/128), ceil(in/128)] (each fused shard narrows out/128 rows), tensor
+    PerTensorScaleParameter one slot per fused shard, requantized to their max after loading
+    (process_fp8_weight_tensor_strategy → requantize_with_max_scale; modelled here as one value all
+    shards must agree on, which makes that requantization exact); static: input_scale
+    PerTensorScaleParameter float32, its max taken after loading (modelled the same way)."""
+    p = {"weight": Param(F8, (out, inp), exact_dtype=True)}
+    if strategy == "channel":
+        p["weight_scale"] = Param(F32, (out, 1), exact_dtype=True)
+    elif strategy == "block":
+        p["weight_scale"] = Param(F32, (-(-out // 128), -(-inp // 128)), out_pack=128, exact_dtype=True)
+    else:
+        p["weight_scale"] = Param(F32, (1,), out_dim=None, exact_dtype=True)
+    if static:
+        p["input_scale"] = Param(F32, (1,), out_dim=None, exact_dtype=True)
+    return p
+
+
+def vllm_nvfp4(out: int, inp: int, w4a4: bool) -> dict[str, Param]:
+    """CompressedTensorsW4A16Fp4.create_weights (compressed_tensors_w4a16_nvfp4.py) and
+    CompressedTensorsW4A4Fp4.create_weights (compressed_tensors_w4a4_nvfp4.py): weight_packed
+    ModelWeightParameter uint8 [out, in/2]; weight_scale GroupQuantScaleParameter float8_e4m3fn
+    [out, in/16]; weight_global_scale PerTensorScaleParameter float32, one slot per fused shard,
+    max taken after loading (modelled as one value all shards must agree on); W4A4:
+    input_global_scale the same way."""
+    p = {"weight_packed": Param(torch.uint8, (out, inp // 2), exact_dtype=True),
+         "weight_scale": Param(F8, (out, inp // 16), exact_dtype=True),
+         "weight_global_scale": Param(F32, (1,), out_dim=None, exact_dtype=True)}
+    if w4a4:
+        p["input_global_scale"] = Param(F32, (1,), out_dim=None, exact_dtype=True)
+    return p
+
+
+def vllm_w8a8_fp8_moe(e: int, h: int, i: int, strategy: str) -> dict[str, Param]:
+    """CompressedTensorsW8A8Fp8MoEMethod.create_weights (compressed_tensors_moe.py): w13_weight
+    float8_e4m3fn [E, 2I, H], w2_weight [E, H, I]; channel: w13_weight_scale float32 [E, 2I, 1],
+    w2_weight_scale [E, H, 1]; block: [E, 2·ceil(I/128), ceil(H/128)], [E, ceil(H/128), ceil(I/128)]
+    (dynamic activations: no input scales)."""
+    p = {"w13_weight": Param(F8, (e, 2 * i, h), exact_dtype=True), "w2_weight": Param(F8, (e, h, i), exact_dtype=True)}
+    if strategy == "block":
+        p["w13_weight_scale"] = Param(F32, (e, 2 * -(-i // 128), -(-h // 128)), exact_dtype=True)
+        p["w2_weight_scale"] = Param(F32, (e, -(-h // 128), -(-i // 128)), exact_dtype=True)
+    else:
+        p["w13_weight_scale"] = Param(F32, (e, 2 * i, 1), exact_dtype=True)
+        p["w2_weight_scale"] = Param(F32, (e, h, 1), exact_dtype=True)
     return p
 
 
@@ -206,7 +258,10 @@ def _put(name: str, p: Param, loaded: torch.Tensor, out: Loaded, index) -> None:
     if p.exact_dtype and loaded.dtype != p.dtype:
         raise LoadError(f"{name}: checkpoint dtype {loaded.dtype}, loader parameter {p.dtype}")
     cast = loaded.to(p.dtype)
-    if not torch.equal(cast.to(loaded.dtype), loaded):
+    if p.dtype == F8 or loaded.dtype == F8:  # no float8 comparison kernels: compare the bytes
+        if loaded.dtype != p.dtype:
+            raise LoadError(f"{name}: {loaded.dtype} → {p.dtype} is not exact")
+    elif not torch.equal(cast.to(loaded.dtype), loaded):
         raise LoadError(f"{name}: {loaded.dtype} → {p.dtype} is not exact")
     view = out.values[name][index] if index is not None else out.values[name]
     counts = out.counts[name][index] if index is not None else out.counts[name]

@@ -10,7 +10,8 @@ the values are checked against what the kernels compute (CANN's antiquant ``(q +
 scale``, the int64 deq_scale encoding).
 
 Families: dense llama, qwen2 (q/k/v biases); MoE qwen2_moe (shared expert), qwen3_moe, mixtral.
-Formats: compressed-tensors W4A16 (sym / asym), W8A16, W8A8 static / dynamic; ascend W8A8,
+Formats: compressed-tensors W4A16 (sym / asym), W8A16, W8A8 static / dynamic, FP8 dynamic (channel)
+/ static (tensor; block FP8 and W4AFP8 need 128-multiples: tests/test_float_formats.py); ascend W8A8,
 W8A8_DYNAMIC, W8A16. The two combinations no server loads are refused up front (tested).
 """
 from __future__ import annotations
@@ -23,8 +24,8 @@ import torch
 
 from helpers import run_main
 from server_loaders import (LoadError, ascend_quant_type, ascend_w8a8_dynamic, ascend_w8a8_dynamic_moe,
-                            ascend_w8a8_static, check_complete, layer_modules, load, vllm_w8a8_int8,
-                            vllm_w8a8_int8_moe, vllm_wna16, vllm_wna16_moe)
+                            ascend_w8a8_static, check_complete, layer_modules, load, vllm_w8a8_fp8,
+                            vllm_w8a8_fp8_moe, vllm_w8a8_int8, vllm_w8a8_int8_moe, vllm_wna16, vllm_wna16_moe)
 from tiny import corpus_text, make_tiny_model
 from tiny_moe import make_tiny_moe
 
@@ -41,6 +42,8 @@ JOBS = {
     "ct_w8a8_static": ("compressed-tensors", ["quant=w8a8", "quant.weight_solver=rtn"], "w8a8"),
     "ct_w8a8_dynamic": ("compressed-tensors", ["quant=w8a8", "quant.weight_solver=rtn", "quant.act_dynamic=true"],
                         "w8a8"),
+    "ct_fp8_dynamic": ("compressed-tensors", ["quant=fp8_dynamic"], "fp8"),
+    "ct_fp8_static_gptq": ("compressed-tensors", ["quant=fp8_static", "quant.weight_solver=gptq"], "fp8"),
     "asc_w8a8_bf16": ("ascend", ["quant=w8a8", "quant.weight_solver=rtn", "output.dtype=bfloat16"], "asc_static"),
     "asc_w8a8_fp16": ("ascend", ["quant=w8a8", "quant.weight_solver=rtn", "output.dtype=float16"], "asc_static"),
     "asc_w8a8_dynamic": ("ascend", ["quant=w8a8", "quant.weight_solver=rtn", "quant.act_dynamic=true",
@@ -48,7 +51,7 @@ JOBS = {
     "asc_w8a16_asym": ("ascend", ["quant=rtn_w8a16", "quant.symmetric=false", "output.dtype=float16"], "asc_dynamic"),
 }
 DENSE_JOBS = list(JOBS)
-MOE_JOBS = ["ct_w4", "ct_w8", "ct_w8a8_dynamic", "asc_w8a8_dynamic"]
+MOE_JOBS = ["ct_w4", "ct_w8", "ct_w8a8_dynamic", "asc_w8a8_dynamic", "ct_fp8_dynamic"]
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +91,11 @@ def tables(job: str, out: Path):
         inp = config["quantization_config"]["config_groups"]["group_0"]["input_activations"]
         return (lambda o, i: vllm_w8a8_int8(o, i, not inp["dynamic"], pd),
                 lambda e, h, i: vllm_w8a8_int8_moe(e, h, i, pd), pd)
+    if scheme == "fp8":
+        group = config["quantization_config"]["config_groups"]["group_0"]
+        strategy, static = group["weights"]["strategy"], not group["input_activations"]["dynamic"]
+        return (lambda o, i: vllm_w8a8_fp8(o, i, strategy, static),
+                lambda e, h, i: vllm_w8a8_fp8_moe(e, h, i, strategy), pd)
     if scheme == "asc_static":
         return (lambda o, i: ascend_w8a8_static(o, i, pd), None, pd)
     return (lambda o, i: ascend_w8a8_dynamic(o, i, pd), lambda e, h, i: ascend_w8a8_dynamic_moe(e, h, i, pd), pd)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..quant import floatgrid as fg
 from ..quant.qparams import QuantArgs, QuantResult, compute_qparams
 from .rtn import rtn_quantize
 
@@ -106,11 +107,16 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, param
 
 
 def gptq_quantize_(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, params: GPTQParams,
-                   work: torch.Tensor | None = None) -> QuantResult:
+                   work: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> QuantResult:
     """:func:`gptq_quantize` on a float32 Hessian ``h`` used as scratch: it is permuted in place
     and restored before returning (bit for bit: only copies and a reverted diagonal). ``work``
     (same shape, overwritten; allocated when ``None``) receives the inverse factor, so the
-    solve holds at most these two Hessian-sized float32 buffers (see ``stats.HessianStat.take``)."""
+    solve holds at most these two Hessian-sized float32 buffers (see ``stats.HessianStat.take``).
+    FP8 grid (``args.grid == "fp8"``): the scales are fixed before the solve, ``scale`` float32
+    [out, groups] (default: ``w``'s own, :func:`floatgrid.fp8_row_scales`), and every column is
+    rounded to the E4M3 grid of its scale instead of the integers."""
+    if args.grid != "int" and scale is None:
+        scale = fg.grid_scales(w, args.grid, args.fp8_strategy)
     if h.dtype != torch.float32 or not h.is_contiguous():
         raise ValueError(f"gptq_quantize_ needs a contiguous float32 Hessian, got {h.dtype}")
     out_f, n = w.shape
@@ -129,34 +135,42 @@ def gptq_quantize_(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, params: GP
             permute_symmetric_(h, torch.argsort(perm))
         h[dead, dead] = 0.0
     if upper is None:
-        result = rtn_quantize(w, args)
+        result = rtn_quantize(w, args, scale)
         result.fallback = f"Hessian not positive definite even with damp={lam:g}; used RTN"
         return result
     W = w.detach().float().index_select(1, perm)  # the one working copy, in solve order
     W[:, dead[perm]] = 0.0
-    return _column_loop(W, upper, perm, args, params)
+    return _column_loop(W, upper, perm, args, params, scale)
 
 
 MIN_CHUNK_ROWS = 64  # a thread's share of the rows: fewer and its ops are all overhead
 
 
 def _column_loop(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: QuantArgs,
-                 params: GPTQParams) -> QuantResult:
+                 params: GPTQParams, fixed: torch.Tensor | None = None) -> QuantResult:
     """The GPTQ recursion on ``W`` (columns in solve order, overwritten). Rows are independent
     given ``U``, so with ``params.workers > 1`` row chunks run in that many threads at once
     (torch ops release the GIL): every element is computed exactly as in one pass, so the
     result is the same bits for any number of workers, and no OpenMP team is woken per op."""
     rows = W.shape[0]
     n_chunks = max(1, min(params.workers, rows // MIN_CHUNK_ROWS))
+    if fixed is not None:  # FP8 grid: fixed scales, one row each, split with the rows
+        def run(c, s):
+            return quantize_columns_grid(c, U, perm, args, params.block_size, s)
+    else:
+        def run(c, s):
+            return quantize_columns(c, U, perm, args, params.block_size)
     if n_chunks == 1:
-        Q, scale, zero = quantize_columns(W, U, perm, args, params.block_size)
+        Q, scale, zero = run(W, fixed)
     else:
         chunks = W.tensor_split(n_chunks, dim=0)  # row views: each thread updates its own rows
+        fixed_chunks = fixed.tensor_split(n_chunks, dim=0) if fixed is not None else [None] * n_chunks
         with ThreadPoolExecutor(n_chunks, thread_name_prefix="gptq") as pool:
-            parts = list(pool.map(lambda c: quantize_columns(c, U, perm, args, params.block_size), chunks))
+            parts = list(pool.map(run, chunks, fixed_chunks))
         Q, scale, zero = (torch.cat(t) for t in zip(*parts))
     inverse = torch.argsort(perm)
-    return QuantResult(q=Q[:, inverse].to(torch.int8), scale=scale, zero=zero.to(torch.int8))
+    q = fg.GRID_CODES[args.grid](Q[:, inverse]) if fixed is not None else Q[:, inverse].to(torch.int8)
+    return QuantResult(q=q, scale=scale, zero=zero.to(torch.int8))
 
 
 def quantize_columns(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: QuantArgs,
@@ -213,3 +227,41 @@ def quantize_columns(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args:
         if i2 < n:
             W[:, i2:] -= Et.T.contiguous() @ U[i1:i2, i2:]
     return Q, scale, zero
+
+
+def quantize_columns_grid(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: QuantArgs,
+                          block_size: int, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_columns` on a float grid (``args.grid``: FP8 E4M3, NVFP4 E2M1) with fixed
+    scales ``scale`` [out, groups] (checkpoint group order): ``q = grid(w / s)`` (nearest, ties even),
+    ``err = (w − q·s) / U[i,i]``, the same error feedback. Returns the grid values (float, solve
+    order), the scales and zeros (all 0)."""
+    out_f, n = W.shape
+    cols = args.columns_per_group(n)
+    grouped = args.group_size != -1
+    group_of = (perm[::cols] // cols).tolist() if grouped else [0]
+    scale = scale.float()
+    div = fg.nvfp4_safe(scale)  # an all-zero NVFP4 group has scale 0: its values round to 0
+    rnd = fg.GRID_ROUND[args.grid]
+    Q = torch.empty_like(W)
+    cur_s, cur_d = scale[:, 0].contiguous(), div[:, 0].contiguous()
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        Wt = W[:, i1:i2].T.contiguous()
+        Qt = torch.empty_like(Wt)
+        Et = torch.empty_like(Wt)
+        U1 = U[i1:i2, i1:i2]
+        diag = U1.diagonal().tolist()
+        for i in range(i2 - i1):
+            if grouped and (i1 + i) % cols == 0:
+                g = group_of[(i1 + i) // cols]
+                cur_s, cur_d = scale[:, g].contiguous(), div[:, g].contiguous()
+            col, q, err = Wt[i], Qt[i], Et[i]
+            q.copy_(rnd(col / cur_d))
+            torch.mul(q, cur_s, out=err)
+            torch.sub(col, err, out=err).div_(diag[i])
+            if i + 1 < i2 - i1:
+                Wt[i + 1:].sub_(U1[i, i + 1:, None] * err)
+        Q[:, i1:i2] = Qt.T
+        if i2 < n:
+            W[:, i2:] -= Et.T.contiguous() @ U[i1:i2, i2:]
+    return Q, scale.clone(), torch.zeros(scale.shape, device=W.device)

@@ -3,9 +3,9 @@
 reads their keys; the stage API (dist_quant/stage.py) looks the chosen one up. Adding a
 solver is one entry here plus its pure function in its own file.
 
-A solver is ``solve(W, H, args, params, work) -> QuantResult`` (``W`` float32 [out, in], ``H`` the
+A solver is ``solve(W, H, args, params, work, scale) -> QuantResult`` (``W`` float32 [out, in], ``H`` the
 normalized Hessian of the inputs, float32, used as scratch and restored; ``work`` a buffer of
-its shape the solver may overwrite, or None), ``params(quant_config)`` builds its frozen
+its shape the solver may overwrite, or None; ``scale``: the fixed FP8-grid scales, or None), ``params(quant_config)`` builds its frozen
 parameters once per job, and ``cost(out, in)`` is the relative solve cost the owner plan
 balances.
 
@@ -38,9 +38,9 @@ def _gptq_params(q) -> GPTQParams:
 
 
 SOLVERS: dict[str, Solver] = {
-    "gptq": Solver("gptq", lambda w, h, args, p, work=None: gptq_quantize_(w, h, args, p, work), _gptq_params,
-                   lambda m, n: float(n) * n * (n / 3 + m)),
-    "rtn": Solver("rtn", lambda w, h, args, p, work=None: rtn_quantize(w, args), lambda q: None,
+    "gptq": Solver("gptq", lambda w, h, args, p, work=None, scale=None: gptq_quantize_(w, h, args, p, work, scale),
+                   _gptq_params, lambda m, n: float(n) * n * (n / 3 + m)),
+    "rtn": Solver("rtn", lambda w, h, args, p, work=None, scale=None: rtn_quantize(w, args, scale), lambda q: None,
                   lambda m, n: float(n) * m),
 }
 

@@ -3,6 +3,8 @@ quantized linear becomes, and what the finished directory holds besides the part
 
 * compressed-tensors, weights only (W4A16/W8A16): ``pack-quantized`` (formats/compressed_tensors.py);
 * compressed-tensors, W8A8: ``int-quantized`` (formats/compressed_tensors_w8a8.py);
+* compressed-tensors, FP8 / W4AFP8: ``float-quantized`` / ``pack-quantized`` with FP8 activations
+  (formats/compressed_tensors_fp8.py);
 * ascend: the msModelSlim description format (formats/ascend.py).
 """
 from __future__ import annotations
@@ -12,13 +14,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, JobConfig
+from ..config import FP8_BLOCK, ConfigError, JobConfig
 from ..quant.activations import TOKEN_DIVISOR, ActQuantArgs, StaticActParams
 from ..quant.qparams import QuantArgs, QuantResult
 from ..tensorspec import TensorSpec
 from ..writer import PartFile, write_index
 from . import ascend
 from . import compressed_tensors as ct
+from . import compressed_tensors_fp8 as ctf
 from . import compressed_tensors_w8a8 as ct8
 from .serving import with_serving_dtype
 
@@ -72,6 +75,42 @@ class CompressedTensorsW8A8(OutputFormat):
         return ct8.quantization_config(self.act, ignore)
 
 
+class CompressedTensorsFP8(OutputFormat):
+    """compressed-tensors ``float-quantized``: FP8 weights and FP8 activations."""
+
+    def linear_specs(self, name, out_features, in_features, bias):
+        return ctf.linear_specs(name, out_features, in_features, self.args, self.act) + ([bias] if bias else [])
+
+    def pack_linear(self, name, result, bias, act_params):
+        out = ctf.compress_linear(name, result, self.args, self.act, act_params)
+        if bias is not None:
+            out[f"{name}.bias"] = bias
+        return out
+
+    def quantization_config(self, ignore):
+        return ctf.quantization_config(self.args, self.act, ignore)
+
+
+class CompressedTensorsNVFP4(CompressedTensorsFP8):
+    """compressed-tensors ``nvfp4-pack-quantized``: NVFP4 weights, NVFP4 or float activations."""
+
+    def linear_specs(self, name, out_features, in_features, bias):
+        return ctf.nvfp4_specs(name, out_features, in_features, self.act) + ([bias] if bias else [])
+
+    def pack_linear(self, name, result, bias, act_params):
+        out = ctf.compress_nvfp4(name, result, self.args, self.act, act_params)
+        if bias is not None:
+            out[f"{name}.bias"] = bias
+        return out
+
+
+class CompressedTensorsW4AFP8(OutputFormat):
+    """compressed-tensors ``pack-quantized`` int4 weights (as W4A16) with FP8 input activations."""
+
+    def quantization_config(self, ignore):
+        return ctf.quantization_config(self.args, self.act, ignore)
+
+
 class Ascend(OutputFormat):
     """msModelSlim description format."""
 
@@ -106,14 +145,28 @@ def act_args(cfg: JobConfig, args: QuantArgs) -> ActQuantArgs | None:
     if cfg.quant.act_bits is None:
         return None
     scale_dtype = args.scale_dtype if cfg.output.format == "ascend" else torch.float32
+    q = cfg.quant
+    if q.act_type == "nvfp4":  # static global scale, local scales per group of 16 at run time
+        return ActQuantArgs(dynamic=False, scale_dtype=torch.float32, grid="nvfp4")
+    if q.act_type == "fp8":  # block FP8 weights: activations per token and group of 128 (vLLM)
+        group = FP8_BLOCK if q.weight_type == "fp8" and q.weight_strategy == "block" else 0
+        return ActQuantArgs(dynamic=q.act_dynamic, scale_dtype=torch.float32, grid="fp8", group=group)
     return ActQuantArgs(dynamic=cfg.quant.act_dynamic, scale_dtype=scale_dtype, token_divisor=TOKEN_DIVISOR)
 
 
 def _compressed_tensors(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | None) -> OutputFormat:
+    if args.grid == "nvfp4":
+        return CompressedTensorsNVFP4(args, act)
+    if act is not None and act.grid == "fp8":
+        return CompressedTensorsFP8(args, act) if args.grid == "fp8" else CompressedTensorsW4AFP8(args, act)
     return CompressedTensorsW8A8(args, act) if act is not None else OutputFormat(args, act)
 
 
 def _ascend(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | None) -> OutputFormat:
+    if cfg.quant.weight_type != "int" or cfg.quant.act_type != "int":
+        raise ConfigError(f"output.format='ascend' with quant={cfg.quant.name}: the msModelSlim description "
+                          "format has no FP8 / NVFP4 types (Ascend NPUs serve W8A8 / W8A8_DYNAMIC); use "
+                          "output.format=compressed-tensors")
     if cfg.quant.bits != 8:
         raise ConfigError(f"output.format='ascend' with quant.bits={cfg.quant.bits}: the Ascend description "
                           "format is written for 8-bit weights (W8A8, W8A8_DYNAMIC, W8A16)")

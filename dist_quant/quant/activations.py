@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import floatgrid as fg
 from .qparams import QuantArgs, _params_from_range
 
 QMIN, QMAX = -128, 127
@@ -33,6 +34,8 @@ class ActQuantArgs:
     dynamic: bool
     scale_dtype: torch.dtype = torch.float32  # dtype the static input_scale is stored (and served) in
     token_divisor: float = TOKEN_DIVISOR  # dynamic: scale = max|x| / token_divisor
+    grid: str = "int"  # "int" (int8, this module), "fp8" (E4M3) or "nvfp4" (E2M1): quant/floatgrid.py
+    group: int = 0  # fp8 dynamic: 0 = per token; 128 = per token and group of 128 columns (block FP8)
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,16 @@ class StaticActParams:
 
 
 def static_params(lo: float | torch.Tensor, hi: float | torch.Tensor, args: ActQuantArgs) -> StaticActParams:
-    """Asymmetric int8 parameters for the global range ``[lo, hi]``."""
+    """Asymmetric int8 parameters for the global range ``[lo, hi]`` (FP8: symmetric, the
+    per-tensor ``scale = max(|lo|, |hi|) / 448``, zero 0; float32, vLLM's ``input_scale``)."""
+    if args.grid == "nvfp4":  # NVFP4: the calibrated input global scale 448 · 6 / max|x| (float32 [1])
+        amax = torch.maximum(torch.as_tensor(lo, dtype=torch.float32).abs(),
+                             torch.as_tensor(hi, dtype=torch.float32).abs())
+        return StaticActParams(fg.nvfp4_static_global_scale(amax), torch.zeros(1))
+    if args.grid == "fp8":
+        amax = torch.maximum(torch.as_tensor(lo, dtype=torch.float32).abs(),
+                             torch.as_tensor(hi, dtype=torch.float32).abs())
+        return StaticActParams(fg.fp8_static_scale(amax), torch.zeros(1))
     lo = torch.as_tensor(lo, dtype=torch.float32).reshape(1, 1)
     hi = torch.as_tensor(hi, dtype=torch.float32).reshape(1, 1)
     scale, zero = _params_from_range(lo, hi, QuantArgs(8, -1, symmetric=False, scale_dtype=args.scale_dtype))
@@ -76,7 +88,15 @@ def fake_quant_dynamic(x: torch.Tensor, divisor: float = TOKEN_DIVISOR) -> torch
 
 
 def fake_quant(x: torch.Tensor, args: ActQuantArgs, params: StaticActParams | None) -> torch.Tensor:
-    """What a W8A8 linear sees of its input ``x``."""
+    """What a W8A8 linear sees of its input ``x`` (int8, or FP8 E4M3 with ``args.grid == "fp8"``)."""
+    if args.grid == "nvfp4":  # local scales per token and group of 16, the calibrated global scale
+        assert params is not None, "NVFP4 activations need a calibrated global scale"
+        return fg.fake_quant_nvfp4(x, params.scale)
+    if args.grid == "fp8":
+        if args.dynamic:
+            return fg.fake_quant_fp8_dynamic(x, args.group)
+        assert params is not None, "static activation quantization needs calibrated parameters"
+        return fg.fake_quant_fp8_static(x, params.scale)
     if args.dynamic:
         return fake_quant_dynamic(x, args.token_divisor)
     assert params is not None, "static activation quantization needs calibrated parameters"

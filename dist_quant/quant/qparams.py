@@ -19,6 +19,8 @@ class QuantArgs:
     symmetric: bool = True
     scale_dtype: torch.dtype = torch.float32
     mse: bool = False  # search a clipping ratio per group instead of plain min/max
+    grid: str = "int"  # "int" (this module), "fp8" (E4M3) or "nvfp4" (E2M1, groups of 16): quant/floatgrid.py
+    fp8_strategy: str = "channel"  # fp8: channel, tensor or block (group_size 128 = the block width)
 
     @property
     def qmin(self) -> int:
@@ -117,12 +119,14 @@ def expand_groups(t: torch.Tensor, args: QuantArgs, in_features: int) -> torch.T
 
 @dataclass
 class QuantResult:
-    """A quantized linear weight: ``w_hat = (q - zero) · scale`` group-wise."""
+    """A quantized linear weight: ``w_hat = (q - zero) · scale`` group-wise (FP8 grid:
+    ``w_hat = e4m3(q) · scale``, ``q`` the int8 view of the E4M3 codes, ``zero`` all 0)."""
 
     q: torch.Tensor  # int8 [out, in]
     scale: torch.Tensor  # float32 [out, groups] (values representable in args.scale_dtype)
     zero: torch.Tensor  # int8 [out, groups]; zeros when symmetric
     fallback: str | None = None  # set when the solver fell back (e.g. GPTQ → RTN), with why
+    global_scale: torch.Tensor | None = None  # NVFP4: the per-tensor global scale, set by the writer stage
 
     def split(self, rows: list[int]) -> list["QuantResult"]:
         """Per-module results of a row-stacked solve."""
@@ -131,5 +135,9 @@ class QuantResult:
 
     def dequantize(self, args: QuantArgs) -> torch.Tensor:
         n = self.q.shape[1]
+        if args.grid != "int":  # q holds E4M3 bit patterns / E2M1 codes; one scale per row and group
+            from .floatgrid import GRID_VALUES
+
+            return GRID_VALUES[args.grid](self.q) * expand_groups(self.scale, args, n)
         return dequantize(self.q.float(), expand_groups(self.scale, args, n),
                           expand_groups(self.zero.float(), args, n))
