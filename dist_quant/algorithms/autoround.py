@@ -123,17 +123,22 @@ def result(w: torch.Tensor, v: torch.Tensor, s_min: torch.Tensor, s_max: torch.T
 def init_from_result(w: torch.Tensor, init: QuantResult, lo: torch.Tensor, hi: torch.Tensor,
                      args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(V, s_min, s_max)`` that reproduce another solver's integers (GPTQ) as far as the
-    parameterization allows: the factors give its scale where it is within the group's range
-    (symmetric: ``scale·7.5 / amax``; asymmetric: the same factor on both ends, the zero point
-    then follows), and ``V = q - zero - w / scale`` (the offset that rounds to its integer),
-    clamped to [-0.5, 0.5]: GPTQ's error feedback can move a weight further than half a step."""
+    parameterization allows: the factors give its scale (and zero point) where they lie within
+    the group's range (symmetric: both ``scale·7.5 / amax``; asymmetric: ``lo' / lo`` and
+    ``hi' / hi`` of the range ``lo' = (qmin − zero)·scale``, ``hi' = lo' + 15·scale``), and
+    ``V = q − zero − w / scale`` (the offset that rounds to its integer), clamped to [-0.5, 0.5]:
+    GPTQ's error feedback can move a weight further than half a step (about 95 % of the
+    integers are reproduced on correlated inputs, tests/test_autoround.py)."""
+    tiny = torch.finfo(torch.float32).tiny
     if args.symmetric:
         full = torch.maximum(-lo, hi) / ((args.qmax - args.qmin) / 2)
-    else:
-        full = (hi - lo) / (args.qmax - args.qmin)
-    factor = torch.where(full > 0, init.scale / full.clamp(min=torch.finfo(torch.float32).tiny),
-                         torch.ones_like(full)).clamp(0.0, 1.0)
-    s_min, s_max = factor.clone(), factor.clone()
+        factor = torch.where(full > 0, init.scale / full.clamp(min=tiny), torch.ones_like(full)).clamp(0.0, 1.0)
+        s_min, s_max = factor.clone(), factor.clone()
+    else:  # the range [lo', hi'] that gives its scale and zero point: lo' = (qmin - zero)·scale
+        lo_t = (args.qmin - init.zero.float()) * init.scale
+        hi_t = lo_t + (args.qmax - args.qmin) * init.scale
+        s_min = torch.where(lo < 0, lo_t / lo.clamp(max=-tiny), torch.ones_like(lo)).clamp(0.0, 1.0)
+        s_max = torch.where(hi > 0, hi_t / hi.clamp(min=tiny), torch.ones_like(hi)).clamp(0.0, 1.0)
     scale, zero = tuned_qparams(lo, hi, s_min, s_max, args)
     target = grouped(init.q.float(), args) - zero[..., None]
     v = (target - grouped(w, args) / scale[..., None]).clamp(-0.5, 0.5).reshape(w.shape)
