@@ -22,7 +22,8 @@ inputs the already-quantized layers produce, and ``fxs``, the float model's own 
 4. **result**: the best-loss parameters give each linear's integers and scales
    (``QuantResult``), its owner writes them in the output format (the same tensors GPTQ
    writes), every rank loads ``Ŵ`` into the layer and propagates ``xs`` through it; the report
-   gets each linear's relative output error on its real inputs (sums reduced over ranks).
+   gets each linear's relative output error on its real inputs (of the job's first
+   :data:`ERROR_SAMPLES` samples, sums reduced over ranks).
 
 Why per sample and float64: a sample's gradient is then computed by the same kernels on
 every world size, and summing float32 gradients of ≤ batch samples in float64 is exact in
@@ -122,7 +123,7 @@ def program(ctx: StageContext, xs: list[torch.Tensor], fxs: list[torch.Tensor]):
             results[s.name] = ar.result(s.w, s.v, s.s_min, s.s_max, s.lo, s.hi, ctx.args)
             ctx.module(s.name).weight.data.copy_(results[s.name].dequantize(ctx.args))
     with ctx.phase("propagate"):
-        errors = _propagate(ctx, f, xs, state)
+        errors = _propagate(ctx, f, xs, state, first)
     for s in state:
         lin = ctx.linear(s.name)
         if job.owners.owner[lin.name] == comm.rank:
@@ -258,26 +259,35 @@ def _tune(ctx, f, state: list[_Linear], samples, masks, targets, first: int, p: 
             "best_step": best_step, "steps": p.iters, "tokens": tokens_seen}
 
 
-def _propagate(ctx, f, xs: list[torch.Tensor], state: list[_Linear]) -> dict[str, tuple[float, float]]:
+ERROR_SAMPLES = 16
+"""Calibration samples (the first of the whole set, on whichever ranks hold them) on which each
+linear's relative output error is measured for the report: two extra products per linear,
+so not on every sample."""
+
+
+def _propagate(ctx, f, xs: list[torch.Tensor], state: list[_Linear], first: int) -> dict[str, tuple[float, float]]:
     """``xs`` through the quantized layer (in place), with each quantized linear's output
-    error on its real inputs: ``(Σ ‖x(Ŵ−W)ᵀ‖², Σ ‖xWᵀ‖²)`` over real tokens, SUM-reduced."""
+    error on its real inputs, ``(Σ ‖x(Ŵ−W)ᵀ‖², Σ ‖xWᵀ‖²)`` over the real tokens of the first
+    :data:`ERROR_SAMPLES` samples of the job, SUM-reduced over ranks."""
     sums = torch.zeros(len(state), 2, dtype=torch.float64, device=ctx.device)
     current = {}
     handles = []
     for k, s in enumerate(state):
-        module = ctx.module(s.name)
-
         def hook(mod, inputs, k=k, s=s):
-            x = inputs[0].float()
-            m = current["mask"].reshape(-1)
-            x = x.reshape(-1, x.shape[-1])[m]
+            rows, m = current["rows"], current["mask"]
+            if rows == 0:
+                return
+            x = inputs[0][:rows].float()
+            x = x.reshape(-1, x.shape[-1])[m[:rows].reshape(-1)]
             ref = x @ s.w.T
             sums[k, 0] += float((x @ mod.weight.float().T - ref).pow(2).sum())
             sums[k, 1] += float(ref.pow(2).sum())
-        handles.append(module.register_forward_pre_hook(hook))
+        handles.append(ctx.module(s.name).register_forward_pre_hook(hook))
     try:
+        seen = first
         for j, (x, m) in enumerate(zip(xs, ctx.masks)):
-            current["mask"] = m
+            current["rows"], current["mask"] = max(0, min(x.shape[0], ERROR_SAMPLES - seen)), m
+            seen += x.shape[0]
             xs[j] = f(x)
     finally:
         for h in handles:

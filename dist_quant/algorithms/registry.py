@@ -64,6 +64,7 @@ class LayerSolver:
     params: Callable[[Any], Any]  # QuantConfig -> frozen params
     cost: Callable[[int, int], float]  # (out_features, in_features) -> relative cost (owner plan: writes)
     check: Callable[[Any], None]  # ArchSpec -> None, or raises UnsupportedModel
+    memory: Callable[..., Any] | None = None  # (estimate.Shape, layer weights, inter) -> (bytes, parts)
 
 
 def _autoround(attr: str):
@@ -76,13 +77,19 @@ def _autoround(attr: str):
     return call
 
 
+def _autoround_memory(*a):
+    from ..estimate import autoround_bytes
+
+    return autoround_bytes(*a)
+
+
 STAGED = LayerSolver("staged", _staged_program, lambda xs: None, lambda q: None, lambda m, n: 0.0,
                      lambda arch: None)
 """Every per-linear solver: the architecture's staged program, nothing carried."""
 
 LAYER_SOLVERS: dict[str, LayerSolver] = {
     "autoround": LayerSolver("autoround", _autoround("program"), lambda xs: list(xs), _autoround("params"),
-                             lambda m, n: float(m) * n, _autoround("check_supported")),
+                             lambda m, n: float(m) * n, _autoround("check_supported"), _autoround_memory),
 }
 
 
