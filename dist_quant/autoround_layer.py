@@ -7,7 +7,8 @@ inputs the already-quantized layers produce, and ``fxs``, the float model's own 
 
 1. **targets**: the float layer on the float chain, ``t = layer(fx)``: the float chain's
    next inputs, and the tuning targets (the float inputs are freed as their targets appear);
-2. **init** (``quant.autoround.init``): ``V = 0`` and factors 1 (RTN, auto-round's start), or
+2. **init** (``quant.autoround.init``): ``V = 0`` and factors 1 (RTN, auto-round's start; with
+   ``quant.observer=mse`` the factors of the per-group clipping search), or
    the GPTQ result of the same layer (the staged GPTQ program of the architecture, run on
    ``xs`` with its writes captured, reproduced by ``V`` and the factors);
 3. **tune**: ``iters`` steps; each draws the same global batch of sample indices on every rank
@@ -144,7 +145,7 @@ def _init(ctx: StageContext, lin, p: ar.AutoRoundParams) -> _Linear:
     w = ctx.weight(lin.name)
     lo, hi = ar.group_range(w, ctx.args)
     param = ctx.arch.memory_name(ctx.rel(lin.name)) + ".weight"
-    return _Linear(lin.name, param, w, lo, hi, torch.zeros_like(w), torch.ones_like(lo), torch.ones_like(hi))
+    return _Linear(lin.name, param, w, lo, hi, *ar.init_observer(w, lo, hi, ctx.args))
 
 
 class _CaptureContext(StageContext):

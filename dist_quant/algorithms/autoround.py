@@ -120,29 +120,56 @@ def result(w: torch.Tensor, v: torch.Tensor, s_min: torch.Tensor, s_max: torch.T
                            zero=zero.to(torch.int8))
 
 
-def init_from_result(w: torch.Tensor, init: QuantResult, lo: torch.Tensor, hi: torch.Tensor,
-                     args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(V, s_min, s_max)`` that reproduce another solver's integers (GPTQ) as far as the
-    parameterization allows: the factors give its scale (and zero point) where they lie within
-    the group's range (symmetric: both ``scale·7.5 / amax``; asymmetric: ``lo' / lo`` and
-    ``hi' / hi`` of the range ``lo' = (qmin − zero)·scale``, ``hi' = lo' + 15·scale``), and
-    ``V = q − zero − w / scale`` (the offset that rounds to its integer), clamped to [-0.5, 0.5]:
-    GPTQ's error feedback can move a weight further than half a step (about 95 % of the
-    integers are reproduced on correlated inputs, tests/test_autoround.py)."""
+INIT_MARGIN = 0.01
+"""How far inside its integer's rounding interval an initial offset puts a weight."""
+
+
+def init_factors(scale: torch.Tensor, zero: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                 args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s_min, s_max)`` that give another quantizer's per-group ``scale`` (and zero point)
+    where they lie within the group's range (symmetric: both ``scale·7.5 / amax``; asymmetric:
+    ``lo' / lo`` and ``hi' / hi`` of the range ``lo' = (qmin − zero)·scale``, ``hi' = lo' + 15·scale``),
+    clamped to [0, 1]."""
     tiny = torch.finfo(torch.float32).tiny
     if args.symmetric:
         full = torch.maximum(-lo, hi) / ((args.qmax - args.qmin) / 2)
-        factor = torch.where(full > 0, init.scale / full.clamp(min=tiny), torch.ones_like(full)).clamp(0.0, 1.0)
-        s_min, s_max = factor.clone(), factor.clone()
-    else:  # the range [lo', hi'] that gives its scale and zero point: lo' = (qmin - zero)·scale
-        lo_t = (args.qmin - init.zero.float()) * init.scale
-        hi_t = lo_t + (args.qmax - args.qmin) * init.scale
-        s_min = torch.where(lo < 0, lo_t / lo.clamp(max=-tiny), torch.ones_like(lo)).clamp(0.0, 1.0)
-        s_max = torch.where(hi > 0, hi_t / hi.clamp(min=tiny), torch.ones_like(hi)).clamp(0.0, 1.0)
+        factor = torch.where(full > 0, scale / full.clamp(min=tiny), torch.ones_like(full)).clamp(0.0, 1.0)
+        return factor.clone(), factor.clone()
+    lo_t = (args.qmin - zero.float()) * scale
+    hi_t = lo_t + (args.qmax - args.qmin) * scale
+    s_min = torch.where(lo < 0, lo_t / lo.clamp(max=-tiny), torch.ones_like(lo)).clamp(0.0, 1.0)
+    s_max = torch.where(hi > 0, hi_t / hi.clamp(min=tiny), torch.ones_like(hi)).clamp(0.0, 1.0)
+    return s_min, s_max
+
+
+def init_from_result(w: torch.Tensor, init: QuantResult, lo: torch.Tensor, hi: torch.Tensor,
+                     args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(V, s_min, s_max)`` that reproduce another solver's integers (GPTQ) as far as the
+    parameterization allows: :func:`init_factors` for its scales, and for each weight the
+    smallest offset that rounds ``w / scale + V`` to its integer (0 where round-to-nearest
+    already gives it, else just :data:`INIT_MARGIN` inside the integer's rounding interval,
+    so the tuning can move it back as easily as a rounded weight), clamped to [-0.5, 0.5]:
+    GPTQ's error feedback can move a weight further than half a step (about 95 % of the
+    integers are reproduced on correlated inputs, tests/test_autoround.py)."""
+    s_min, s_max = init_factors(init.scale, init.zero, lo, hi, args)
     scale, zero = tuned_qparams(lo, hi, s_min, s_max, args)
-    target = grouped(init.q.float(), args) - zero[..., None]
-    v = (target - grouped(w, args) / scale[..., None]).clamp(-0.5, 0.5).reshape(w.shape)
-    return v.contiguous(), s_min, s_max
+    d = (grouped(init.q.float(), args) - zero[..., None]) - grouped(w, args) / scale[..., None]
+    v = torch.sign(d) * (d.abs() - 0.5 + INIT_MARGIN).clamp(min=0)
+    return v.clamp(-0.5, 0.5).reshape(w.shape).contiguous(), s_min, s_max
+
+
+def init_observer(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                  args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The RTN start: ``V = 0`` and factors 1 (min/max, auto-round's start), or with
+    ``args.mse`` (``quant.observer=mse``) the factors of the per-group clipping search."""
+    if not args.mse:
+        return torch.zeros_like(w), torch.ones_like(lo), torch.ones_like(hi)
+    from ..quant.qparams import compute_qparams
+
+    g = grouped(w, args)
+    scale, zero = compute_qparams(g.reshape(-1, g.shape[-1]), args)
+    s_min, s_max = init_factors(scale.reshape(lo.shape), zero.reshape(lo.shape), lo, hi, args)
+    return torch.zeros_like(w), s_min, s_max
 
 
 def lr_at(lr: float, step: int, iters: int) -> float:
