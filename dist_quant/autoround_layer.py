@@ -135,9 +135,9 @@ def program(ctx: StageContext, xs: list[torch.Tensor], fxs: list[torch.Tensor]):
                 "autoround": {k: info[k] for k in ("loss_init", "loss_best", "best_step", "steps")}}
             bias = ctx.tensor(lin.name + ".bias") if lin.has_bias else None
             ctx.write(lin, results[s.name], bias)
-    if info and ctx.comm.rank == 0:
-        log.info("layer %d: autoround loss %.4g -> %.4g (best at step %d of %d)", ctx.index,
-                 info["loss_init"], info["loss_best"], info["best_step"], info["steps"])
+    if info:
+        comm.rank0(log.info, "layer %d: autoround loss %.4g -> %.4g (best at step %d of %d)", ctx.index,
+                   info["loss_init"], info["loss_best"], info["best_step"], info["steps"])
     return xs, targets
 
 
