@@ -44,10 +44,10 @@ def peer_losses(log: Path, tokens: int) -> list[tuple[float, float]]:
     return [(float(a) * tokens, float(b) * tokens) for a, _, b in PEER_LOSS.findall(text)]
 
 
-def ppl(model: Path, windows: int) -> float:
+def ppl(model: Path, windows: int, data: Path) -> float:
     from dist_quant.eval import evaluate
 
-    return evaluate(model, DATA, seq_len=512, start=0.5, end=1.0, max_windows=windows, batch_size=4)["ppl"]
+    return evaluate(model, data, seq_len=512, start=0.5, end=1.0, max_windows=windows, batch_size=4)["ppl"]
 
 
 def main() -> None:
@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--peer-tokens", type=int, default=8 * 511, help="valid tokens of one peer batch")
     p.add_argument("--json", type=Path)
+    p.add_argument("--data", type=Path, default=DATA, help="the WikiText-2 valid.txt of the job")
     a = p.parse_args()
     ours, peer = our_losses(a.ours), peer_losses(a.peer_log, a.peer_tokens)
     n = min(len(ours), len(peer))
@@ -67,9 +68,9 @@ def main() -> None:
               "best_loss_ratio_ours_over_peer": [ours[i][1] / peer[i][1] for i in range(n)]}
     if n:
         result["sum_best_loss_first_n"] = {"ours": sum(o[1] for o in ours[:n]), "peer": sum(q[1] for q in peer[:n])}
-    result["ppl_ours"] = ppl(a.ours, a.windows)
+    result["ppl_ours"] = ppl(a.ours, a.windows, a.data)
     if a.peer is not None and (a.peer / "config.json").is_file():
-        result["ppl_peer"] = ppl(a.peer, a.windows)
+        result["ppl_peer"] = ppl(a.peer, a.windows, a.data)
     print(json.dumps(result, indent=1))
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
