@@ -56,11 +56,43 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class AutoRoundConfig:
+    """``quant.autoround.*``: rounding / clipping tuning per decoder layer (``quant.method=autoround``,
+    dist_quant/autoround_layer.py; defaults are auto-round 0.16's)."""
+
+    iters: int = 200
+    """Signed-gradient steps per decoder layer."""
+    lr: Optional[float] = None
+    """Learning rate of the rounding offsets (decays linearly to 0 over iters); null = 1 / iters."""
+    minmax_lr: Optional[float] = None
+    """Learning rate of the per-group clip factors; null = lr."""
+    batch_size: int = 8
+    """Calibration samples per step, over all ranks together (capped at calib.num_samples)."""
+    minmax: bool = True
+    """Tune the per-group clip factors of the range's min and max (false: rounding only)."""
+    init: str = "rtn"
+    """Starting point: rtn (offsets 0, factors 1: min/max round-to-nearest) or gptq (the offsets
+    and factors that reproduce GPTQ's integers for the layer)."""
+    seed: int = 0
+    """Seed of the sample batches (the same on every rank)."""
+
+    def __post_init__(self) -> None:
+        _check(not isinstance(self.iters, bool) and self.iters > 0, "quant.autoround.iters", self.iters,
+               "must be a positive number of steps")
+        for key, value in (("quant.autoround.lr", self.lr), ("quant.autoround.minmax_lr", self.minmax_lr)):
+            _check(value is None or (not isinstance(value, bool) and value > 0), key, value,
+                   "must be positive (or null for the default)")
+        _check(not isinstance(self.batch_size, bool) and self.batch_size > 0, "quant.autoround.batch_size",
+               self.batch_size, "must be positive")
+        _check(self.init in ("rtn", "gptq"), "quant.autoround.init", self.init, "expected rtn or gptq")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """Weight quantization: algorithm and integer format."""
 
     method: str = "gptq"
-    """gptq or rtn."""
+    """gptq, rtn, or autoround (tunes each decoder layer's rounding and clipping; quant.autoround)."""
     bits: int = 4
     """Weight bits: 4 or 8."""
     group_size: int = 128
@@ -114,6 +146,9 @@ class QuantConfig:
     """Activations with quant.act_bits=8: int (int8) or fp8 (FP8 E4M3; per token when dynamic, per
     token and group of 128 columns with block weights, calibrated per tensor when static); with
     quant.act_bits=4: nvfp4 (calibrated global scale, group scales at run time)."""
+    # -- AutoRound (quant.method=autoround) -----------------------------------------------------
+    autoround: AutoRoundConfig = field(default_factory=AutoRoundConfig)
+    """Tuning parameters of quant.method=autoround (docs/autoround.md)."""
 
     def __post_init__(self) -> None:
         solvers = _solver_names()
@@ -123,7 +158,12 @@ class QuantConfig:
             object.__setattr__(self, "method", self.weight_solver)
         _check_float_formats(self)
         _check_w8a8(self)
-        _check(self.method in solvers, "quant.method", self.method, "expected " + " or ".join(solvers))
+        methods = _method_names()
+        _check(self.method in methods, "quant.method", self.method, "expected " + ", ".join(methods))
+        _check(self.method != "autoround" or self.act_bits is None, "quant.method", self.method,
+               "autoround tunes weight-only presets (A16); W8A8 jobs use quant.weight_solver=gptq or rtn")
+        _check(self.method != "autoround" or self.weight_type == "int", "quant.method", self.method,
+               f"autoround tunes integer weights; quant.weight_type={self.weight_type} needs gptq or rtn")
         _check(self.bits in (4, 8), "quant.bits", self.bits, "supported weight bits are 4 and 8")
         _check(self.group_size == -1 or self.group_size > 0, "quant.group_size", self.group_size,
                "expected a positive group size or -1 (per-channel)")
@@ -138,6 +178,13 @@ def _solver_names() -> tuple[str, ...]:
     from .algorithms.registry import SOLVERS
 
     return tuple(SOLVERS)
+
+
+def _method_names() -> tuple[str, ...]:
+    """Every quant.method: the per-linear solvers and the layer solvers."""
+    from .algorithms.registry import method_names
+
+    return method_names()
 
 
 def _smooth_methods() -> tuple[str, ...]:
@@ -381,5 +428,8 @@ class JobConfig:
         _check(resume is True or resume is False or resume == "auto", "resume", self.resume,
                "expected true, false or auto")
         object.__setattr__(self, "resume", resume)
+        _check(resume is False or self.quant.method != "autoround", "resume", self.resume,
+               "is not supported with quant.method=autoround yet (the float chain's activations are not "
+               "saved with the layer checkpoints); run with resume=false")
         _check(self.calib.smooth_path is None or self.quant.smooth != "none", "calib.smooth_path",
                self.calib.smooth_path, "has no effect without smoothing (quant.smooth=none)")

@@ -20,6 +20,7 @@ from . import estimate as mem
 from .checkpoint import DTYPE_BYTES
 from .calibration import rank_rows
 from .config import JobConfig
+from .algorithms.registry import layer_solver
 from .estimate import DTYPE_SIZE, PROCESS_OVERHEAD
 
 @dataclass
@@ -101,6 +102,12 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
             total, parts_ = _stage_memory(cfg, ckpt, plan, owners, shape, r, key, lins, world_size)
             if total > stage_peak:
                 stage_peak, stage_parts, worst = total, parts_, f"layer {key[0]} {key[1]}"
+        tune = layer_solver(cfg.quant.method).memory  # a layer solver's own peak (AutoRound's tuning)
+        for i in range(plan.num_layers if tune is not None else 0):
+            total, parts_ = tune(shape, sum(lin.in_features * lin.out_features for lin in plan.layer_linears(i)),
+                                 inter)
+            if total > stage_peak:
+                stage_peak, stage_parts, worst = total, parts_, f"layer {i} {cfg.quant.method} tuning"
         memory = {
             "layer_weights": max(layer_numel, default=0) * c + 4 * max(experts.values(), default=0),
             **stage_parts,

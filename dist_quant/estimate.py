@@ -103,3 +103,23 @@ def moe_mlp_bytes(s: Shape, experts: int, top_k: int, world_size: int, expert_di
     expert = per_expert * (h * (c + 4) + 3 * inter * 4)
     hess = max(hessian_bytes(h, s), hessian_bytes(inter, s))
     return acts + expert + hess, {"activations": acts + expert, "hessians": hess, "solve_weight": 0}
+
+
+TUNE_BYTES_PER_WEIGHT = 48
+"""AutoRound, per quantized weight element of the layer: the float32 weight, offsets, best
+offsets, their gradient, the quantizer's saved tensors (about 16 bytes), the float64
+gradient buffer that is all-reduced and its float32 copy."""
+
+
+def autoround_bytes(s: Shape, weights: int, inter: int) -> tuple[int, dict]:
+    """Layer-level tuning (dist_quant/autoround_layer.py): the quantized chain's inputs and the
+    float targets (the float chain's next inputs) of this rank's tokens, ``2·T·h·c``; the
+    tuning state of the layer's ``weights`` quantized elements; one sample's forward kept for
+    its backward (about ``10·h + 4·inter`` values a token and one head's ``L²`` scores per
+    head)."""
+    c = s.compute_bytes
+    acts = 2 * s.tokens * s.hidden * c
+    sample = s.seq_len * (10 * s.hidden + 4 * inter) * c + s.heads * s.seq_len ** 2 * 4
+    state = TUNE_BYTES_PER_WEIGHT * weights
+    return acts + sample + state, {"activations": acts + sample, "hessians": 0, "solve_weight": state}
+

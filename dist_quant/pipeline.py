@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .algorithms.registry import layer_solver
 from .calibration import CalibrationSet
 from .checkpoint import Checkpoint
 from .config import JobConfig
@@ -94,6 +95,7 @@ class LayerwiseQuantizer:
         self.fmt = make_format(cfg, args)
         self.job = Job(cfg, comm, ckpt, plan, owners, args, device, writer, self.fmt, self.dtype,
                        hooks=w8a8_hooks(cfg, comm, plan, ckpt, device, args, self.fmt.act))
+        self.solver = layer_solver(cfg.quant.method)  # the staged program, or a layer solver (AutoRound)
 
     def _prefetch(self, index: int) -> None:
         """Start reading layer ``index``'s tensors that this rank will read (routed experts:
@@ -124,6 +126,7 @@ class LayerwiseQuantizer:
             pos_emb = skel.rotary(xs[0] if xs else torch.zeros(1, seq_len, 1, dtype=self.dtype), positions)
             pos_emb = tuple(t.to(self.dtype) for t in pos_emb)
         self.job.pos_emb = pos_emb
+        carry = self.solver.start(xs)  # what the layer solver carries along (AutoRound: the float chain)
 
         records = list(restored.records) if restored is not None else []
         if restored is not None and progress is not None:
@@ -139,7 +142,7 @@ class LayerwiseQuantizer:
                     layer = load_layer(skel, self.ckpt, arch, i, self.device)
                 self._prefetch(i + 1)  # read while this layer computes
                 ctx = StageContext(self.job, layer, i, masks, record, phase)
-                xs = self._layer(layer, i, xs, masks, pos_emb, record, phase, ctx=ctx)
+                xs, carry = self._layer(layer, i, xs, masks, pos_emb, record, phase, ctx=ctx, carry=carry)
                 with phase("write"):
                     ctx.write_tensors()
                 unload_layer(layer)
@@ -157,8 +160,10 @@ class LayerwiseQuantizer:
                     self.writer.add(name, self.ckpt.for_output(name, self.ckpt.get(name)))
         return records
 
-    def _layer(self, layer, index, xs, masks, pos_emb, record, phase, ctx: StageContext | None = None):
-        """Decoder layer ``index`` through its architecture's program; returns its outputs."""
+    def _layer(self, layer, index, xs, masks, pos_emb, record, phase, ctx: StageContext | None = None,
+               carry=None):
+        """Decoder layer ``index`` through its architecture's program (or the job's layer
+        solver); returns its outputs and what the solver carries to the next layer."""
         if ctx is None:
             ctx = StageContext(self.job, layer, index, masks, record, phase)
-        return self.plan.arch.program(ctx, xs)
+        return self.solver.program(ctx, xs, carry)

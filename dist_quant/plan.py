@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .algorithms.registry import get_solver
+from .algorithms.registry import solver_cost
 from .arch import ArchSpec, UnsupportedModel, get_arch
 from .arch.moe import assign_expert_owners
 from .checkpoint import Checkpoint, CheckpointError
@@ -26,7 +26,7 @@ class LinearInfo:
     def solve_cost(self, method: str, pieces: int = 1) -> float:
         """Work of one owner's solve when the rows are split into ``pieces`` (GPTQ: every owner
         factors the whole Hessian, ``n³/3``, and runs the column loop on its rows, ``n² m/k``)."""
-        return get_solver(method).cost(self.out_features / pieces, self.in_features)
+        return solver_cost(method, self.out_features / pieces, self.in_features)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .algorithms.registry import layer_solver
 from .calibration import CalibrationError, CalibrationSet
 from .calib_sources import load_calibration, load_smooth_calibration
 from .checkpoint import Checkpoint, CheckpointError
@@ -109,6 +110,7 @@ def prepare(cfg: JobConfig, model_path: str, world_size: int):
                           "only built-in architectures are supported")
     ckpt = Checkpoint(model_path, allow_pickle=cfg.model.allow_pickle)
     plan = inspect_model(ckpt, cfg.quant)
+    layer_solver(cfg.quant.method).check(plan.arch)  # a layer solver's unsupported architectures: one line
     owners = assign_owners(plan, ckpt, world_size, cfg.quant.method)
     args = quant_args(cfg, ckpt, plan)
     refuse(job_of(cfg, plan, args.scale_dtype))  # outputs no server could load: one line, before any work

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .algorithms.gptq import GPTQParams
-from .algorithms.registry import get_solver
+from .algorithms.registry import get_solver, solver_params
 from .numerics import check_result, check_weight
 from .plan import LinearInfo
 from .quant import floatgrid as fg
@@ -104,7 +104,7 @@ class Job:
     def solver_params(self, method: str):
         """The frozen parameters of solver ``method`` for this job (built once)."""
         if method not in self._params:
-            self._params[method] = get_solver(method).params(self.cfg.quant)
+            self._params[method] = solver_params(method, self.cfg.quant)
         return self._params[method]
 
 

@@ -9,6 +9,13 @@ its shape the solver may overwrite, or None; ``scale``: the fixed FP8-grid scale
 parameters once per job, and ``cost(out, in)`` is the relative solve cost the owner plan
 balances.
 
+A layer solver (``LAYER_SOLVERS``: AutoRound) tunes a whole decoder layer at once instead of
+one stage's linears: ``program(ctx, xs, carry) -> (xs, carry)`` replaces the architecture's
+staged program for the layer, ``start(xs)`` makes what it carries from layer to layer (the
+float chain's activations), ``check(arch)`` refuses architectures it does not cover before
+any work, ``params`` and ``cost`` as for a solver. Per-linear solvers run through
+:data:`STAGED`, the architecture's own program. ``quant.method`` names either kind.
+
 A smoother chooses per-channel scales ``s`` for one smoothing pair:
 ``smoother(q, a_max, w_max, search) -> (s, alpha, beta, searched, rel_error)``, where
 ``q`` is the QuantConfig and ``search(alpha)`` runs the two-stage (alpha, beta) search
@@ -43,6 +50,69 @@ SOLVERS: dict[str, Solver] = {
     "rtn": Solver("rtn", lambda w, h, args, p, work=None, scale=None: rtn_quantize(w, args, scale), lambda q: None,
                   lambda m, n: float(n) * m),
 }
+
+
+def _staged_program(ctx, xs, carry):
+    return ctx.arch.program(ctx, xs), carry
+
+
+@dataclass(frozen=True)
+class LayerSolver:
+    name: str
+    program: Callable[..., Any]  # (ctx, xs, carry) -> (xs, carry)
+    start: Callable[[list], Any]  # the layer-0 inputs -> what is carried from layer to layer
+    params: Callable[[Any], Any]  # QuantConfig -> frozen params
+    cost: Callable[[int, int], float]  # (out_features, in_features) -> relative cost (owner plan: writes)
+    check: Callable[[Any], None]  # ArchSpec -> None, or raises UnsupportedModel
+    memory: Callable[..., Any] | None = None  # (estimate.Shape, layer weights, inter) -> (bytes, parts)
+
+
+def _autoround(attr: str):
+    """A function of dist_quant/autoround_layer.py, imported when first called (that module
+    imports the stage API, which imports this registry)."""
+    def call(*a, **kw):
+        from .. import autoround_layer
+
+        return getattr(autoround_layer, attr)(*a, **kw)
+    return call
+
+
+def _autoround_memory(*a):
+    from ..estimate import autoround_bytes
+
+    return autoround_bytes(*a)
+
+
+STAGED = LayerSolver("staged", _staged_program, lambda xs: None, lambda q: None, lambda m, n: 0.0,
+                     lambda arch: None)
+"""Every per-linear solver: the architecture's staged program, nothing carried."""
+
+LAYER_SOLVERS: dict[str, LayerSolver] = {
+    "autoround": LayerSolver("autoround", _autoround("program"), lambda xs: list(xs), _autoround("params"),
+                             lambda m, n: float(m) * n, _autoround("check_supported"), _autoround_memory),
+}
+
+
+def layer_solver(method: str) -> LayerSolver:
+    """How a layer is quantized for ``quant.method``: its layer solver, or :data:`STAGED`."""
+    return LAYER_SOLVERS.get(method, STAGED)
+
+
+def method_names() -> tuple[str, ...]:
+    """Every value ``quant.method`` accepts."""
+    return (*SOLVERS, *LAYER_SOLVERS)
+
+
+def solver_cost(method: str, out_f: int, in_f: int) -> float:
+    """Relative cost of one linear under ``method`` (the owner plan balances it)."""
+    entry = LAYER_SOLVERS.get(method) or get_solver(method)
+    return entry.cost(out_f, in_f)
+
+
+def solver_params(method: str, q) -> Any:
+    """The frozen parameters of ``method`` (either kind) for QuantConfig ``q``."""
+    entry = LAYER_SOLVERS.get(method) or get_solver(method)
+    return entry.params(q)
 
 
 def get_solver(name: str) -> Solver:

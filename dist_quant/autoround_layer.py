@@ -1,0 +1,297 @@
+"""The layer-level solver: AutoRound / SignRound tuning of one whole decoder layer over the
+stage API, data-parallel (the math is dist_quant/algorithms/autoround.py).
+
+Per layer, every rank holds two activation chains for its calibration slice: ``xs``, the
+inputs the already-quantized layers produce, and ``fxs``, the float model's own inputs
+(the float chain, carried alongside from the embeddings on). Then:
+
+1. **targets**: the float layer on the float chain, ``t = layer(fx)``: the float chain's
+   next inputs, and the tuning targets (the float inputs are freed as their targets appear);
+2. **init** (``quant.autoround.init``): ``V = 0`` and factors 1 (RTN, auto-round's start; with
+   ``quant.observer=mse`` the factors of the per-group clipping search), or
+   the GPTQ result of the same layer (the staged GPTQ program of the architecture, run on
+   ``xs`` with its writes captured, reproduced by ``V`` and the factors);
+3. **tune**: ``iters`` steps; each draws the same global batch of sample indices on every rank
+   (:class:`~dist_quant.algorithms.autoround.IndexSampler`, seeded by ``seed`` and the layer);
+   each rank runs the layer with the fake-quantized weights ``Ŵ(V, s_min, s_max)`` on the
+   samples of the batch it holds, one sample at a time, and adds ``∂L/∂Ŵ`` of each
+   ``L = Σ_real tokens ‖layer_Ŵ(x) − t‖²`` to a float64 buffer; the buffers, the loss sums and
+   the token counts travel in **one flat SUM all-reduce** per step (``Comm.all_reduce``); every
+   rank then divides by the global element count (the loss is the global mean, so 2 ranks
+   = 1 rank), back-propagates the reduced ``∂L/∂Ŵ`` through the quantizer to ``V`` and the
+   factors, and takes the same signed step: every rank holds the same parameters;
+4. **result**: the best-loss parameters give each linear's integers and scales
+   (``QuantResult``), its owner writes them in the output format (the same tensors GPTQ
+   writes), every rank loads ``Ŵ`` into the layer and propagates ``xs`` through it; the report
+   gets each linear's relative output error on its real inputs (of the job's first
+   :data:`ERROR_SAMPLES` samples, sums reduced over ranks).
+
+Why per sample and float64: a sample's gradient is then computed by the same kernels on
+every world size, and summing float32 gradients of ≤ batch samples in float64 is exact in
+all but pathological exponent spreads, so the reduced gradient does not depend on which
+rank held which sample; the signs, hence the parameters and integers, are those of one
+rank (tests/test_autoround.py checks it with real gloo processes).
+
+Dense layers only (llama, qwen2, qwen3, mistral: ``ArchSpec.program`` is the dense one);
+MoE and MLA architectures are refused before any work (:func:`check_supported`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call
+
+from .algorithms import autoround as ar
+from .arch import ArchSpec, UnsupportedModel, dense
+from .quant.qparams import QuantResult
+from .stage import StageContext
+from .stats import error_ratio
+
+log = logging.getLogger("dist_quant")
+
+
+def check_supported(arch: ArchSpec) -> None:
+    """One line, before any work, for architectures the layer-level tuning does not cover."""
+    if arch.moe is not None or arch.program is not dense.program:
+        raise UnsupportedModel(f"quant.method=autoround: model_type={arch.name!r} is not supported yet "
+                               "(dense llama-style layers only: llama, qwen2, qwen3, mistral); use gptq or rtn")
+
+
+def params(q) -> ar.AutoRoundParams:
+    """The job's tuning parameters from ``quant.autoround`` (config.AutoRoundConfig)."""
+    c = q.autoround
+    lr = c.lr if c.lr is not None else 1.0 / max(c.iters, 1)
+    return ar.AutoRoundParams(iters=c.iters, lr=lr, minmax_lr=c.minmax_lr if c.minmax_lr is not None else lr,
+                              batch_size=c.batch_size, minmax=c.minmax, init=c.init, seed=c.seed)
+
+
+@dataclass
+class _Linear:
+    name: str  # checkpoint name
+    param: str  # in-memory parameter name relative to the layer (``self_attn.q_proj.weight``)
+    w: torch.Tensor  # float32 [out, in]
+    lo: torch.Tensor
+    hi: torch.Tensor
+    v: torch.Tensor
+    s_min: torch.Tensor
+    s_max: torch.Tensor
+
+
+def layer_forward(ctx: StageContext, seq_len: int):
+    """``f(x, weights) -> y``: the decoder layer's own forward on ``x`` [b, L, h] with the named
+    parameters replaced (``torch.func.functional_call``)."""
+    mask = dense.attention_mask(ctx, seq_len)
+    layer = ctx.layer
+
+    def f(x, weights=None):
+        kwargs = dict(attention_mask=mask, position_embeddings=ctx.pos_emb)
+        if not weights:
+            return layer(x, **kwargs)
+        return functional_call(layer, weights, (x,), kwargs, strict=False)
+    return f
+
+
+def program(ctx: StageContext, xs: list[torch.Tensor], fxs: list[torch.Tensor]):
+    """Tune, write and propagate one decoder layer; returns ``(xs, fxs)`` for the next layer."""
+    job, comm = ctx.job, ctx.comm
+    p = job.solver_params("autoround")
+    seq_len = xs[0].shape[1] if xs else 0
+    f = layer_forward(ctx, seq_len)
+    lins = ctx.linears()
+    t0 = time.perf_counter()
+    with ctx.phase("propagate"):  # 1. float targets = the float chain's next inputs
+        targets = []
+        for j in range(len(fxs)):
+            targets.append(f(fxs[j]))
+            fxs[j] = None
+        fxs.clear()
+    state = [_init(ctx, lin, p) for lin in lins]
+    if p.init == "gptq" and lins:
+        with ctx.phase("solve"):
+            _gptq_init(ctx, xs, state)
+    samples, masks, tsamples = _samples(xs), _samples(ctx.masks), _samples(targets)
+    first = _offset(comm, len(samples))
+    with ctx.phase("solve"):
+        info = _tune(ctx, f, state, samples, masks, tsamples, first, p) if lins else {}
+    del tsamples
+    seconds = time.perf_counter() - t0
+    results = {}
+    with ctx.phase("broadcast"):  # nothing travels: every rank holds the parameters; load Ŵ
+        for s in state:
+            results[s.name] = ar.result(s.w, s.v, s.s_min, s.s_max, s.lo, s.hi, ctx.args)
+            ctx.module(s.name).weight.data.copy_(results[s.name].dequantize(ctx.args))
+    with ctx.phase("propagate"):
+        errors = _propagate(ctx, f, xs, state, first)
+    for s in state:
+        lin = ctx.linear(s.name)
+        if job.owners.owner[lin.name] == comm.rank:
+            num, den = errors[s.name]
+            ctx.record.modules[lin.name] = {
+                "rank": comm.rank, "seconds": seconds / len(state), "fallback": None,
+                "tokens": info.get("tokens", 0), "rel_output_error": error_ratio(num, den),
+                "autoround": {k: info[k] for k in ("loss_init", "loss_best", "best_step", "steps")}}
+            bias = ctx.tensor(lin.name + ".bias") if lin.has_bias else None
+            ctx.write(lin, results[s.name], bias)
+    if info:
+        comm.rank0(log.info, "layer %d: autoround loss %.4g -> %.4g (best at step %d of %d)", ctx.index,
+                   info["loss_init"], info["loss_best"], info["best_step"], info["steps"])
+    return xs, targets
+
+
+def _init(ctx: StageContext, lin, p: ar.AutoRoundParams) -> _Linear:
+    w = ctx.weight(lin.name)
+    lo, hi = ar.group_range(w, ctx.args)
+    param = ctx.arch.memory_name(ctx.rel(lin.name)) + ".weight"
+    return _Linear(lin.name, param, w, lo, hi, *ar.init_observer(w, lo, hi, ctx.args))
+
+
+class _CaptureContext(StageContext):
+    """The layer's staged GPTQ program with its writes kept instead of written (GPTQ init)."""
+
+    def __init__(self, ctx: StageContext):
+        super().__init__(ctx.job, ctx.layer, ctx.index, ctx.masks, ctx.record, ctx.phase)
+        self.captured: dict[str, QuantResult] = {}
+
+    def solve(self, linears, hessian, tokens, weights=None, method=None, **kw):
+        return super().solve(linears, hessian, tokens, weights, "gptq", **kw)
+
+    def write(self, lin, result, bias=None):
+        self.captured[lin.name] = result
+
+
+def _gptq_init(ctx: StageContext, xs: list[torch.Tensor], state: list[_Linear]) -> None:
+    """GPTQ on this layer's quantized-chain inputs (the architecture's staged program; the
+    owners solve, the results are broadcast as in any GPTQ job), then ``V`` and the factors
+    that reproduce its integers. The program's outputs and the layer's weights it changed are
+    discarded (the tuning replaces every quantized weight)."""
+    cap = _CaptureContext(ctx)
+    ctx.arch.program(cap, list(xs))
+    for s in state:  # the owner captured the whole result; every rank needs it
+        res = cap.captured.get(s.name) or ctx._empty_result(ctx.linear(s.name))
+        for t in (res.q, res.scale, res.zero):
+            ctx.comm.broadcast(t, ctx.job.owners.owner[s.name])
+        s.v, s.s_min, s.s_max = ar.init_from_result(s.w, res, s.lo, s.hi, ctx.args)
+    names = {s.name for s in state}
+    for key in list(ctx.record.modules):  # the GPTQ solve's entries: the tuning reports its own
+        if key.split("[")[0] in names:
+            del ctx.record.modules[key]
+
+
+def _samples(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-sample views ``[1, ...]`` of a list of batches (this rank's samples in order)."""
+    return [b[i:i + 1] for b in batches for i in range(b.shape[0])]
+
+
+def _offset(comm, n_local: int) -> int:
+    """Global index of this rank's first sample (ranks hold contiguous slices in rank order,
+    calibration.rank_rows)."""
+    counts = comm.all_gather(torch.tensor([n_local], dtype=torch.int64))
+    return int(sum(int(c) for c in counts[:comm.rank]))
+
+
+def _n_global(comm, n_local: int) -> int:
+    t = torch.tensor([n_local], dtype=torch.int64)
+    return int(comm.all_reduce(t))
+
+
+def _tune(ctx, f, state: list[_Linear], samples, masks, targets, first: int, p: ar.AutoRoundParams) -> dict:
+    comm, args, dtype = ctx.comm, ctx.args, ctx.dtype
+    n = _n_global(comm, len(samples))
+    batch = min(p.batch_size, n)
+    sampler = ar.IndexSampler(n, batch, p.seed * 1_000_003 + ctx.index)
+    hidden = targets[0].shape[-1] if targets else 0
+    hidden = int(comm.all_reduce(torch.tensor([hidden], dtype=torch.int64), "max"))
+    sizes = [s.w.numel() for s in state]
+    flat = torch.empty(sum(sizes) + 2, dtype=torch.float64, device=ctx.device)
+    best, best_loss, best_step, loss_init, tokens_seen = None, float("inf"), 0, None, 0
+    for s in state:
+        for t in (s.v, s.s_min, s.s_max):
+            t.requires_grad_(True)
+    for step in range(p.iters):
+        idx = [i - first for i in sampler.next_batch() if first <= i < first + len(samples)]
+        with torch.enable_grad():
+            w_hat = [ar.qdq(s.w, s.v, s.s_min, s.s_max, s.lo, s.hi, args) for s in state]
+        leaves = [w.detach().to(dtype).requires_grad_(True) for w in w_hat]
+        weights = {s.param: a for s, a in zip(state, leaves)}
+        flat.zero_()
+        views = list(flat[:-2].split(sizes))
+        for i in idx:
+            with torch.enable_grad():
+                m = masks[i][..., None].to(dtype)
+                diff = (f(samples[i], weights) - targets[i]) * m
+                loss = diff.float().pow(2).sum()
+                grads = torch.autograd.grad(loss, leaves)
+            for view, g in zip(views, grads):
+                view.add_(g.reshape(-1).to(torch.float64))
+            flat[-2] += float(loss.detach().double())
+            flat[-1] += float(masks[i].sum())
+        comm.all_reduce(flat)
+        count = float(flat[-1]) * hidden
+        loss_mean = float(flat[-2]) / count if count > 0 else 0.0
+        if step == 0:
+            loss_init = loss_mean
+        tokens_seen += int(flat[-1])
+        if loss_mean < best_loss:
+            best_loss, best_step = loss_mean, step
+            best = [(s.v.detach().clone(), s.s_min.detach().clone(), s.s_max.detach().clone()) for s in state]
+        if count > 0:
+            grads_w = [view.div(count).to(torch.float32).reshape(s.w.shape) for view, s in zip(views, state)]
+            tuned = [t for s in state for t in ((s.v, s.s_min, s.s_max) if p.minmax else (s.v,))]
+            with torch.enable_grad():
+                got = torch.autograd.grad(w_hat, tuned, grads_w, allow_unused=True)
+            lr, mlr = ar.lr_at(p.lr, step, p.iters), ar.lr_at(p.minmax_lr, step, p.iters)
+            per = 3 if p.minmax else 1
+            with torch.no_grad():
+                for k, s in enumerate(state):
+                    g = got[k * per:(k + 1) * per]
+                    g = (g[0], g[1], g[2]) if p.minmax else (g[0], None, None)
+                    ar.sign_step_(s.v, s.s_min, s.s_max, g, lr, mlr)
+        del w_hat, leaves, weights
+    for s in state:
+        for t in (s.v, s.s_min, s.s_max):
+            t.requires_grad_(False)
+    if best is not None:
+        for s, (v, lo, hi) in zip(state, best):
+            s.v, s.s_min, s.s_max = v, lo, hi
+    return {"loss_init": loss_init if loss_init is not None else 0.0, "loss_best": best_loss if best else 0.0,
+            "best_step": best_step, "steps": p.iters, "tokens": tokens_seen}
+
+
+ERROR_SAMPLES = 16
+"""Calibration samples (the first of the whole set, on whichever ranks hold them) on which each
+linear's relative output error is measured for the report: two extra products per linear,
+so not on every sample."""
+
+
+def _propagate(ctx, f, xs: list[torch.Tensor], state: list[_Linear], first: int) -> dict[str, tuple[float, float]]:
+    """``xs`` through the quantized layer (in place), with each quantized linear's output
+    error on its real inputs, ``(Σ ‖x(Ŵ−W)ᵀ‖², Σ ‖xWᵀ‖²)`` over the real tokens of the first
+    :data:`ERROR_SAMPLES` samples of the job, SUM-reduced over ranks."""
+    sums = torch.zeros(len(state), 2, dtype=torch.float64, device=ctx.device)
+    current = {}
+    handles = []
+    for k, s in enumerate(state):
+        def hook(mod, inputs, k=k, s=s):
+            rows, m = current["rows"], current["mask"]
+            if rows == 0:
+                return
+            x = inputs[0][:rows].float()
+            x = x.reshape(-1, x.shape[-1])[m[:rows].reshape(-1)]
+            ref = x @ s.w.T
+            sums[k, 0] += float((x @ mod.weight.float().T - ref).pow(2).sum())
+            sums[k, 1] += float(ref.pow(2).sum())
+        handles.append(ctx.module(s.name).register_forward_pre_hook(hook))
+    try:
+        seen = first
+        for j, (x, m) in enumerate(zip(xs, ctx.masks)):
+            current["rows"], current["mask"] = max(0, min(x.shape[0], ERROR_SAMPLES - seen)), m
+            seen += x.shape[0]
+            xs[j] = f(x)
+    finally:
+        for h in handles:
+            h.remove()
+    ctx.comm.all_reduce(sums)
+    return {s.name: (float(sums[k, 0]), float(sums[k, 1])) for k, s in enumerate(state)}
