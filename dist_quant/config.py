@@ -103,6 +103,14 @@ class QuantConfig:
     self_attn.o_proj, or an fnmatch pattern (model.layers.1?.mlp.down_proj)."""
     search_tokens: int = 1024
     """Flex smooth search: calibration tokens (over all ranks) that score each candidate."""
+    # -- KV-cache quantization (docs/kv_cache.md; dist_quant/kvcache.py) -----------------------
+    kv_cache: Optional[str] = None
+    """null (the KV cache stays in the serving dtype), fp8 (E4M3 scales in compressed-tensors'
+    kv_cache_scheme: vLLM, SGLang) or int8 (msModelSlim C8: output.format=ascend). Static K and
+    V scales calibrated on the attention's K (after RoPE) and V; combines with every preset."""
+    kv_cache_strategy: str = "tensor"
+    """tensor (one K and one V scale per layer) or head (one per KV head; compressed-tensors
+    attn_head)."""
 
     def __post_init__(self) -> None:
         solvers = _solver_names()
@@ -111,6 +119,7 @@ class QuantConfig:
         if self.weight_solver is not None:
             object.__setattr__(self, "method", self.weight_solver)
         _check_w8a8(self)
+        _check_kv_cache(self)
         _check(self.method in solvers, "quant.method", self.method, "expected " + " or ".join(solvers))
         _check(self.bits in (4, 8), "quant.bits", self.bits, "supported weight bits are 4 and 8")
         _check(self.group_size == -1 or self.group_size > 0, "quant.group_size", self.group_size,
@@ -170,6 +179,25 @@ def _check_w8a8(q: "QuantConfig") -> None:
     for pattern in q.disable_anti_names:
         _check(isinstance(pattern, str) and pattern.strip() != "", "quant.disable_anti_names",
                list(q.disable_anti_names), "expected non-empty module names or patterns")
+
+
+def _check_kv_cache(q: "QuantConfig") -> None:
+    """quant.kv_cache / quant.kv_cache_strategy (the output format is checked by the job:
+    :func:`_check_kv_cache_format`)."""
+    _check(q.kv_cache in (None, "fp8", "int8"), "quant.kv_cache", q.kv_cache,
+           "expected null (no KV-cache quantization), fp8 or int8")
+    _check(q.kv_cache_strategy in ("tensor", "head"), "quant.kv_cache_strategy", q.kv_cache_strategy,
+           "expected tensor or head")
+
+
+def _check_kv_cache_format(job: "JobConfig") -> None:
+    """Which server caches which kind: vLLM's and SGLang's quantized KV cache is FP8 (an int8
+    compressed-tensors kv_cache_scheme would be read as FP8 scales); vLLM-Ascend's is int8 C8."""
+    kv, fmt = job.quant.kv_cache, job.output.format
+    _check(kv != "int8" or fmt == "ascend", "quant.kv_cache", kv, f"an int8 KV cache is Ascend's C8 "
+           f"(output.format=ascend); vLLM and SGLang quantize the KV cache to fp8 (output.format={fmt})")
+    _check(kv != "fp8" or fmt != "ascend", "quant.kv_cache", kv, "vLLM-Ascend's quantized KV cache is int8 "
+           "(C8); use quant.kv_cache=int8 with output.format=ascend")
 
 
 @dataclass(frozen=True)
@@ -312,3 +340,4 @@ class JobConfig:
         object.__setattr__(self, "resume", resume)
         _check(self.calib.smooth_path is None or self.quant.smooth != "none", "calib.smooth_path",
                self.calib.smooth_path, "has no effect without smoothing (quant.smooth=none)")
+        _check_kv_cache_format(self)
