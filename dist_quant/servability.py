@@ -44,6 +44,7 @@ class Job:
     serve_dtype: str  # "bfloat16" | "float16" | "float32"
     model_type: str = ""
     moe: bool = False
+    kv_cache: str | None = None  # quant.kv_cache: None | "fp8" | "int8"
 
     @property
     def weight_only(self) -> bool:
@@ -105,7 +106,16 @@ def _wna16_moe_fails(job: Job, moe: MoeLayer) -> bool:
     return not _marlin_moe_ok(job, moe) and job.group_size == -1
 
 
+MLA_TYPES = ("deepseek_v3", "kimi_k2")  # arch/deepseek.py: multi-head latent attention
+
 REFUSALS: tuple[Rule, ...] = (
+    Rule("all", "quant.kv_cache with multi-head latent attention: vLLM caches the compressed latent "
+         "(kv_a_layernorm output ‖ rotated k_pe, one k_scale: concat_and_cache_mla) and vLLM-Ascend's MLA "
+         "cache quantization is FAKQuant (fa_q/fa_k/fa_v), not C8; dist_quant calibrates neither yet: "
+         "set quant.kv_cache=null",
+         "vLLM's MLA attention layer (do_kv_cache_update: ops.concat_and_cache_mla(kv_c_normed, k_pe, kv_cache, "
+         "slot_mapping, kv_cache_dtype, scale=k_scale)); vllm_ascend/quantization/methods/kv_c8.py, AscendFAQuantAttentionMethod",
+         applies=lambda j: j.kv_cache is not None, job_fails=lambda j: j.model_type in MLA_TYPES),
     Rule("all", "vLLM's and SGLang's W4A16/W8A16 MoE methods assert symmetric weights "
          "(CompressedTensorsWNA16MarlinMoEMethod / CompressedTensorsWNA16MoEMethod: \"Only symmetric "
          "quantization is supported for MoE\"); set quant.symmetric=true",
@@ -272,7 +282,7 @@ def job_of(cfg, plan, serve_dtype) -> Job:
         scheme = "W8A8_DYNAMIC" if q.act_dynamic else "W8A8"
     return Job(format=cfg.output.format, scheme=scheme, group_size=q.group_size, symmetric=q.symmetric,
                serve_dtype=str(serve_dtype).removeprefix("torch."), model_type=plan.arch.name,
-               moe=plan.arch.moe is not None)
+               moe=plan.arch.moe is not None, kv_cache=q.kv_cache)
 
 
 def plan_warnings(cfg, plan, serve_dtype) -> list[str]:
