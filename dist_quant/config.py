@@ -154,9 +154,7 @@ def _check_w8a8(q: "QuantConfig") -> None:
     _check(q.act_bits in (None, 8), "quant.act_bits", q.act_bits, "expected null (no activation "
            "quantization) or 8")
     if q.act_bits == 8:
-        _check(q.bits == 8 and q.group_size == -1 and q.symmetric, "quant.act_bits", q.act_bits,
-               f"W8A8 needs int8 per-channel symmetric weights (quant.bits=8, quant.group_size=-1, "
-               f"quant.symmetric=true; got bits={q.bits}, group_size={q.group_size}, symmetric={q.symmetric})")
+        _check_int8_activation_weights(q)
     methods = _smooth_methods()
     _check(q.smooth in methods, "quant.smooth", q.smooth, "expected " + ", ".join(methods))
     if q.smooth != "none":
@@ -179,6 +177,22 @@ def _check_w8a8(q: "QuantConfig") -> None:
     for pattern in q.disable_anti_names:
         _check(isinstance(pattern, str) and pattern.strip() != "", "quant.disable_anti_names",
                list(q.disable_anti_names), "expected non-empty module names or patterns")
+
+
+def _check_int8_activation_weights(q: "QuantConfig") -> None:
+    """The weights int8 activations combine with: int8 per channel (W8A8) or int4 per channel or
+    per group with dynamic per-token activations (W4A8: compressed-tensors CompressedTensorsW4A8Int,
+    symmetric weights, no zero point); both symmetric."""
+    if q.bits == 4:
+        _check(q.symmetric and q.act_dynamic, "quant.act_bits", q.act_bits, "W4A8 needs symmetric int4 weights "
+               "and dynamic per-token activations (quant.symmetric=true, quant.act_dynamic=true; got "
+               f"symmetric={q.symmetric}, act_dynamic={q.act_dynamic})")
+        _check(q.smooth == "none", "quant.smooth", q.smooth, "smoothing is written for W8A8 (8-bit weights); "
+               "W4A8 runs without it (quant.smooth=none)")
+        return
+    _check(q.bits == 8 and q.group_size == -1 and q.symmetric, "quant.act_bits", q.act_bits,
+           f"W8A8 needs int8 per-channel symmetric weights (quant.bits=8, quant.group_size=-1, "
+           f"quant.symmetric=true; got bits={q.bits}, group_size={q.group_size}, symmetric={q.symmetric})")
 
 
 def _check_kv_cache(q: "QuantConfig") -> None:

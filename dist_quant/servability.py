@@ -38,7 +38,7 @@ class Job:
     """What one job writes, in the terms the servers' loaders decide on."""
 
     format: str  # "compressed-tensors" | "ascend"
-    scheme: str  # "W4A16" | "W8A16" | "W8A8" (static activations) | "W8A8_DYNAMIC"
+    scheme: str  # "W4A16" | "W8A16" | "W8A8" (static activations) | "W8A8_DYNAMIC" | "W4A8_DYNAMIC"
     group_size: int  # -1: per output channel
     symmetric: bool
     serve_dtype: str  # "bfloat16" | "float16" | "float32"
@@ -158,7 +158,25 @@ RULES: tuple[Rule, ...] = (
     Rule(HF, "transformers fake-quantizes dynamic activations with compressed-tensors' own rule, "
          "max|x| / 127.5, while the servers' int8 kernels (and the calibration) use max|x| / 127",
          "compressed_tensors/quantization/utils/helpers.py, calculate_qparams",
-         applies=lambda j: _ct(j) and j.scheme == "W8A8_DYNAMIC" and not j.moe, job_fails=lambda j: True,
+         applies=lambda j: _ct(j) and j.scheme in ("W8A8_DYNAMIC", "W4A8_DYNAMIC") and not j.moe,
+         job_fails=lambda j: True,
+         effect="serves, but not exactly the calibrated model"),
+    Rule(SGLANG, "its compressed-tensors W4A8 int8 scheme is for MoE experts only "
+         "(compressed_tensors_w4a8_int8_moe.py); the dense linears have none",
+         "python/sglang/srt/layers/quantization/compressed_tensors/schemes/ (no dense W4A8 int scheme)",
+         applies=lambda j: _ct(j) and j.scheme == "W4A8_DYNAMIC", job_fails=lambda j: True),
+    Rule(ASCEND, "compressed-tensors W4A8_DYNAMIC is registered for MoE experts only (no ('W4A8_DYNAMIC', "
+         "'linear') scheme: the dense linears raise NotImplementedError) and per channel only",
+         "vllm_ascend/quantization/compressed_tensors_config.py, _create_scheme_for_layer_type; "
+         "methods/w4a8.py, AscendW4A8DynamicFusedMoEMethod",
+         applies=lambda j: _ct(j) and j.scheme == "W4A8_DYNAMIC", job_fails=lambda j: True),
+    Rule(VLLM, "W4A8 with per-group int4 scales: on Hopper (sm90) vLLM's _is_fp8_w4a8_sm90 matches int4 "
+         "groups + per-token 8-bit activations before the int path and picks CompressedTensorsW4A8Fp8 (FP8 "
+         "activations); elsewhere CompressedTensorsW4A8Int runs it (its kernels are CPU ones); set "
+         "quant.group_size=-1 for the int8-activation model on every device",
+         "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py, "
+         "CompressedTensorsConfig._get_scheme_from_parts (_is_fp8_w4a8_sm90, _is_dynamic_token_w4a8_int)",
+         applies=lambda j: _ct(j) and j.scheme == "W4A8_DYNAMIC", job_fails=lambda j: j.group_size != -1,
          effect="serves, but not exactly the calibrated model"),
     Rule(ASCEND, "static W8A8 needs a 16-bit serving dtype: deq_scale exists only for bfloat16 (float32) "
          "and float16 (int64); set output.dtype=bfloat16 or float16",
@@ -278,6 +296,8 @@ def job_of(cfg, plan, serve_dtype) -> Job:
     q = cfg.quant
     if q.act_bits is None:
         scheme = f"W{q.bits}A16"
+    elif q.bits == 4:
+        scheme = "W4A8_DYNAMIC"
     else:
         scheme = "W8A8_DYNAMIC" if q.act_dynamic else "W8A8"
     return Job(format=cfg.output.format, scheme=scheme, group_size=q.group_size, symmetric=q.symmetric,

@@ -82,7 +82,7 @@ class CompressedTensorsW8A8(OutputFormat):
         return out
 
     def quantization_config(self, ignore):
-        return ct8.quantization_config(self.act, ignore)
+        return ct8.quantization_config(self.act, ignore, self.args)
 
 
 class Ascend(OutputFormat):
@@ -136,6 +136,11 @@ def _compressed_tensors(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | Non
 
 
 def _ascend(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | None) -> OutputFormat:
+    if cfg.quant.bits != 8 and cfg.quant.act_bits is not None:
+        raise ConfigError(f"output.format='ascend' with quant.bits={cfg.quant.bits}: msModelSlim's W4A8_DYNAMIC "
+                          "(vLLM-Ascend registers it for MoE experts only, two int4 a byte with scale_bias, the "
+                          "other linears W8A8_DYNAMIC) is not written by dist_quant; use output.format="
+                          "compressed-tensors for W4A8 or quant=w8a8 quant.act_dynamic=true for Ascend")
     if cfg.quant.bits != 8:
         raise ConfigError(f"output.format='ascend' with quant.bits={cfg.quant.bits}: the Ascend description "
                           "format is written for 8-bit weights (W8A8, W8A8_DYNAMIC, W8A16)")
