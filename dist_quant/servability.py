@@ -170,14 +170,14 @@ RULES: tuple[Rule, ...] = (
          "vllm_ascend/quantization/compressed_tensors_config.py, _create_scheme_for_layer_type; "
          "methods/w4a8.py, AscendW4A8DynamicFusedMoEMethod",
          applies=lambda j: _ct(j) and j.scheme == "W4A8_DYNAMIC", job_fails=lambda j: True),
-    Rule(VLLM, "W4A8 with per-group int4 scales: on Hopper (sm90) vLLM's _is_fp8_w4a8_sm90 matches int4 "
-         "groups + per-token 8-bit activations before the int path and picks CompressedTensorsW4A8Fp8 (FP8 "
-         "activations); elsewhere CompressedTensorsW4A8Int runs it (its kernels are CPU ones); set "
-         "quant.group_size=-1 for the int8-activation model on every device",
-         "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py, "
-         "CompressedTensorsConfig._get_scheme_from_parts (_is_fp8_w4a8_sm90, _is_dynamic_token_w4a8_int)",
-         applies=lambda j: _ct(j) and j.scheme == "W4A8_DYNAMIC", job_fails=lambda j: j.group_size != -1,
-         effect="serves, but not exactly the calibrated model"),
+    Rule(VLLM, "the int8-activation W4A8 kernel is CPU-only: CompressedTensorsW4A8Int picks its kernel with "
+         "choose_mp_linear_kernel and Dynamic4bitLinearKernel (int8 per-token activations) returns 'Only CPU is "
+         "supported'; on Hopper, per-group int4 with per-token 8-bit activations is matched first as W4AFP8 "
+         "(_is_fp8_w4a8_sm90): serve it with vLLM's CPU backend",
+         "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py, _get_scheme_from_parts; "
+         "schemes/compressed_tensors_w4a8_int.py; kernels/linear/mixed_precision/dynamic_4bit.py, "
+         "Dynamic4bitLinearKernel.can_implement",
+         applies=lambda j: _ct(j) and j.scheme == "W4A8_DYNAMIC", job_fails=lambda j: True),
     Rule(ASCEND, "static W8A8 needs a 16-bit serving dtype: deq_scale exists only for bfloat16 (float32) "
          "and float16 (int64); set output.dtype=bfloat16 or float16",
          "vllm_ascend/quantization/methods/w8a8_static.py, AscendW8A8LinearMethod.get_perchannel_param",

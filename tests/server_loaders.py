@@ -74,6 +74,15 @@ def vllm_w8a8_int8(out: int, inp: int, static: bool, pd: torch.dtype) -> dict[st
     return p
 
 
+def vllm_w4a8_int(out: int, inp: int, group: int, pd: torch.dtype) -> dict[str, Param]:
+    """CompressedTensorsW4A8Int.create_weights (vLLM compressed_tensors_w4a8_int.py): weight
+    ModelWeightParameter int8 [out, in], one int4 value per element (registered again as
+    ``weight_packed`` for the kernel); weight_scale Group/ChannelQuantScaleParameter params_dtype
+    [out, in // group] ([out, 1] per channel); no zero point."""
+    groups = 1 if group == -1 else inp // group
+    return {"weight": Param(I8, (out, inp), exact_dtype=True), "weight_scale": Param(pd, (out, groups))}
+
+
 def ascend_w8a8_static(out: int, inp: int, pd: torch.dtype) -> dict[str, Param]:
     """AscendW8A8LinearMethod (vllm_ascend/quantization/methods/w8a8_static.py): get_weight
     weight int8 [out, in]; get_pertensor_param input_scale params_dtype [1], input_offset int8
