@@ -11,6 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 import server_loaders as sl  # noqa: E402
 from dist_quant.__main__ import main  # noqa: E402
@@ -27,14 +28,6 @@ def env(tmp_path_factory):
     calib = base / "calib.txt"
     calib.write_text(corpus_text(60_000))
     return {"base": base, "calib": calib, "qwen2": make_tiny_model(base / "qwen2", arch="qwen2", layers=2)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def argv(env, out: Path, extra) -> list[str]:
