@@ -106,7 +106,7 @@ class QuantConfig:
     # -- KV-cache quantization (docs/kv_cache.md; dist_quant/kvcache.py) -----------------------
     kv_cache: Optional[str] = None
     """null (the KV cache stays in the serving dtype), fp8 (E4M3 scales in compressed-tensors'
-    kv_cache_scheme: vLLM, SGLang) or int8 (msModelSlim C8: output.format=ascend). Static K and
+    kv_cache_scheme: vLLM) or int8 (msModelSlim C8: output.format=ascend). Static K and
     V scales calibrated on the attention's K (after RoPE) and V; combines with every preset."""
     kv_cache_strategy: str = "tensor"
     """tensor (one K and one V scale per layer) or head (one per KV head; compressed-tensors
@@ -205,11 +205,11 @@ def _check_kv_cache(q: "QuantConfig") -> None:
 
 
 def _check_kv_cache_format(job: "JobConfig") -> None:
-    """Which server caches which kind: vLLM's and SGLang's quantized KV cache is FP8 (an int8
+    """Which server caches which kind: vLLM's quantized KV cache is FP8 (an int8
     compressed-tensors kv_cache_scheme would be read as FP8 scales); vLLM-Ascend's is int8 C8."""
     kv, fmt = job.quant.kv_cache, job.output.format
     _check(kv != "int8" or fmt == "ascend", "quant.kv_cache", kv, f"an int8 KV cache is Ascend's C8 "
-           f"(output.format=ascend); vLLM and SGLang quantize the KV cache to fp8 (output.format={fmt})")
+           f"(output.format=ascend); vLLM quantizes the KV cache to fp8 (output.format={fmt}: use fp8)")
     _check(kv != "fp8" or fmt != "ascend", "quant.kv_cache", kv, "vLLM-Ascend's quantized KV cache is int8 "
            "(C8); use quant.kv_cache=int8 with output.format=ascend")
 

@@ -10,7 +10,7 @@ maxima, or fake-quantize them) and then runs the implementation that was configu
 
 Scales (symmetric, no zero point; pure functions below):
 
-* fp8 (E4M3, the form vLLM's and SGLang's ``--kv-cache-dtype fp8`` use): ``scale = max|x| / 448``,
+* fp8 (E4M3, the form vLLM's ``--kv-cache-dtype fp8`` uses): ``scale = max|x| / 448``,
   cached value ``fp8(clamp(x / scale, ±448)) · scale``;
 * int8 (Ascend C8, vLLM-Ascend ``AscendC8AttentionBackendImpl._quantize_kv_to_int8``):
   ``scale = max|x| / 127``, cached value ``clamp(round(x / scale), −128, 127) · scale``;

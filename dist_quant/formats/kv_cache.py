@@ -1,6 +1,6 @@
 """Where the servers read KV-cache scales (the calibration is dist_quant/kvcache.py).
 
-compressed-tensors (vLLM, SGLang; ``quant.kv_cache=fp8``):
+compressed-tensors (vLLM; ``quant.kv_cache=fp8``):
 
 * ``quantization_config.kv_cache_scheme``: ``{num_bits: 8, type: float, strategy: tensor |
   attn_head, dynamic: false, symmetric: true}`` (compressed-tensors ``QuantizationArgs``; vLLM's
