@@ -93,14 +93,16 @@ def handling(attn, handler):
     """Run ``attn``'s forwards with ``handler(key, value) -> (key, value)`` between RoPE and the
     attention implementation the model is configured with."""
     _register()
-    config = attn.config
-    base = config._attn_implementation
-    attn._dist_quant_kv = (handler, base)
+    config = attn.config  # shared by every layer of a model: contexts may nest (one per layer)
+    previous = config._attn_implementation
+    if previous != IMPL:
+        config._dist_quant_kv_base = previous
+    attn._dist_quant_kv = (handler, config._dist_quant_kv_base)
     config._attn_implementation = IMPL
     try:
         yield
     finally:
-        config._attn_implementation = base
+        config._attn_implementation = previous
         del attn._dist_quant_kv
 
 
