@@ -149,6 +149,14 @@ class QuantConfig:
     # -- AutoRound (quant.method=autoround) -----------------------------------------------------
     autoround: AutoRoundConfig = field(default_factory=AutoRoundConfig)
     """Tuning parameters of quant.method=autoround (docs/autoround.md)."""
+    # -- KV-cache quantization (docs/kv_cache.md; dist_quant/kvcache.py) -----------------------
+    kv_cache: Optional[str] = None
+    """null (the KV cache stays in the serving dtype), fp8 (E4M3 scales in compressed-tensors'
+    kv_cache_scheme: vLLM) or int8 (msModelSlim C8: output.format=ascend). Static K and
+    V scales calibrated on the attention's K (after RoPE) and V; combines with every preset."""
+    kv_cache_strategy: str = "tensor"
+    """tensor (one K and one V scale per layer) or head (one per KV head; compressed-tensors
+    attn_head)."""
 
     def __post_init__(self) -> None:
         solvers = _solver_names()
@@ -164,6 +172,10 @@ class QuantConfig:
                "autoround tunes weight-only presets (A16); W8A8 jobs use quant.weight_solver=gptq or rtn")
         _check(self.method != "autoround" or self.weight_type == "int", "quant.method", self.method,
                f"autoround tunes integer weights; quant.weight_type={self.weight_type} needs gptq or rtn")
+        _check(self.method != "autoround" or self.kv_cache is None, "quant.kv_cache", self.kv_cache,
+               "is not calibrated by quant.method=autoround yet (its layer loop bypasses the attention hook); "
+               "use gptq or rtn with a KV cache")
+        _check_kv_cache(self)
         _check(self.bits in (4, 8), "quant.bits", self.bits, "supported weight bits are 4 and 8")
         _check(self.group_size == -1 or self.group_size > 0, "quant.group_size", self.group_size,
                "expected a positive group size or -1 (per-channel)")
@@ -249,9 +261,7 @@ def _check_w8a8(q: "QuantConfig") -> None:
     _check(q.act_bits in (None, 8) or q.act_type == "nvfp4", "quant.act_bits", q.act_bits,
            "expected null (no activation quantization) or 8")
     if q.act_bits == 8 and q.act_type == "int":
-        _check(q.bits == 8 and q.group_size == -1 and q.symmetric, "quant.act_bits", q.act_bits,
-               f"W8A8 needs int8 per-channel symmetric weights (quant.bits=8, quant.group_size=-1, "
-               f"quant.symmetric=true; got bits={q.bits}, group_size={q.group_size}, symmetric={q.symmetric})")
+        _check_int8_activation_weights(q)
     methods = _smooth_methods()
     _check(q.smooth in methods, "quant.smooth", q.smooth, "expected " + ", ".join(methods))
     if q.smooth != "none":
@@ -274,6 +284,41 @@ def _check_w8a8(q: "QuantConfig") -> None:
     for pattern in q.disable_anti_names:
         _check(isinstance(pattern, str) and pattern.strip() != "", "quant.disable_anti_names",
                list(q.disable_anti_names), "expected non-empty module names or patterns")
+
+
+def _check_int8_activation_weights(q: "QuantConfig") -> None:
+    """The weights int8 activations combine with: int8 per channel (W8A8) or int4 per channel or
+    per group with dynamic per-token activations (W4A8: compressed-tensors CompressedTensorsW4A8Int,
+    symmetric weights, no zero point); both symmetric."""
+    if q.bits == 4:
+        _check(q.symmetric and q.act_dynamic, "quant.act_bits", q.act_bits, "W4A8 needs symmetric int4 weights "
+               "and dynamic per-token activations (quant.symmetric=true, quant.act_dynamic=true; got "
+               f"symmetric={q.symmetric}, act_dynamic={q.act_dynamic})")
+        _check(q.smooth == "none", "quant.smooth", q.smooth, "smoothing is written for W8A8 (8-bit weights); "
+               "W4A8 runs without it (quant.smooth=none)")
+        return
+    _check(q.bits == 8 and q.group_size == -1 and q.symmetric, "quant.act_bits", q.act_bits,
+           f"W8A8 needs int8 per-channel symmetric weights (quant.bits=8, quant.group_size=-1, "
+           f"quant.symmetric=true; got bits={q.bits}, group_size={q.group_size}, symmetric={q.symmetric})")
+
+
+def _check_kv_cache(q: "QuantConfig") -> None:
+    """quant.kv_cache / quant.kv_cache_strategy (the output format is checked by the job:
+    :func:`_check_kv_cache_format`)."""
+    _check(q.kv_cache in (None, "fp8", "int8"), "quant.kv_cache", q.kv_cache,
+           "expected null (no KV-cache quantization), fp8 or int8")
+    _check(q.kv_cache_strategy in ("tensor", "head"), "quant.kv_cache_strategy", q.kv_cache_strategy,
+           "expected tensor or head")
+
+
+def _check_kv_cache_format(job: "JobConfig") -> None:
+    """Which server caches which kind: vLLM's quantized KV cache is FP8 (an int8
+    compressed-tensors kv_cache_scheme would be read as FP8 scales); vLLM-Ascend's is int8 C8."""
+    kv, fmt = job.quant.kv_cache, job.output.format
+    _check(kv != "int8" or fmt == "ascend", "quant.kv_cache", kv, f"an int8 KV cache is Ascend's C8 "
+           f"(output.format=ascend); vLLM quantizes the KV cache to fp8 (output.format={fmt}: use fp8)")
+    _check(kv != "fp8" or fmt != "ascend", "quant.kv_cache", kv, "vLLM-Ascend's quantized KV cache is int8 "
+           "(C8); use quant.kv_cache=int8 with output.format=ascend")
 
 
 @dataclass(frozen=True)
@@ -433,3 +478,4 @@ class JobConfig:
                "saved with the layer checkpoints); run with resume=false")
         _check(self.calib.smooth_path is None or self.quant.smooth != "none", "calib.smooth_path",
                self.calib.smooth_path, "has no effect without smoothing (quant.smooth=none)")
+        _check_kv_cache_format(self)

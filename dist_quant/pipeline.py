@@ -19,6 +19,7 @@ from .calibration import CalibrationSet
 from .checkpoint import Checkpoint
 from .config import JobConfig
 from .formats.registry import OutputFormat, make_format
+from .kvcache import head_dims, owner as kv_owner
 from .layer_forward import build_skeleton, load_layer, unload_layer
 from .memory import trim_heap
 from .plan import ModelPlan, OwnerPlan
@@ -31,7 +32,7 @@ from .writer import RankWriter
 
 log = logging.getLogger("dist_quant")
 
-PHASES = ("load", "capture", "reduce", "solve", "broadcast", "propagate", "write", "smooth", "act_calib")
+PHASES = ("load", "capture", "reduce", "solve", "broadcast", "propagate", "write", "smooth", "act_calib", "kv_calib")
 
 
 def output_specs(plan: ModelPlan, owners: OwnerPlan, ckpt: Checkpoint, args: QuantArgs,
@@ -45,6 +46,9 @@ def output_specs(plan: ModelPlan, owners: OwnerPlan, ckpt: Checkpoint, args: Qua
         return TensorSpec(name, info.out_dtype, info.shape)
 
     for i in range(plan.num_layers):
+        if fmt.kv is not None:  # the KV-cache scales, written right after q/k/v are solved
+            attn = plan.arch.layer_prefix(i) + plan.arch.attn
+            per_rank[kv_owner(owners, attn)].extend(fmt.kv_specs(attn, *head_dims(ckpt.config)))
         for lin in plan.layer_linears(i):
             bias = raw(lin.name + ".bias") if lin.has_bias else None
             specs = fmt.linear_specs(lin.name, lin.out_features, lin.in_features, bias)

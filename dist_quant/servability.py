@@ -39,12 +39,13 @@ class Job:
     """What one job writes, in the terms the servers' loaders decide on."""
 
     format: str  # "compressed-tensors" | "ascend"
-    scheme: str  # "W4A16" | "W8A16" | "W8A8" (static activations) | "W8A8_DYNAMIC" | FLOAT_SCHEMES
+    scheme: str  # "W4A16" | "W8A16" | "W8A8" (static activations) | "W8A8_DYNAMIC" | "W4A8_DYNAMIC" | FLOAT_SCHEMES
     group_size: int  # -1: per output channel
     symmetric: bool
     serve_dtype: str  # "bfloat16" | "float16" | "float32"
     model_type: str = ""
     moe: bool = False
+    kv_cache: str | None = None  # quant.kv_cache: None | "fp8" | "int8"
 
     @property
     def weight_only(self) -> bool:
@@ -125,7 +126,16 @@ def _wna16_moe_needs_new_vllm(job: Job, moe: MoeLayer) -> bool:
     return _wna16_moe_fails(job, moe) and not _wna16_moe_fails(job, moe, padded=True)
 
 
+MLA_TYPES = ("deepseek_v3", "kimi_k2")  # arch/deepseek.py: multi-head latent attention
+
 REFUSALS: tuple[Rule, ...] = (
+    Rule("all", "quant.kv_cache with multi-head latent attention: vLLM caches the compressed latent "
+         "(kv_a_layernorm output ‖ rotated k_pe, one k_scale: concat_and_cache_mla) and vLLM-Ascend's MLA "
+         "cache quantization is FAKQuant (fa_q/fa_k/fa_v), not C8; dist_quant calibrates neither yet: "
+         "set quant.kv_cache=null",
+         "vLLM's MLA attention layer (do_kv_cache_update: ops.concat_and_cache_mla(kv_c_normed, k_pe, kv_cache, "
+         "slot_mapping, kv_cache_dtype, scale=k_scale)); vllm_ascend/quantization/methods/kv_c8.py, AscendFAQuantAttentionMethod",
+         applies=lambda j: j.kv_cache is not None, job_fails=lambda j: j.model_type in MLA_TYPES),
     Rule("all", "vLLM's and SGLang's W4A16/W8A16 MoE methods assert symmetric weights "
          "(CompressedTensorsWNA16MarlinMoEMethod / CompressedTensorsWNA16MoEMethod: \"Only symmetric "
          "quantization is supported for MoE\") in vLLM before v0.29.0 (Marlin MoE: before v0.23.0) and "
@@ -187,8 +197,26 @@ RULES: tuple[Rule, ...] = (
     Rule(HF, "transformers fake-quantizes dynamic activations with compressed-tensors' own rule, "
          "max|x| / 127.5, while the servers' int8 kernels (and the calibration) use max|x| / 127",
          "compressed_tensors/quantization/utils/helpers.py, calculate_qparams",
-         applies=lambda j: _ct(j) and j.scheme == "W8A8_DYNAMIC" and not j.moe, job_fails=lambda j: True,
+         applies=lambda j: _ct(j) and j.scheme in ("W8A8_DYNAMIC", "W4A8_DYNAMIC") and not j.moe,
+         job_fails=lambda j: True,
          effect="serves, but not exactly the calibrated model"),
+    Rule(SGLANG, "its compressed-tensors W4A8 int8 scheme is for MoE experts only "
+         "(compressed_tensors_w4a8_int8_moe.py); the dense linears have none",
+         "python/sglang/srt/layers/quantization/compressed_tensors/schemes/ (no dense W4A8 int scheme)",
+         applies=lambda j: _ct(j) and j.scheme == "W4A8_DYNAMIC", job_fails=lambda j: True),
+    Rule(ASCEND, "compressed-tensors W4A8_DYNAMIC is registered for MoE experts only (no ('W4A8_DYNAMIC', "
+         "'linear') scheme: the dense linears raise NotImplementedError) and per channel only",
+         "vllm_ascend/quantization/compressed_tensors_config.py, _create_scheme_for_layer_type; "
+         "methods/w4a8.py, AscendW4A8DynamicFusedMoEMethod",
+         applies=lambda j: _ct(j) and j.scheme == "W4A8_DYNAMIC", job_fails=lambda j: True),
+    Rule(VLLM, "the int8-activation W4A8 kernel is CPU-only: CompressedTensorsW4A8Int picks its kernel with "
+         "choose_mp_linear_kernel and Dynamic4bitLinearKernel (int8 per-token activations) returns 'Only CPU is "
+         "supported'; on Hopper, per-group int4 with per-token 8-bit activations is matched first as W4AFP8 "
+         "(_is_fp8_w4a8_sm90): serve it with vLLM's CPU backend",
+         "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py, _get_scheme_from_parts; "
+         "schemes/compressed_tensors_w4a8_int.py; kernels/linear/mixed_precision/dynamic_4bit.py, "
+         "Dynamic4bitLinearKernel.can_implement",
+         applies=lambda j: _ct(j) and j.scheme == "W4A8_DYNAMIC", job_fails=lambda j: True),
     Rule(ASCEND, "static W8A8 needs a 16-bit serving dtype: deq_scale exists only for bfloat16 (float32) "
          "and float16 (int64); set output.dtype=bfloat16 or float16",
          "vllm_ascend/quantization/methods/w8a8_static.py, AscendW8A8LinearMethod.get_perchannel_param",
@@ -355,11 +383,13 @@ def job_of(cfg, plan, serve_dtype) -> Job:
     elif q.act_type == "fp8":
         scheme = "W4AFP8" if q.weight_type != "fp8" else {"channel": "FP8_DYNAMIC", "tensor": "FP8",
                                                           "block": "FP8_BLOCK"}[q.weight_strategy]
+    elif q.bits == 4:
+        scheme = "W4A8_DYNAMIC"
     else:
         scheme = "W8A8_DYNAMIC" if q.act_dynamic else "W8A8"
     return Job(format=cfg.output.format, scheme=scheme, group_size=q.group_size, symmetric=q.symmetric,
                serve_dtype=str(serve_dtype).removeprefix("torch."), model_type=plan.arch.name,
-               moe=plan.arch.moe is not None)
+               moe=plan.arch.moe is not None, kv_cache=q.kv_cache)
 
 
 def plan_warnings(cfg, plan, serve_dtype) -> list[str]:

@@ -101,6 +101,11 @@ class Job:
     def act(self) -> ActQuantArgs | None:
         return getattr(self.fmt, "act", None)
 
+    @property
+    def kv(self):
+        """The KV-cache quantizer (dist_quant/kvcache.KVCacheArgs), None when the cache stays float."""
+        return getattr(self.fmt, "kv", None)
+
     def solver_params(self, method: str):
         """The frozen parameters of solver ``method`` for this job (built once)."""
         if method not in self._params:

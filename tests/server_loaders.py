@@ -126,6 +126,15 @@ def vllm_w8a8_fp8_moe(e: int, h: int, i: int, strategy: str) -> dict[str, Param]
     return p
 
 
+def vllm_w4a8_int(out: int, inp: int, group: int, pd: torch.dtype) -> dict[str, Param]:
+    """CompressedTensorsW4A8Int.create_weights (vLLM compressed_tensors_w4a8_int.py): weight
+    ModelWeightParameter int8 [out, in], one int4 value per element (registered again as
+    ``weight_packed`` for the kernel); weight_scale Group/ChannelQuantScaleParameter params_dtype
+    [out, in // group] ([out, 1] per channel); no zero point."""
+    groups = 1 if group == -1 else inp // group
+    return {"weight": Param(I8, (out, inp), exact_dtype=True), "weight_scale": Param(pd, (out, groups))}
+
+
 def ascend_w8a8_static(out: int, inp: int, pd: torch.dtype) -> dict[str, Param]:
     """AscendW8A8LinearMethod (vllm_ascend/quantization/methods/w8a8_static.py): get_weight
     weight int8 [out, in]; get_pertensor_param input_scale params_dtype [1], input_offset int8
@@ -372,3 +381,62 @@ def ascend_quant_type(desc: dict, prefix: str, model_type: str, layer_type: str)
 
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+# -- KV-cache scales: the attention layer's parameters and the loaders' renames -----------------------
+
+def vllm_kv_cache(kv_heads: int, strategy: str) -> dict[str, Param]:
+    """vLLM ``CompressedTensorsKVCacheMethod.create_weights``: ``k_scale`` / ``v_scale`` float32
+    [num_kv_heads] for attn_head (its ``_tp_aware_loader`` flattens LLM-Compressor's
+    ``[num_heads, 1, 1]``), [1] for tensor (the default loader copies a one-element tensor)."""
+    n = kv_heads if strategy == "attn_head" else 1
+    return {"k_scale": Param(F32, (n,), out_dim=None), "v_scale": Param(F32, (n,), out_dim=None)}
+
+
+def vllm_kv_name(name: str) -> str | None:
+    """vLLM's ``maybe_remap_kv_scale_name`` (model_loader/weight_utils.py) for the compressed-tensors
+    names: ``<layer>.self_attn.k_scale`` → ``<layer>.self_attn.attn.k_scale`` (None: not a KV scale)."""
+    for k in ("k_scale", "v_scale"):
+        if name.endswith(".self_attn." + k):
+            return name[: -len(k)] + "attn." + k
+    return None
+
+
+def vllm_kv_load(tensor: torch.Tensor, p: Param) -> torch.Tensor:
+    """What lands in the parameter: flattened (attn_head loader) and cast to float32 exactly."""
+    flat = tensor.flatten()
+    if tuple(flat.shape) != p.shape:
+        raise LoadError(f"KV scale of {tuple(tensor.shape)} into parameter {p.shape}")
+    cast = flat.to(p.dtype)
+    if not torch.equal(cast.to(tensor.dtype), flat):
+        raise LoadError(f"KV scale {tensor.dtype} → {p.dtype} is not exact")
+    return cast
+
+
+# vLLM-Ascend AscendModelSlimConfig.get_cache_scale_mapper (enable_c8_quant: kv_cache_type == "C8")
+ASCEND_C8_RENAMES = {".k_proj.kv_cache_scale": ".attn.k_cache_scale", ".k_proj.kv_cache_offset": ".attn.k_cache_offset",
+                     ".v_proj.kv_cache_scale": ".attn.v_cache_scale", ".v_proj.kv_cache_offset": ".attn.v_cache_offset"}
+
+
+def ascend_c8_load(desc: dict, tensors: dict[str, torch.Tensor], kv_heads: int, head_dim: int,
+                   pd: torch.dtype) -> dict[str, torch.Tensor]:
+    """AscendC8KVCacheAttentionMethod: the C8 layers are those whose description has a
+    ``k_proj.kv_cache_scale`` key (``_add_kvcache_quant_metadata``); parameters ``k_cache_scale`` ...
+    in ``params_dtype`` (``_c8_kv_scale_weight_loader``: squeeze, cast); the backend
+    (``_prepare_c8_scales``) takes one value or ``num_kv_heads · head_size``. Returns the
+    server names → loaded values."""
+    if desc.get("kv_cache_type") != "C8":
+        raise LoadError("kv_cache_type is not C8: vLLM-Ascend does not enable the C8 KV cache")
+    layers = {k.split(".k_proj.kv_cache_scale")[0] for k in desc if k.endswith("k_proj.kv_cache_scale")}
+    out = {}
+    for attn in sorted(layers):
+        for suffix, target in ASCEND_C8_RENAMES.items():
+            t = tensors[attn + suffix].squeeze()
+            cast = t.to(pd)
+            if not torch.equal(cast.to(t.dtype), t):
+                raise LoadError(f"{attn + suffix}: {t.dtype} → {pd} is not exact")
+            if cast.numel() not in (1, kv_heads * head_dim):
+                raise LoadError(f"{attn + suffix}: {cast.numel()} values; the C8 backend takes 1 or "
+                                f"{kv_heads * head_dim}")
+            out[attn + target] = cast
+    return out

@@ -111,6 +111,7 @@ def test_mixtral_expert_names_are_fused():
     (job("ascend", "W8A8", -1, dtype="bfloat16"), {ASCEND}),
     (job("ascend", "W8A8", -1, dtype="float32"), set()),  # no deq_scale parameter for float32 serving
     (job("ascend", "W8A16", -1, sym=False, dtype="float16"), {ASCEND}),
+    (job(scheme="W4A8_DYNAMIC", group=128), {HF}),  # vLLM: CPU kernel only; SGLang / Ascend: MoE only
 ])
 def test_which_server_serves_which_scheme(j, servers):
     dense, moe = served_shapes(moe_layer(4096, 1408, 2) if j.moe else dense_layer(4096, 11008, 32, 8))
@@ -128,6 +129,8 @@ def test_transformers_dynamic_activations_differ_from_the_kernels():
     (job(sym=False, moe=True), "Only symmetric quantization is supported for MoE"),
     (job(scheme="W8A16", group=-1, sym=False, moe=True), "Only symmetric"),
     (job("ascend", "W8A16", -1, moe=True), "no W8A16 MoE scheme"),
+    (Job("compressed-tensors", "W4A16", 128, True, "bfloat16", "deepseek_v3", True, kv_cache="fp8"),
+     "multi-head latent attention"),
 ])
 def test_refusals(j, match):
     with pytest.raises(ConfigError, match=match):
@@ -171,6 +174,7 @@ ROWS = {  # table row label → the job it describes (Marlin-friendly shapes, so
     "ascend W8A8, dense": job("ascend", "W8A8", -1),
     "ascend W8A8_DYNAMIC, dense and MoE": job("ascend", "W8A8_DYNAMIC", -1, moe=True),
     "ascend W8A16, dense": job("ascend", "W8A16", -1, sym=False),
+    "compressed-tensors W4A8 dynamic, dense": job(scheme="W4A8_DYNAMIC", group=-1),
 }
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import kvcache
+
 
 def attention(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     """The attention half: quantizes the ``attn_in`` and ``attn_out`` stages; returns the
@@ -22,11 +24,14 @@ def attention(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     norm = ctx.module(arch.input_norm)
 
     mask = attention_mask(ctx, xs[0].shape[1] if xs else 0)
+    kv = None  # the KV-cache scales once calibrated (quant.kv_cache; dist_quant/kvcache.py)
 
-    def core(h):  # attention up to o_proj's input
-        return ctx.input_of(attn, "o_proj", hidden_states=h, position_embeddings=ctx.pos_emb, attention_mask=mask)
+    def core(h):  # attention up to o_proj's input (K and V as the quantized cache returns them)
+        with kvcache.applied(attn, kv, ctx.job.kv):
+            return ctx.input_of(attn, "o_proj", hidden_states=h, position_embeddings=ctx.pos_emb, attention_mask=mask)
 
     hs = ctx.quantize("attn_in", lambda: [norm(x) for x in xs], downstream=lambda hs: [core(h) for h in hs])
+    kv = kvcache.calibrate(ctx, attn, hs, mask)
     return residual_stage(ctx, xs, hs, core, "attn_out", attn.o_proj)
 
 

@@ -1,6 +1,11 @@
-"""compressed-tensors W8A8 (``format: int-quantized``), produced with the compressed-tensors
+"""compressed-tensors W8A8 and W4A8 (``format: int-quantized``), produced with the compressed-tensors
 library: its ``QuantizationArgs``/``QuantizationScheme`` models for the config and its
 int (naive) quantization compressor for the weights.
+
+W4A8 (int4 weights per channel or per group, symmetric; dynamic per-token int8 activations) is
+vLLM's ``CompressedTensorsW4A8Int`` (``_is_dynamic_token_w4a8_int``, an activation-quantization
+format): ``weight`` int8 [out, in] holding one int4 value each (no packing) and ``weight_scale``
+[out, groups] in params_dtype; no zero point.
 
 Per linear: ``weight`` int8 [out, in], ``weight_scale`` [out, 1] (int8 per-channel
 symmetric; the serving dtype, which vLLM copies into its float32 parameter exactly); static
@@ -23,8 +28,10 @@ from ..tensorspec import TensorSpec
 FORMAT = "int-quantized"
 
 
-def scheme(act: ActQuantArgs) -> QuantizationScheme:
-    weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel", dynamic=False)
+def scheme(act: ActQuantArgs, args: QuantArgs | None = None) -> QuantizationScheme:
+    bits, group = (args.bits, args.group_size) if args is not None else (8, -1)
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel" if group == -1 else "group",
+                               group_size=None if group == -1 else group, dynamic=False)
     if act.dynamic:
         inputs = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
     else:
@@ -32,14 +39,14 @@ def scheme(act: ActQuantArgs) -> QuantizationScheme:
     return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs)
 
 
-def quantization_config(act: ActQuantArgs, ignore: list[str]) -> dict:
-    return config_entry(scheme(act), FORMAT, ignore)
+def quantization_config(act: ActQuantArgs, ignore: list[str], args: QuantArgs | None = None) -> dict:
+    return config_entry(scheme(act, args), FORMAT, ignore)
 
 
 def compress_linear(name: str, result: QuantResult, args: QuantArgs, act: ActQuantArgs,
                     act_params: StaticActParams | None) -> dict[str, torch.Tensor]:
     state = {"weight": result.dequantize(args), "weight_scale": result.scale}
-    out = IntQuantizationCompressor.compress(state, scheme(act))
+    out = IntQuantizationCompressor.compress(state, scheme(act, args))
     if not torch.equal(out["weight"], result.q):  # the compressor re-derives the integers
         raise AssertionError(f"{name}: compressed-tensors re-quantization differs from the solve")
     out["weight_scale"] = result.scale.to(args.scale_dtype)
@@ -54,7 +61,7 @@ def linear_specs(name: str, out_features: int, in_features: int, args: QuantArgs
                  act: ActQuantArgs) -> list[TensorSpec]:
     sd = TensorSpec.dtype_of(args.scale_dtype)
     specs = [TensorSpec(f"{name}.weight", "I8", (out_features, in_features)),
-             TensorSpec(f"{name}.weight_scale", sd, (out_features, 1))]
+             TensorSpec(f"{name}.weight_scale", sd, (out_features, args.groups(in_features)))]
     if not act.dynamic:
         specs += [TensorSpec(f"{name}.input_scale", "F32", (1,)), TensorSpec(f"{name}.input_zero_point", "I8", (1,))]
     return specs

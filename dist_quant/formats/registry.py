@@ -23,6 +23,8 @@ from . import ascend
 from . import compressed_tensors as ct
 from . import compressed_tensors_fp8 as ctf
 from . import compressed_tensors_w8a8 as ct8
+from . import kv_cache
+from ..kvcache import KVCacheArgs
 from .serving import with_serving_dtype
 
 
@@ -33,8 +35,17 @@ class OutputFormat:
     part_prefix = "model"
     index_name = "model.safetensors.index.json"
 
+    kv: KVCacheArgs | None = None  # quant.kv_cache (set by make_format)
+
     def __init__(self, args: QuantArgs, act: ActQuantArgs | None = None):
         self.args, self.act = args, act
+
+    def kv_specs(self, attn: str, kv_heads: int, head_dim: int) -> list[TensorSpec]:
+        """The KV-cache scale tensors of attention module ``attn`` (full name)."""
+        return kv_cache.ct_specs(attn, kv_heads, head_dim, self.kv)
+
+    def pack_kv(self, attn: str, k_scale: torch.Tensor, v_scale: torch.Tensor, head_dim: int) -> dict[str, torch.Tensor]:
+        return kv_cache.ct_tensors(attn, k_scale, v_scale, head_dim, self.kv)
 
     def linear_specs(self, name: str, out_features: int, in_features: int,
                      bias: TensorSpec | None) -> list[TensorSpec]:
@@ -56,6 +67,8 @@ class OutputFormat:
         write_index(directory, parts, weight_map, name=self.index_name)
         config = with_serving_dtype(config, self.args.scale_dtype)
         config["quantization_config"] = self.quantization_config(ignore)
+        if self.kv is not None:
+            config["quantization_config"]["kv_cache_scheme"] = kv_cache.ct_scheme(self.kv)
         (Path(directory) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -72,7 +85,7 @@ class CompressedTensorsW8A8(OutputFormat):
         return out
 
     def quantization_config(self, ignore):
-        return ct8.quantization_config(self.act, ignore)
+        return ct8.quantization_config(self.act, ignore, self.args)
 
 
 class CompressedTensorsFP8(OutputFormat):
@@ -128,10 +141,19 @@ class Ascend(OutputFormat):
     def pack_linear(self, name, result, bias, act_params):
         return ascend.pack_linear(name, result, self.args, self.act, act_params, bias)
 
+    def kv_specs(self, attn, kv_heads, head_dim):
+        return kv_cache.ascend_specs(attn, kv_heads, head_dim, self.kv)
+
+    def pack_kv(self, attn, k_scale, v_scale, head_dim):
+        return kv_cache.ascend_tensors(attn, k_scale, v_scale, head_dim, self.kv)
+
     def finish(self, directory, parts, weight_map, config, ignore, quantized):
         write_index(directory, parts, weight_map, name=self.index_name)
         types = {name: self.quant_type for name in quantized}
         desc = ascend.description(weight_map, types, self.quant_type, str(config.get("model_type", "")))
+        if self.kv is not None:  # msModelSlim C8 (formats/kv_cache.py)
+            desc.update({name: kv_cache.C8 for name in weight_map if kv_cache.is_ascend_kv(name)},
+                        kv_cache_type=kv_cache.C8, kv_quant_type=kv_cache.C8)
         (Path(directory) / ascend.DESCRIPTION).write_text(json.dumps(desc, indent=2) + "\n")
         config = with_serving_dtype(config, self.args.scale_dtype)
         config["quantize"] = self.quant_type.lower()  # MindIE reads the scheme from config.json
@@ -167,6 +189,11 @@ def _ascend(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | None) -> Output
         raise ConfigError(f"output.format='ascend' with quant={cfg.quant.name}: the msModelSlim description "
                           "format has no FP8 / NVFP4 types (Ascend NPUs serve W8A8 / W8A8_DYNAMIC); use "
                           "output.format=compressed-tensors")
+    if cfg.quant.bits != 8 and cfg.quant.act_bits is not None:
+        raise ConfigError(f"output.format='ascend' with quant.bits={cfg.quant.bits}: msModelSlim's W4A8_DYNAMIC "
+                          "(vLLM-Ascend registers it for MoE experts only, two int4 a byte with scale_bias, the "
+                          "other linears W8A8_DYNAMIC) is not written by dist_quant; use output.format="
+                          "compressed-tensors for W4A8 or quant=w8a8 quant.act_dynamic=true for Ascend")
     if cfg.quant.bits != 8:
         raise ConfigError(f"output.format='ascend' with quant.bits={cfg.quant.bits}: the Ascend description "
                           "format is written for 8-bit weights (W8A8, W8A8_DYNAMIC, W8A16)")
@@ -181,5 +208,17 @@ def _ascend(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | None) -> Output
 FORMATS = {"compressed-tensors": _compressed_tensors, "ascend": _ascend}
 
 
+def kv_args(cfg: JobConfig, args: QuantArgs) -> KVCacheArgs | None:
+    """The KV-cache quantizer of the job (None: the cache stays in the serving dtype). Its scale
+    is kept as the server keeps it: float32 in vLLM (k_scale parameters), the serving dtype in
+    vLLM-Ascend (params_dtype)."""
+    if cfg.quant.kv_cache is None:
+        return None
+    scale_dtype = args.scale_dtype if cfg.output.format == "ascend" else torch.float32
+    return KVCacheArgs(cfg.quant.kv_cache, cfg.quant.kv_cache_strategy == "head", scale_dtype)
+
+
 def make_format(cfg: JobConfig, args: QuantArgs) -> OutputFormat:
-    return FORMATS[cfg.output.format](cfg, args, act_args(cfg, args))
+    fmt = FORMATS[cfg.output.format](cfg, args, act_args(cfg, args))
+    fmt.kv = kv_args(cfg, args)
+    return fmt
