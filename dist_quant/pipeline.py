@@ -23,7 +23,8 @@ from .memory import trim_heap
 from .plan import ModelPlan, OwnerPlan
 from .quant.qparams import QuantArgs
 from .runtime import Comm
-from .smoothing import w8a8_hooks
+from .awq import clip_search
+from .smoothing import stage_hooks
 from .stage import Job, StageContext
 from .tensorspec import TensorSpec
 from .writer import RankWriter
@@ -93,7 +94,8 @@ class LayerwiseQuantizer:
         self.dtype = getattr(torch, cfg.model.dtype)
         self.fmt = make_format(cfg, args)
         self.job = Job(cfg, comm, ckpt, plan, owners, args, device, writer, self.fmt, self.dtype,
-                       hooks=w8a8_hooks(cfg, comm, plan, ckpt, device, args, self.fmt.act))
+                       hooks=stage_hooks(cfg, comm, plan, ckpt, device, args, self.fmt.act),
+                       clip=clip_search(cfg.quant))
 
     def _prefetch(self, index: int) -> None:
         """Start reading layer ``index``'s tensors that this rank will read (routed experts:

@@ -92,7 +92,12 @@ def check_output_dir(final: Path, model_dir: Path, overwrite: bool) -> None:
 def quant_args(cfg: JobConfig, ckpt: Checkpoint, plan: ModelPlan) -> QuantArgs:
     first = plan.linears[0].name + ".weight" if plan.linears else None
     dtype = ckpt.tensors[first].dtype if first else "F32"
-    scale_dtype = serving_dtype(cfg.output.dtype, dtype)  # scales are rounded to the serving dtype
+    setting = cfg.output.dtype
+    if setting == "auto":
+        from .formats.registry import AUTO_DTYPE
+
+        setting = AUTO_DTYPE.get(cfg.output.format, setting)
+    scale_dtype = serving_dtype(setting, dtype)  # scales are rounded to the serving dtype
     q = cfg.quant
     return QuantArgs(q.bits, q.group_size, q.symmetric, scale_dtype, mse=q.observer == "mse")
 

@@ -71,6 +71,10 @@ class Heads:
     def group(self) -> int:
         return self.heads // self.kv_heads
 
+    def group_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """[heads·d] per-o-channel values → [kv_heads·d]: the mean over the heads of each kv group."""
+        return t.reshape(self.kv_heads, self.group, self.head_dim).mean(dim=1).reshape(-1)
+
     def group_max(self, t: torch.Tensor) -> torch.Tensor:
         """[heads·d] per-o-channel values → [kv_heads·d]: the max over the heads of each kv group."""
         return t.reshape(self.kv_heads, self.group, self.head_dim).amax(dim=1).reshape(-1)
@@ -237,6 +241,10 @@ class Smoothing:
 
         s, alpha, beta, searched, err = self.smoother(self.q, a_max, w_max, search)
         s = expand(s).contiguous()
+        return self._record(ctx, pair, s, alpha, beta, searched, err, channel_max)
+
+    def _record(self, ctx, pair: SmoothPair, s, alpha, beta, searched, err, channel_max) -> torch.Tensor:
+        """The report's record of a pair's choice (the same on every rank); returns ``s``."""
         name = ctx.prefix + pair.name
         ctx.record.smoothing[name] = {"alpha": alpha, "beta": beta, "searched": searched, "rel_error": err,
                                       "scale_sha1": hashlib.sha1(s.cpu().numpy().tobytes()).hexdigest()[:16],
@@ -349,15 +357,20 @@ class ActivationQuant:
         return static_params(-flat[0], flat[1], self.act)
 
 
-def w8a8_hooks(cfg, comm, plan, ckpt, device: torch.device, args: QuantArgs, act: ActQuantArgs | None) -> list:
-    """The stage hooks of a job: smoothing (when ``quant.smooth`` names a smoother), then
-    activation quantization (W8A8 jobs). Weight-only jobs have none."""
-    if act is None:
-        return []
+def stage_hooks(cfg, comm, plan, ckpt, device: torch.device, args: QuantArgs, act: ActQuantArgs | None) -> list:
+    """The stage hooks of a job: smoothing (when ``quant.smooth`` names a smoother: AWQ's hook
+    for weight-only smoothers, dist_quant/awq.py), then activation quantization (W8A8 jobs).
+    Weight-only jobs without AWQ have none."""
     hooks: list = []
     if cfg.quant.smooth != SMOOTH_NONE:
-        hooks.append(Smoothing(cfg, comm, plan, ckpt, device, args, act))
-    hooks.append(ActivationQuant(comm, device, act))
+        if SMOOTHERS[cfg.quant.smooth].weight_only:
+            from .awq import AwqSmoothing
+
+            hooks.append(AwqSmoothing(cfg, comm, plan, ckpt, device, args, act))
+        else:
+            hooks.append(Smoothing(cfg, comm, plan, ckpt, device, args, act))
+    if act is not None:
+        hooks.append(ActivationQuant(comm, device, act))
     return hooks
 
 
@@ -371,9 +384,9 @@ class W8A8Stages:
 
         from .stage import Job
 
-        self.smoothing = Smoothing(cfg, comm, plan, ckpt, device, args, act)
+        hooks = stage_hooks(cfg, comm, plan, ckpt, device, args, act)
+        self.smoothing = hooks[0]
         self.act, self.overrides = act, overrides
-        hooks = [self.smoothing] + ([ActivationQuant(comm, device, act)] if act is not None else [])
         self.job = Job(cfg, comm, ckpt, plan, None, args, device, None, SimpleNamespace(act=act), torch.float32,
                        hooks)
         self.act_params = self.job.act_params

@@ -93,6 +93,7 @@ class Job:
     act_params: dict[str, StaticActParams | None] = field(default_factory=dict)  # linear → input quantizer
     notes: set = field(default_factory=set)  # keys of one-time log messages already given
     check_stop: Callable[[int], None] | None = None  # resume.Progress.check_stop (dist_quant/stop.py)
+    clip: Callable | None = None  # AWQ clipping search: (linears, weights, H, args) -> ratios or None (awq.py)
     _params: dict = field(default_factory=dict, repr=False)  # solver name → its frozen params
 
     @property
@@ -407,8 +408,9 @@ class StageContext:
             params = replace(params, workers=solve_workers(
                 torch.get_num_threads(), info.rank, info.local_world_size,
                 range(info.world_size) if solvers is None else solvers))
+        clip = self.job.clip(linears, weights, hessian, self.args) if self.job.clip is not None else None
         with single_threaded(self.device):
-            result = solver.solve(stacked, hessian, self.args, params, work)
+            result = solver.solve(stacked, hessian, self.args, params, work, clip)
         del stacked
         if result.fallback:
             log.warning("%s: %s", ", ".join(lin.name for lin in linears), result.fallback)
