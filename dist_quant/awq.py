@@ -39,7 +39,7 @@ class AwqSmoothing(Smoothing):
         xxt = HessianStat(n, self.device)
         rng = ChannelRangeStat(n, self.device)
         sums = torch.zeros(n + 1, dtype=torch.float64, device=self.device)  # Σ|x| per channel, tokens
-        for a, m in zip(acts, ctx.masks):
+        for a, m in zip(acts, ctx.smooth_masks):  # the smoothing set's tokens (calib.smooth_path)
             xxt.add(a, m)
             rng.add(a, m)
             real = a[m].float()

@@ -58,6 +58,8 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
     heads = int(conf.get("num_attention_heads") or 1)
     vocab = ckpt.tensors[plan.arch.embed].shape[0]
     n, seq, batch = cfg.calib.num_samples, cfg.calib.seq_len, cfg.calib.batch_size
+    # calib.smooth_path: the smoothing set's samples are carried through every layer beside them
+    n_smooth = (cfg.calib.smooth_num_samples or n) if cfg.calib.smooth_path else 0
 
     layer_bytes = []  # per layer: bytes on disk of all its tensors, and elements
     layer_numel = []
@@ -84,7 +86,8 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
     for r in range(world_size):
         lo, hi = rank_rows(n, r, world_size, batch)
         samples = hi - lo
-        tokens = samples * seq
+        s_lo, s_hi = rank_rows(n_smooth, r, world_size, batch) if n_smooth else (0, 0)
+        tokens = (samples + s_hi - s_lo) * seq  # activations held: both lanes
         b = min(batch, samples)
         mine = [lin for lin in plan.linears if owners.owner[lin.name] == r]
         # reads: every layer's weights (all ranks run every layer) and the embedding; owners

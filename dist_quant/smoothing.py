@@ -161,6 +161,7 @@ class Smoothing:
         self.smoother = SMOOTHERS.get(self.q.smooth)
         self.heads = Heads.from_config(ckpt.config)
         self._select: list[torch.Tensor] | None = None
+        self.lanes = None  # stage.Lanes of a job with calib.smooth_path (set by the pipeline)
         self._skipped_logged: set[str] = set()
 
     # -- which pairs ---------------------------------------------------------------------
@@ -194,6 +195,7 @@ class Smoothing:
     def before_solve(self, ctx, linears, inputs, make_inputs, downstream):
         if not self.pairs:
             return inputs
+        self.lanes = ctx.job.lanes
         names = {ctx.rel(lin.name) for lin in linears}
         pairs = [p for p in self.layer_pairs(ctx.index) if self.folds_with(p, names)]
         for pair in sorted(pairs, key=lambda p: p.kind != "norm"):
@@ -220,7 +222,7 @@ class Smoothing:
     # -- scale choice ----------------------------------------------------------------------
     def _choose(self, ctx, pair: SmoothPair, acts) -> torch.Tensor:
         """Scales over the consumers' input channels (for v → o: shared within kv groups)."""
-        masks = ctx.masks
+        masks = ctx.smooth_masks  # the smoothing set's tokens (calib.smooth_path), else the calibration set's
         weight = torch.cat([ctx.weight(c) for c in pair.consumers])
         stat = ChannelRangeStat(weight.shape[1], self.device)
         for a, m in zip(acts, masks):
@@ -256,17 +258,25 @@ class Smoothing:
 
     def _selection(self, masks) -> list[torch.Tensor]:
         """The search tokens of this rank's batches: a fixed random subset of all ranks'
-        calibration tokens (same on every rank, so the union does not depend on the ranks)."""
+        calibration tokens (same on every rank, so the union does not depend on the ranks); of
+        the smoothing set's tokens when there is one (``masks``: the smoothing lane's)."""
         if self._select is None:
-            n, length = self.cfg.calib.num_samples, masks[0].shape[1]
+            lanes = self.lanes
+            n, length = (self.cfg.calib.num_samples if lanes is None else lanes.smooth_samples), masks[0].shape[1]
             total = n * length
             g = torch.Generator().manual_seed(self.cfg.seed + 7919)
             chosen = torch.zeros(total, dtype=torch.bool)
             chosen[torch.randperm(total, generator=g)[: min(self.q.search_tokens, total)]] = True
             chosen = chosen.reshape(n, length)
-            offset = rank_rows(n, self.comm.rank, self.comm.world_size, self.cfg.calib.batch_size)[0]
+            if lanes is None:
+                offset = rank_rows(n, self.comm.rank, self.comm.world_size, self.cfg.calib.batch_size)[0]
+            else:
+                offset = lanes.smooth_offset
             self._select = []
-            for m in masks:
+            for k, m in enumerate(masks):
+                if lanes is not None and k < lanes.main:  # calibration-lane batch: no search tokens
+                    self._select.append(torch.zeros_like(m))
+                    continue
                 self._select.append(chosen[offset:offset + m.shape[0]].to(m.device) & m)
                 offset += m.shape[0]
         return self._select
@@ -337,7 +347,7 @@ class ActivationQuant:
 
     def before_solve(self, ctx, linears, inputs, make_inputs, downstream):
         with ctx.phase("act_calib"):
-            params = self._calibrate(inputs, ctx.masks)
+            params = self._calibrate(inputs, ctx.calib_masks)
             for lin in linears:
                 ctx.job.act_params[lin.name] = params
             return [fake_quant(x, self.act, params) for x in inputs]
