@@ -181,7 +181,9 @@ def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[
         f"quant   {q.name}: {q.method} {q.bits}-bit, group size {q.group_size}, "
         f"{'symmetric' if q.symmetric else 'asymmetric'}, observer {q.observer}",
         f"calib   {cal.num_samples} samples x {cal.seq_len} tokens, batch {cal.batch_size} per rank, "
-        f"compute dtype {cfg.model.dtype}",
+        f"compute dtype {cfg.model.dtype}"
+        + (f"; smoothing set {cal.smooth_num_samples or cal.num_samples} samples carried beside them "
+           f"(calib.smooth_path, in the activations)" if cal.smooth_path else ""),
         f"output  {output_dir(cfg, model_path)}: {_gb(output_bytes)} in {len(parts)} part file(s) "
         f"(output.part_file_size={cfg.output.part_file_size})",
         f"world size {world_size}",
