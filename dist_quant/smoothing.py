@@ -395,7 +395,7 @@ class W8A8Stages:
         from .stage import Job
 
         hooks = stage_hooks(cfg, comm, plan, ckpt, device, args, act)
-        self.smoothing = hooks[0]
+        self.smoothing = hooks[0] if hooks else None
         self.act, self.overrides = act, overrides
         self.job = Job(cfg, comm, ckpt, plan, None, args, device, None, SimpleNamespace(act=act), torch.float32,
                        hooks)
