@@ -63,6 +63,13 @@ def gptq_runs(ranks: list[int]) -> list[Run]:
     runs = [Run("fp", "fp", "FP (bf16 weights, float32 eval)"),
             Run("rtn", "dist_quant", "`rtn_w4a16` g64", 1, "rtn_w4a16")]
     runs += [Run(f"gptq_{r}r", "dist_quant", "`gptq_w4a16` g64 (mse observer)", r, "gptq_w4a16") for r in ranks]
+    runs += [Run("awq_gptq", "dist_quant", "`awq_w4a16` g64 (AWQ scales + clip, GPTQ solve)", 1, "awq_w4a16"),
+             Run("awq_gptq_noclip", "dist_quant", "`awq_w4a16` g64, `quant.awq_clip=false` (GPTQ, mse observer)",
+                 1, "awq_w4a16", ("quant.awq_clip=false",)),
+             Run("awq_rtn", "dist_quant", "`awq_w4a16` g64, `quant.weight_solver=rtn` (AWQ scales + clip, RTN)",
+                 1, "awq_w4a16", ("quant.weight_solver=rtn",))]
+    runs += [Run(f"awq_gptq_{r}r", "dist_quant", "`awq_w4a16` g64 (AWQ scales + clip, GPTQ solve)", r, "awq_w4a16")
+             for r in ranks if r > 1]
     runs += [Run("llmcompressor", "llmcompressor", "llm-compressor GPTQ (its defaults)",
                  peer_script="llmcompressor_gptq.py",
                  peer_packages=("llmcompressor", "torch", "transformers", "compressed-tensors")),

@@ -157,6 +157,14 @@ class QuantConfig:
     kv_cache_strategy: str = "tensor"
     """tensor (one K and one V scale per layer) or head (one per KV head; compressed-tensors
     attn_head)."""
+    # -- AWQ (quant.smooth=awq, preset awq_w4a16; see dist_quant/awq.py, docs/awq.md) ----------
+    awq_grid: int = 20
+    """AWQ scale search: grid points alpha = 0, 1/n, ..., (n-1)/n (AutoAWQ: 20)."""
+    awq_duo_scaling: bool = True
+    """AWQ scales mean|x|^alpha / w_mean^(1-alpha) (AutoAWQ's duo_scaling); false: mean|x|^alpha."""
+    awq_clip: bool = True
+    """AWQ clipping search after the scales are folded: per (row, group) range ratio 1.00 ... 0.55
+    with the smallest output error on the calibration inputs (q/k projections are not clipped)."""
 
     def __post_init__(self) -> None:
         solvers = _solver_names()
@@ -197,6 +205,12 @@ def _method_names() -> tuple[str, ...]:
     from .algorithms.registry import method_names
 
     return method_names()
+
+
+def _smoother(name: str):
+    from .algorithms.registry import SMOOTHERS
+
+    return SMOOTHERS[name]
 
 
 def _smooth_methods() -> tuple[str, ...]:
@@ -264,9 +278,14 @@ def _check_w8a8(q: "QuantConfig") -> None:
         _check_int8_activation_weights(q)
     methods = _smooth_methods()
     _check(q.smooth in methods, "quant.smooth", q.smooth, "expected " + ", ".join(methods))
-    if q.smooth != "none":
+    if q.smooth != "none" and _smoother(q.smooth).weight_only:
+        _check(q.act_bits is None, "quant.smooth", q.smooth, "AWQ scales are chosen for weight-only "
+               f"quantization; leave activations float (quant.act_bits=null, got {q.act_bits})")
+    elif q.smooth != "none":
         _check(q.act_bits == 8, "quant.smooth", q.smooth, "smoothing moves outliers from activations "
                "into weights and is only useful with int8 activations (quant.act_bits=8)")
+    _check(not isinstance(q.awq_grid, bool) and q.awq_grid >= 1, "quant.awq_grid", q.awq_grid,
+           "expected a positive number of grid points")
     for key, value in (("quant.alpha", q.alpha), ("quant.beta", q.beta)):
         if value is None:
             continue
@@ -276,6 +295,9 @@ def _check_w8a8(q: "QuantConfig") -> None:
     if q.smooth == "smoothquant":
         _check(q.beta is None, "quant.beta", q.beta, "is a flex_smooth parameter; SmoothQuant uses "
                "beta = 1 - alpha (leave quant.beta null)")
+    if q.smooth == "awq":
+        _check(q.beta is None, "quant.beta", q.beta, "is a flex_smooth parameter; AWQ searches alpha only "
+               "(leave quant.beta null)")
     if q.smooth == "flex_smooth" and q.alpha is None:
         _check(q.beta is None, "quant.beta", q.beta, "given without quant.alpha: give both, only alpha "
                "(beta searched), or neither (both searched)")

@@ -59,6 +59,8 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
     heads = int(conf.get("num_attention_heads") or 1)
     vocab = ckpt.tensors[plan.arch.embed].shape[0]
     n, seq, batch = cfg.calib.num_samples, cfg.calib.seq_len, cfg.calib.batch_size
+    # calib.smooth_path: the smoothing set's samples are carried through every layer beside them
+    n_smooth = (cfg.calib.smooth_num_samples or n) if cfg.calib.smooth_path else 0
 
     layer_bytes = []  # per layer: bytes on disk of all its tensors, and elements
     layer_numel = []
@@ -85,7 +87,8 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
     for r in range(world_size):
         lo, hi = rank_rows(n, r, world_size, batch)
         samples = hi - lo
-        tokens = samples * seq
+        s_lo, s_hi = rank_rows(n_smooth, r, world_size, batch) if n_smooth else (0, 0)
+        tokens = (samples + s_hi - s_lo) * seq  # activations held: both lanes
         b = min(batch, samples)
         mine = [lin for lin in plan.linears if owners.owner[lin.name] == r]
         # reads: every layer's weights (all ranks run every layer) and the embedding; owners
@@ -150,7 +153,7 @@ def _stage_memory(cfg, ckpt, plan, owners, shape, rank, key, lins, world_size) -
 def _streamed(cfg, stage: str, n: int, shape) -> bool:
     """The rule of ``StageContext.streams`` for a closing stage of a dense residual branch."""
     budget = cfg.runtime.activation_budget_bytes
-    hooks = cfg.quant.act_bits is not None  # smoothing.w8a8_hooks: stage hooks exist only then
+    hooks = cfg.quant.act_bits is not None or cfg.quant.smooth != "none"  # smoothing.stage_hooks
     return (stage in ("attn_out", "mlp_out") and budget is not None and not hooks and n > shape.hidden
             and shape.tokens * n * shape.compute_bytes > budget)
 
@@ -193,7 +196,9 @@ def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[
         f"quant   {q.name}: {q.method} {q.bits}-bit, group size {q.group_size}, "
         f"{'symmetric' if q.symmetric else 'asymmetric'}, observer {q.observer}",
         f"calib   {cal.num_samples} samples x {cal.seq_len} tokens, batch {cal.batch_size} per rank, "
-        f"compute dtype {cfg.model.dtype}",
+        f"compute dtype {cfg.model.dtype}"
+        + (f"; smoothing set {cal.smooth_num_samples or cal.num_samples} samples carried beside them "
+           f"(calib.smooth_path, in the activations)" if cal.smooth_path else ""),
         f"output  {output_dir(cfg, model_path)}: {_gb(output_bytes)} in {len(parts)} part file(s) "
         f"(output.part_file_size={cfg.output.part_file_size})",
         f"world size {world_size}",

@@ -38,7 +38,7 @@ PROCESS_OVERHEAD = {"cpu": int(0.45e9), "cuda": int(1.5e9), "npu": int(2.0e9)}
 class Shape:
     """What the memory model needs of the job and the model (all per rank where it matters)."""
 
-    tokens: int  # this rank's calibration tokens (samples × seq_len)
+    tokens: int  # this rank's calibration tokens (samples × seq_len; with calib.smooth_path both lanes')
     batch_tokens: int  # one batch's tokens
     seq_len: int
     hidden: int

@@ -25,8 +25,9 @@ from .memory import trim_heap
 from .plan import ModelPlan, OwnerPlan
 from .quant.qparams import QuantArgs
 from .runtime import Comm
-from .smoothing import w8a8_hooks
-from .stage import Job, StageContext
+from .awq import clip_search
+from .smoothing import stage_hooks
+from .stage import Job, Lanes, StageContext
 from .tensorspec import TensorSpec
 from .writer import RankWriter
 
@@ -98,7 +99,8 @@ class LayerwiseQuantizer:
         self.dtype = getattr(torch, cfg.model.dtype)
         self.fmt = make_format(cfg, args)
         self.job = Job(cfg, comm, ckpt, plan, owners, args, device, writer, self.fmt, self.dtype,
-                       hooks=w8a8_hooks(cfg, comm, plan, ckpt, device, args, self.fmt.act))
+                       hooks=stage_hooks(cfg, comm, plan, ckpt, device, args, self.fmt.act),
+                       clip=clip_search(cfg.quant))
         self.solver = layer_solver(cfg.quant.method)  # the staged program, or a layer solver (AutoRound)
 
     def _prefetch(self, index: int) -> None:
@@ -111,11 +113,18 @@ class LayerwiseQuantizer:
             ".experts." not in n or self.owners.owner.get(n.rsplit(".", 1)[0], rank) == rank)])
 
     # -- the loop -------------------------------------------------------------------------
-    def run(self, calib: CalibrationSet, progress=None, resume=None) -> list[LayerRecord]:
-        """``resume``: a :class:`dist_quant.resume.Progress` (restored state, per-layer checkpoints)."""
+    def run(self, calib: CalibrationSet, progress=None, resume=None,
+            smooth: tuple[CalibrationSet, int, int] | None = None) -> list[LayerRecord]:
+        """``resume``: a :class:`dist_quant.resume.Progress` (restored state, per-layer checkpoints).
+        ``smooth``: (this rank's slice of the smoothing set, its global sample count, this rank's
+        first sample) with calib.smooth_path: its batches follow the calibration batches through
+        every layer (the smoothing lane, see dist_quant/stage.py)."""
         arch = self.plan.arch
         skel = build_skeleton(str(self.ckpt.root), self.dtype, self.device)
         batches = list(calib.batches(self.cfg.calib.batch_size))
+        if smooth is not None:
+            self.job.lanes = Lanes(len(batches), smooth[1], smooth[2])
+            batches += list(smooth[0].batches(self.cfg.calib.batch_size))
         masks = [m.to(self.device) for _, m in batches]
         restored = resume.restored if resume is not None else None
         with torch.no_grad():

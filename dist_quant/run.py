@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .algorithms.registry import layer_solver
-from .calibration import CalibrationError, CalibrationSet
+from .calibration import CalibrationError, CalibrationSet, rank_rows
 from .calib_sources import load_calibration, load_smooth_calibration
 from .checkpoint import Checkpoint, CheckpointError
 from .config import ConfigError, JobConfig
@@ -94,7 +94,12 @@ def check_output_dir(final: Path, model_dir: Path, overwrite: bool) -> None:
 def quant_args(cfg: JobConfig, ckpt: Checkpoint, plan: ModelPlan) -> QuantArgs:
     first = plan.linears[0].name + ".weight" if plan.linears else None
     dtype = ckpt.tensors[first].dtype if first else "F32"
-    scale_dtype = serving_dtype(cfg.output.dtype, dtype)  # scales are rounded to the serving dtype
+    setting = cfg.output.dtype
+    if setting == "auto":
+        from .formats.registry import AUTO_DTYPE
+
+        setting = AUTO_DTYPE.get(cfg.output.format, setting)
+    scale_dtype = serving_dtype(setting, dtype)  # scales are rounded to the serving dtype
     q = cfg.quant
     if q.weight_type == "nvfp4":  # effective scales float32; stored as E4M3 group scales + a global scale
         return QuantArgs(4, 16, True, torch.float32, grid="nvfp4")
@@ -180,13 +185,17 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
         for line in plan_warnings(cfg, plan, args.scale_dtype):  # which servers can serve the output
             log.warning(line)
 
-    if cfg.calib.smooth_path is not None:  # read and checked by calib_sources; not yet fed to the stage API
-        raise ConfigError(f"calib.smooth_path={cfg.calib.smooth_path!r}: not supported yet by the layer programs "
-                          "(dist_quant/stage.py); leave it unset (smoothing then uses calib.path)")
-    calib, _ = read_calibration(cfg, ckpt)
+    calib, smooth_set = read_calibration(cfg, ckpt)
     mine = calib.rank_slice(comm.rank, comm.world_size, cfg.calib.batch_size)
     log.info("calibration: %d samples x %d tokens (%d real tokens); this rank: %d samples",
              calib.input_ids.shape[0], calib.input_ids.shape[1], calib.tokens, mine.input_ids.shape[0])
+    smooth = None
+    if smooth_set is not None:  # the smoothing lane (dist_quant/stage.py): its own rank slice
+        n = smooth_set.input_ids.shape[0]
+        smooth = (smooth_set.rank_slice(comm.rank, comm.world_size, cfg.calib.batch_size), n,
+                  rank_rows(n, comm.rank, comm.world_size, cfg.calib.batch_size)[0])
+        log.info("smoothing set (calib.smooth_path): %d samples x %d tokens (%d real tokens); this rank: %d "
+                 "samples", n, smooth_set.input_ids.shape[1], smooth_set.tokens, smooth[0].input_ids.shape[0])
 
     writer = RankWriter(partial, parts, comm.rank)
     resume = Progress(partial, comm, writer, plan.num_layers)  # wipes or continues `partial`
@@ -194,7 +203,7 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     progress = LayerProgress(plan.num_layers, comm.rank)
     try:
         records = LayerwiseQuantizer(cfg, comm, ckpt, plan, owners, args, device, writer).run(
-            mine, progress, resume)
+            mine, progress, resume, smooth)
         weight_map = writer.finish()
     finally:
         writer.abort()

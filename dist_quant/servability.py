@@ -38,7 +38,7 @@ MARLIN_MIN_THREAD_K = 128  # GPTQ_MARLIN_MIN_THREAD_K: input features per partit
 class Job:
     """What one job writes, in the terms the servers' loaders decide on."""
 
-    format: str  # "compressed-tensors" | "ascend"
+    format: str  # "compressed-tensors" | "ascend" | "awq"
     scheme: str  # "W4A16" | "W8A16" | "W8A8" (static activations) | "W8A8_DYNAMIC" | "W4A8_DYNAMIC" | FLOAT_SCHEMES
     group_size: int  # -1: per output channel
     symmetric: bool
@@ -153,6 +153,10 @@ REFUSALS: tuple[Rule, ...] = (
 
 RULES: tuple[Rule, ...] = (
     # -- which server loads which format at all ------------------------------------------------
+    Rule(ASCEND, "its quantization configs are msModelSlim's description format and compressed-tensors; an "
+         "AWQ-layout path is not verified by dist_quant: use output.format=ascend",
+         "vllm_ascend/quantization (AscendModelSlimConfig, AscendCompressedTensorsConfig)",
+         applies=lambda j: j.format == "awq", job_fails=lambda j: True),
     *(Rule(s, "loads compressed-tensors, not the msModelSlim description format",
            "its quantization config registry (the ascend format is vLLM-Ascend's AscendModelSlimConfig)",
            applies=_asc, job_fails=lambda j: True) for s in (VLLM, SGLANG, HF)),

@@ -71,6 +71,10 @@ class Heads:
     def group(self) -> int:
         return self.heads // self.kv_heads
 
+    def group_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """[heads·d] per-o-channel values → [kv_heads·d]: the mean over the heads of each kv group."""
+        return t.reshape(self.kv_heads, self.group, self.head_dim).mean(dim=1).reshape(-1)
+
     def group_max(self, t: torch.Tensor) -> torch.Tensor:
         """[heads·d] per-o-channel values → [kv_heads·d]: the max over the heads of each kv group."""
         return t.reshape(self.kv_heads, self.group, self.head_dim).amax(dim=1).reshape(-1)
@@ -157,6 +161,7 @@ class Smoothing:
         self.smoother = SMOOTHERS.get(self.q.smooth)
         self.heads = Heads.from_config(ckpt.config)
         self._select: list[torch.Tensor] | None = None
+        self.lanes = None  # stage.Lanes of a job with calib.smooth_path (set by the pipeline)
         self._skipped_logged: set[str] = set()
 
     # -- which pairs ---------------------------------------------------------------------
@@ -190,6 +195,7 @@ class Smoothing:
     def before_solve(self, ctx, linears, inputs, make_inputs, downstream):
         if not self.pairs:
             return inputs
+        self.lanes = ctx.job.lanes
         names = {ctx.rel(lin.name) for lin in linears}
         pairs = [p for p in self.layer_pairs(ctx.index) if self.folds_with(p, names)]
         for pair in sorted(pairs, key=lambda p: p.kind != "norm"):
@@ -216,7 +222,7 @@ class Smoothing:
     # -- scale choice ----------------------------------------------------------------------
     def _choose(self, ctx, pair: SmoothPair, acts) -> torch.Tensor:
         """Scales over the consumers' input channels (for v → o: shared within kv groups)."""
-        masks = ctx.masks
+        masks = ctx.smooth_masks  # the smoothing set's tokens (calib.smooth_path), else the calibration set's
         weight = torch.cat([ctx.weight(c) for c in pair.consumers])
         stat = ChannelRangeStat(weight.shape[1], self.device)
         for a, m in zip(acts, masks):
@@ -237,6 +243,10 @@ class Smoothing:
 
         s, alpha, beta, searched, err = self.smoother(self.q, a_max, w_max, search)
         s = expand(s).contiguous()
+        return self._record(ctx, pair, s, alpha, beta, searched, err, channel_max)
+
+    def _record(self, ctx, pair: SmoothPair, s, alpha, beta, searched, err, channel_max) -> torch.Tensor:
+        """The report's record of a pair's choice (the same on every rank); returns ``s``."""
         name = ctx.prefix + pair.name
         ctx.record.smoothing[name] = {"alpha": alpha, "beta": beta, "searched": searched, "rel_error": err,
                                       "scale_sha1": hashlib.sha1(s.cpu().numpy().tobytes()).hexdigest()[:16],
@@ -248,17 +258,25 @@ class Smoothing:
 
     def _selection(self, masks) -> list[torch.Tensor]:
         """The search tokens of this rank's batches: a fixed random subset of all ranks'
-        calibration tokens (same on every rank, so the union does not depend on the ranks)."""
+        calibration tokens (same on every rank, so the union does not depend on the ranks); of
+        the smoothing set's tokens when there is one (``masks``: the smoothing lane's)."""
         if self._select is None:
-            n, length = self.cfg.calib.num_samples, masks[0].shape[1]
+            lanes = self.lanes
+            n, length = (self.cfg.calib.num_samples if lanes is None else lanes.smooth_samples), masks[0].shape[1]
             total = n * length
             g = torch.Generator().manual_seed(self.cfg.seed + 7919)
             chosen = torch.zeros(total, dtype=torch.bool)
             chosen[torch.randperm(total, generator=g)[: min(self.q.search_tokens, total)]] = True
             chosen = chosen.reshape(n, length)
-            offset = rank_rows(n, self.comm.rank, self.comm.world_size, self.cfg.calib.batch_size)[0]
+            if lanes is None:
+                offset = rank_rows(n, self.comm.rank, self.comm.world_size, self.cfg.calib.batch_size)[0]
+            else:
+                offset = lanes.smooth_offset
             self._select = []
-            for m in masks:
+            for k, m in enumerate(masks):
+                if lanes is not None and k < lanes.main:  # calibration-lane batch: no search tokens
+                    self._select.append(torch.zeros_like(m))
+                    continue
                 self._select.append(chosen[offset:offset + m.shape[0]].to(m.device) & m)
                 offset += m.shape[0]
         return self._select
@@ -329,7 +347,7 @@ class ActivationQuant:
 
     def before_solve(self, ctx, linears, inputs, make_inputs, downstream):
         with ctx.phase("act_calib"):
-            params = self._calibrate(inputs, ctx.masks)
+            params = self._calibrate(inputs, ctx.calib_masks)
             for lin in linears:
                 ctx.job.act_params[lin.name] = params
             return [fake_quant(x, self.act, params) for x in inputs]
@@ -349,15 +367,20 @@ class ActivationQuant:
         return static_params(-flat[0], flat[1], self.act)
 
 
-def w8a8_hooks(cfg, comm, plan, ckpt, device: torch.device, args: QuantArgs, act: ActQuantArgs | None) -> list:
-    """The stage hooks of a job: smoothing (when ``quant.smooth`` names a smoother), then
-    activation quantization (W8A8 jobs). Weight-only jobs have none."""
-    if act is None:
-        return []
+def stage_hooks(cfg, comm, plan, ckpt, device: torch.device, args: QuantArgs, act: ActQuantArgs | None) -> list:
+    """The stage hooks of a job: smoothing (when ``quant.smooth`` names a smoother: AWQ's hook
+    for weight-only smoothers, dist_quant/awq.py), then activation quantization (W8A8 jobs).
+    Weight-only jobs without AWQ have none."""
     hooks: list = []
     if cfg.quant.smooth != SMOOTH_NONE:
-        hooks.append(Smoothing(cfg, comm, plan, ckpt, device, args, act))
-    hooks.append(ActivationQuant(comm, device, act))
+        if SMOOTHERS[cfg.quant.smooth].weight_only:
+            from .awq import AwqSmoothing
+
+            hooks.append(AwqSmoothing(cfg, comm, plan, ckpt, device, args, act))
+        else:
+            hooks.append(Smoothing(cfg, comm, plan, ckpt, device, args, act))
+    if act is not None:
+        hooks.append(ActivationQuant(comm, device, act))
     return hooks
 
 
@@ -371,9 +394,9 @@ class W8A8Stages:
 
         from .stage import Job
 
-        self.smoothing = Smoothing(cfg, comm, plan, ckpt, device, args, act)
+        hooks = stage_hooks(cfg, comm, plan, ckpt, device, args, act)
+        self.smoothing = hooks[0] if hooks else None
         self.act, self.overrides = act, overrides
-        hooks = [self.smoothing] + ([ActivationQuant(comm, device, act)] if act is not None else [])
         self.job = Job(cfg, comm, ckpt, plan, None, args, device, None, SimpleNamespace(act=act), torch.float32,
                        hooks)
         self.act_params = self.job.act_params

@@ -33,6 +33,12 @@ Public pieces (names are relative to the decoder layer, in checkpoint spelling, 
 * ``ctx.solve(linears, H, tokens, weights=None, method=None)`` and ``ctx.write(linear,
   result)``: the local pieces of ``quantize`` for work that is not one collective stage
   (MoE experts, solved by their owner from the tokens routed to it; see arch/moe_block.py).
+* Lanes (``calib.smooth_path``): the batches of a layer are this rank's calibration batches,
+  then its batches of the separate smoothing set, carried through the layer alongside them (the
+  programs run every batch alike). ``ctx.masks`` are the real tokens of all batches (what the
+  forward uses), ``ctx.calib_masks`` those of the calibration lane only (the solve's statistics:
+  ``quantize`` captures with them) and ``ctx.smooth_masks`` those of the smoothing lane only (the
+  smoothing / AWQ statistics and searches); without a smoothing set all three are the same.
 * ``ctx.comm`` (collectives, dist_quant/runtime.py), ``ctx.index``, ``ctx.masks``,
   ``ctx.record`` (the layer's report record), ``ctx.phase(name)`` (time a phase),
   ``ctx.pos_emb`` (rotary embeddings of the calibration positions).
@@ -75,6 +81,22 @@ class StageHook(Protocol):
                      downstream: Callable[[list], list] | None) -> list[torch.Tensor]: ...
 
 
+@dataclass(frozen=True)
+class Lanes:
+    """The batches of a job with a separate smoothing set (calib.smooth_path): ``main`` batches
+    of the calibration set first, then the smoothing set's on this rank."""
+
+    main: int  # this rank's calibration batches (the first ones)
+    smooth_samples: int  # samples of the smoothing set, all ranks together
+    smooth_offset: int  # index of this rank's first smoothing-set sample
+
+    def split(self, masks: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(calibration-lane masks, smoothing-lane masks)``: each with the other lane's
+        batches all False."""
+        none = [torch.zeros_like(m) for m in masks]
+        return masks[:self.main] + none[self.main:], none[:self.main] + masks[self.main:]
+
+
 @dataclass
 class Job:
     """What stays the same for every layer of a job (built once by the pipeline)."""
@@ -95,6 +117,8 @@ class Job:
     weight_amax: dict[str, float] = field(default_factory=dict)  # linear → fused max|w| (NVFP4 global scale)
     notes: set = field(default_factory=set)  # keys of one-time log messages already given
     check_stop: Callable[[int], None] | None = None  # resume.Progress.check_stop (dist_quant/stop.py)
+    clip: Callable | None = None  # AWQ clipping search: (linears, weights, H, args) -> ratios or None (awq.py)
+    lanes: Lanes | None = None  # calib.smooth_path: the smoothing set's batches follow the calibration set's
     _params: dict = field(default_factory=dict, repr=False)  # solver name → its frozen params
 
     @property
@@ -180,6 +204,8 @@ class StageContext:
         self.prefix = self.arch.layer_prefix(index)
         self.overrides: dict[str, torch.Tensor] = {}  # checkpoint tensors changed in this layer (smoothing)
         self._linears = {lin.name: lin for lin in job.plan.layer_linears(index)}
+        lanes = job.lanes
+        self.calib_masks, self.smooth_masks = lanes.split(masks) if lanes is not None else (masks, masks)
         self._order = {name: k for k, name in enumerate(self._linears)}
 
     # -- facts -------------------------------------------------------------------------------
@@ -353,7 +379,7 @@ class StageContext:
             self.job.check_stop(self.index)
         for hook in self.job.hooks:
             values = hook.before_solve(self, lins, values, make, downstream)
-        self._quantize(lins, values, masks if masks is not None else self.masks)
+        self._quantize(lins, values, masks if masks is not None else self.calib_masks)
         return values
 
     def _quantize(self, linears: list[LinearInfo], inputs, masks) -> None:
@@ -467,9 +493,10 @@ class StageContext:
             params = replace(params, workers=solve_workers(
                 torch.get_num_threads(), info.rank, info.local_world_size,
                 range(info.world_size) if solvers is None else solvers))
+        clip = self.job.clip(linears, weights, hessian, self.args) if self.job.clip is not None else None
         with single_threaded(self.device):
             result = solver.solve(stacked, hessian, self.args, params, work,
-                                  scale=torch.cat(scales) if scales is not None else None)
+                                  scale=torch.cat(scales) if scales is not None else None, clip=clip)
         del stacked
         if result.fallback:
             log.warning("%s: %s", ", ".join(lin.name for lin in linears), result.fallback)

@@ -1,6 +1,6 @@
 """Calibration sources through whole runs: pre-tokenized ids on a checkpoint with no
 tokenizer give the run on the same text; chat records on 2 ranks give 1 rank's output
-bit-identically; calib.smooth_path is refused by the runner (not wired into the stage API)."""
+bit-identically (calib.smooth_path runs: tests/test_smooth_lane.py)."""
 from __future__ import annotations
 
 import json
@@ -80,17 +80,6 @@ def test_tokenizerless_checkpoint_with_text_calibration_is_one_line(setup, capsy
     err = capsys.readouterr().err
     assert rc == 2 and "no tokenizer that loads without remote code" in err and "calib.format=ids" in err
     assert not out.exists()
-
-
-def test_smooth_path_is_refused_until_the_stage_api_reads_it(setup, capsys):
-    """calib.smooth_path is read and checked (test_calib_sources.py) but the layer programs do
-    not feed it to smoothing yet: refused with one line, no output."""
-    out = setup["base"] / "out" / "smooth-refused"
-    rc = call_main([f"model.path={setup['model']}", f"calib.path={setup['base'] / 'ids.jsonl'}", *CALIB,
-                    "quant=smoothquant_w8a8", f"calib.smooth_path={setup['base'] / 'smooth.jsonl'}",
-                    f"output.dir={out}", f"runtime.run_dir={out}.run"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "calib.smooth_path=" in err and "not supported yet" in err and not out.exists()
 
 
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"

@@ -118,6 +118,21 @@ def test_smoothing_alone_leaves_the_layer_output_unchanged(models, model, only):
         assert stored.dtype == (torch.bfloat16 if model == "llama_bf16" else torch.float32)
 
 
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+def test_awq_folding_alone_leaves_the_layer_output_unchanged(models, model):
+    """AWQ's scales (searched on the weight-quantized output error) folded into the same pairs:
+    the float layer computes the same function."""
+    common = ["quant=awq_w4a16", "quant.group_size=32"]
+    ref, _, _ = run_layer(models[model], common, smooth=False)
+    out, record, _ = run_layer(models[model], common, smooth=True)
+    chosen = {name.split("model.layers.0.", 1)[1]: v for name, v in record.smoothing.items()}
+    assert set(chosen) == set(PAIRS.values())
+    for v in chosen.values():  # scales away from 1 (alpha = 0 with duo scaling is 1 / w_mean): a wrong fold shows
+        assert v["searched"] and v["scale_max"] / v["scale_min"] > 1.1, v
+    assert max(v["scale_max"] / v["scale_min"] for v in chosen.values()) > 1.5
+    assert (out - ref).abs().max() <= 3e-5 * ref.abs().max(), f"{model}: AWQ folding changed the layer output"
+
+
 def test_gqa_scales_are_shared_within_kv_groups(models):
     out, record, overrides = run_layer(models["qwen2"], ["quant=smoothquant_w8a8",
                                        "quant.disable_anti_names=[k_proj,gate_proj,down_proj]"], smooth=True)

@@ -96,13 +96,13 @@ def test_config_validation_reads_the_registries(monkeypatch):
 
     with pytest.raises(ConfigError, match=r"quant.method='awq': expected gptq or rtn"):
         load_config(["quant.method=awq"])
-    with pytest.raises(ConfigError, match=r"output.format='awq'"):
-        load_config(["output.format=awq"])
+    with pytest.raises(ConfigError, match=r"output.format='gguf'"):
+        load_config(["output.format=gguf"])
     monkeypatch.setitem(algos.SOLVERS, "awq", algos.SOLVERS["rtn"])
-    monkeypatch.setitem(formats.FORMATS, "awq", formats.FORMATS["compressed-tensors"])
+    monkeypatch.setitem(formats.FORMATS, "gguf", formats.FORMATS["compressed-tensors"])
     monkeypatch.setitem(algos.SMOOTHERS, "awq_scale", algos.SMOOTHERS["smoothquant"])
-    cfg = load_config(["quant.method=awq", "output.format=awq"])
-    assert (cfg.quant.method, cfg.output.format) == ("awq", "awq")
+    cfg = load_config(["quant.method=awq", "output.format=gguf"])
+    assert (cfg.quant.method, cfg.output.format) == ("awq", "gguf")
     cfg = load_config(["quant=w8a8", "quant.smooth=awq_scale"])
     assert cfg.quant.smooth == "awq_scale"
 

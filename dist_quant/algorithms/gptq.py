@@ -107,14 +107,17 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, param
 
 
 def gptq_quantize_(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, params: GPTQParams,
-                   work: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> QuantResult:
+                   work: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                   clip: torch.Tensor | None = None) -> QuantResult:
     """:func:`gptq_quantize` on a float32 Hessian ``h`` used as scratch: it is permuted in place
     and restored before returning (bit for bit: only copies and a reverted diagonal). ``work``
     (same shape, overwritten; allocated when ``None``) receives the inverse factor, so the
     solve holds at most these two Hessian-sized float32 buffers (see ``stats.HessianStat.take``).
     FP8 grid (``args.grid == "fp8"``): the scales are fixed before the solve, ``scale`` float32
     [out, groups] (default: ``w``'s own, :func:`floatgrid.fp8_row_scales`), and every column is
-    rounded to the E4M3 grid of its scale instead of the integers."""
+    rounded to the E4M3 grid of its scale instead of the integers.
+    ``clip`` [out, groups]: clipping ratios chosen beforehand (AWQ, algorithms/awq.py): each
+    group's scale comes from the range of its error-updated weights times its ratio."""
     if args.grid != "int" and scale is None:
         scale = fg.grid_scales(w, args.grid, args.fp8_strategy)
     if h.dtype != torch.float32 or not h.is_contiguous():
@@ -135,19 +138,20 @@ def gptq_quantize_(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, params: GP
             permute_symmetric_(h, torch.argsort(perm))
         h[dead, dead] = 0.0
     if upper is None:
-        result = rtn_quantize(w, args, scale)
+        result = rtn_quantize(w, args, scale, clip)
         result.fallback = f"Hessian not positive definite even with damp={lam:g}; used RTN"
         return result
     W = w.detach().float().index_select(1, perm)  # the one working copy, in solve order
     W[:, dead[perm]] = 0.0
-    return _column_loop(W, upper, perm, args, params, scale)
+    return _column_loop(W, upper, perm, args, params, scale, clip)
 
 
 MIN_CHUNK_ROWS = 64  # a thread's share of the rows: fewer and its ops are all overhead
 
 
 def _column_loop(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: QuantArgs,
-                 params: GPTQParams, fixed: torch.Tensor | None = None) -> QuantResult:
+                 params: GPTQParams, fixed: torch.Tensor | None = None,
+                 clip: torch.Tensor | None = None) -> QuantResult:
     """The GPTQ recursion on ``W`` (columns in solve order, overwritten). Rows are independent
     given ``U``, so with ``params.workers > 1`` row chunks run in that many threads at once
     (torch ops release the GIL): every element is computed exactly as in one pass, so the
@@ -155,18 +159,19 @@ def _column_loop(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: Qua
     rows = W.shape[0]
     n_chunks = max(1, min(params.workers, rows // MIN_CHUNK_ROWS))
     if fixed is not None:  # FP8 grid: fixed scales, one row each, split with the rows
-        def run(c, s):
+        def run(c, s, k):
             return quantize_columns_grid(c, U, perm, args, params.block_size, s)
-    else:
-        def run(c, s):
-            return quantize_columns(c, U, perm, args, params.block_size)
+    else:  # ``k``: AWQ's clipping ratios of these rows (or None)
+        def run(c, s, k):
+            return quantize_columns(c, U, perm, args, params.block_size, k)
     if n_chunks == 1:
-        Q, scale, zero = run(W, fixed)
+        Q, scale, zero = run(W, fixed, clip)
     else:
         chunks = W.tensor_split(n_chunks, dim=0)  # row views: each thread updates its own rows
         fixed_chunks = fixed.tensor_split(n_chunks, dim=0) if fixed is not None else [None] * n_chunks
+        clips = clip.tensor_split(n_chunks, dim=0) if clip is not None else [None] * n_chunks
         with ThreadPoolExecutor(n_chunks, thread_name_prefix="gptq") as pool:
-            parts = list(pool.map(run, chunks, fixed_chunks))
+            parts = list(pool.map(run, chunks, fixed_chunks, clips))
         Q, scale, zero = (torch.cat(t) for t in zip(*parts))
     inverse = torch.argsort(perm)
     q = fg.GRID_CODES[args.grid](Q[:, inverse]) if fixed is not None else Q[:, inverse].to(torch.int8)
@@ -174,7 +179,8 @@ def _column_loop(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: Qua
 
 
 def quantize_columns(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: QuantArgs,
-                     block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     block_size: int, clip: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GPTQ column loop on ``W`` [out, n] (columns already in solve order ``perm``; ``W`` is
     updated in place) with ``U`` the upper Cholesky factor of the permuted inverse Hessian.
     Returns the integers (solve order) and the per-group scale and zero (checkpoint order).
@@ -191,7 +197,7 @@ def quantize_columns(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args:
     scale = torch.zeros(out_f, n // cols, device=W.device)
     zero = torch.zeros(out_f, n // cols, device=W.device)
     if not grouped:
-        s, z = compute_qparams(W, args)
+        s, z = compute_qparams(W, args, None if clip is None else clip[:, :1])
         scale[:, :1], zero[:, :1] = s, z
     cur_s, cur_z = scale[:, 0].clone(), zero[:, 0].clone()
     block = max(cols, block_size // cols * cols) if grouped else block_size
@@ -207,8 +213,8 @@ def quantize_columns(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args:
         diag = U1.diagonal().tolist()
         for i in range(i2 - i1):
             if grouped and (i1 + i) % cols == 0:
-                s, z = compute_qparams(Wt[i:i + cols].T, args)
                 g = group_of[(i1 + i) // cols]
+                s, z = compute_qparams(Wt[i:i + cols].T, args, None if clip is None else clip[:, g:g + 1])
                 scale[:, g:g + 1], zero[:, g:g + 1] = s, z
                 cur_s, cur_z = s[:, 0], z[:, 0]
             col, q, err = Wt[i], Qt[i], Et[i]

@@ -3,9 +3,10 @@
 reads their keys; the stage API (dist_quant/stage.py) looks the chosen one up. Adding a
 solver is one entry here plus its pure function in its own file.
 
-A solver is ``solve(W, H, args, params, work, scale) -> QuantResult`` (``W`` float32 [out, in], ``H`` the
+A solver is ``solve(W, H, args, params, work, scale, clip) -> QuantResult`` (``W`` float32 [out, in], ``H`` the
 normalized Hessian of the inputs, float32, used as scratch and restored; ``work`` a buffer of
-its shape the solver may overwrite, or None; ``scale``: the fixed FP8-grid scales, or None), ``params(quant_config)`` builds its frozen
+its shape the solver may overwrite, or None; ``scale``: the fixed FP8-grid scales, or None; ``clip`` None or per-(row, group)
+clipping ratios chosen beforehand, AWQ's clipping search), ``params(quant_config)`` builds its frozen
 parameters once per job, and ``cost(out, in)`` is the relative solve cost the owner plan
 balances.
 
@@ -16,16 +17,24 @@ float chain's activations), ``check(arch)`` refuses architectures it does not co
 any work, ``params`` and ``cost`` as for a solver. Per-linear solvers run through
 :data:`STAGED`, the architecture's own program. ``quant.method`` names either kind.
 
-A smoother chooses per-channel scales ``s`` for one smoothing pair:
-``smoother(q, a_max, w_max, search) -> (s, alpha, beta, searched, rel_error)``, where
-``q`` is the QuantConfig and ``search(alpha)`` runs the two-stage (alpha, beta) search
-when the smoother asks for one.
+A smoother (:class:`Smoother`) chooses per-channel scales ``s`` for one smoothing pair:
+``smoother.choose(q, a, w, search) -> (s, alpha, beta, searched, rel_error)``, where ``q`` is
+the QuantConfig, ``a`` / ``w`` the activation / weight statistics per input channel that the
+smoother's ``statistic`` names, and ``search(alpha)`` runs the smoother's search when it asks
+for one. ``statistic`` says what the smoothing hook measures and how it scores candidates:
+
+* ``"absmax"`` (W8A8 smoothers: SmoothQuant, Flex smooth): max |x| (MAX-reduced) and the
+  weight column max; the search scores int8 products (dist_quant/smoothing.py);
+* ``"absmean"`` (AWQ, weight-only): mean |x| (SUM-reduced sums and counts) and AutoAWQ's
+  group-normalized mean |w|; the search scores the output error of the quantized weights
+  (dist_quant/awq.py, algorithms/awq.py). ``weight_only``: needs no activation quantization.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .awq import awq_scales
 from .flex_smooth import flex_scales
 from .gptq import GPTQParams, gptq_quantize_
 from .rtn import rtn_quantize
@@ -45,9 +54,11 @@ def _gptq_params(q) -> GPTQParams:
 
 
 SOLVERS: dict[str, Solver] = {
-    "gptq": Solver("gptq", lambda w, h, args, p, work=None, scale=None: gptq_quantize_(w, h, args, p, work, scale),
+    "gptq": Solver("gptq", lambda w, h, args, p, work=None, scale=None, clip=None:
+                   gptq_quantize_(w, h, args, p, work, scale, clip),
                    _gptq_params, lambda m, n: float(n) * n * (n / 3 + m)),
-    "rtn": Solver("rtn", lambda w, h, args, p, work=None, scale=None: rtn_quantize(w, args, scale), lambda q: None,
+    "rtn": Solver("rtn", lambda w, h, args, p, work=None, scale=None, clip=None: rtn_quantize(w, args, scale, clip),
+                  lambda q: None,
                   lambda m, n: float(n) * m),
 }
 
@@ -136,7 +147,28 @@ def _flex_smooth(q, a_max, w_max, search):
     return flex_scales(a_max, w_max, alpha, beta), alpha, beta, searched, err
 
 
-SMOOTHERS: dict[str, Callable[..., Any]] = {"smoothquant": _smoothquant, "flex_smooth": _flex_smooth}
+def _awq(q, x_mean, w_mean, search):
+    if q.alpha is not None:  # given: no search
+        return awq_scales(x_mean, w_mean, float(q.alpha), q.awq_duo_scaling), float(q.alpha), None, False, None
+    alpha, _, err = search(None)
+    return awq_scales(x_mean, w_mean, alpha, q.awq_duo_scaling), alpha, None, True, err
+
+
+@dataclass(frozen=True)
+class Smoother:
+    choose: Callable[..., Any]  # (q, a, w, search) -> (s, alpha, beta, searched, rel_error)
+    statistic: str = "absmax"  # "absmax" (W8A8 smoothers) or "absmean" (AWQ); see the module docstring
+    weight_only: bool = False  # True: for weight-only jobs (AWQ); False: needs int8 activations
+
+    def __call__(self, q, a, w, search):
+        return self.choose(q, a, w, search)
+
+
+SMOOTHERS: dict[str, Smoother] = {
+    "smoothquant": Smoother(_smoothquant),
+    "flex_smooth": Smoother(_flex_smooth),
+    "awq": Smoother(_awq, statistic="absmean", weight_only=True),
+}
 SMOOTH_NONE = "none"
 
 

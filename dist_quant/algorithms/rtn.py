@@ -7,15 +7,17 @@ from ..quant import floatgrid as fg
 from ..quant.qparams import QuantArgs, QuantResult, compute_qparams, expand_groups, quantize
 
 
-def rtn_quantize(w: torch.Tensor, args: QuantArgs, scale: torch.Tensor | None = None) -> QuantResult:
+def rtn_quantize(w: torch.Tensor, args: QuantArgs, scale: torch.Tensor | None = None,
+                 clip: torch.Tensor | None = None) -> QuantResult:
     """Quantize ``w`` [out, in] group by group with scales from each group's own range
-    (FP8 grid: ``scale``, float32 [out, groups], the fixed scales; default ``w``'s own)."""
+    (times ``clip`` [out, groups] when given: AWQ's searched clipping ratios; FP8 / NVFP4 grid:
+    ``scale``, float32 [out, groups], the fixed scales; default ``w``'s own)."""
     if args.grid != "int":
         return rtn_grid(w, args, scale)
     out_f, in_f = w.shape
     cols = args.columns_per_group(in_f)
     groups = w.float().reshape(out_f, in_f // cols, cols).reshape(-1, cols)
-    scale, zero = compute_qparams(groups, args)
+    scale, zero = compute_qparams(groups, args, None if clip is None else clip.reshape(-1, 1))
     q = quantize(groups, scale, zero, args)
     return QuantResult(
         q=q.reshape(out_f, in_f).to(torch.int8),

@@ -124,17 +124,17 @@ def sparse_mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
                           for h, s in zip(hs, s_in)]
         del s_in
 
+    # calib.smooth_path: the smoothing lane's batches (after the calibration batches) are routed and
+    # dispatched on their own, so the experts' statistics, counts and fallbacks see only calibration
+    # tokens; the owners apply their quantized experts to the lane's rows too (it is carried on)
+    lanes = ctx.job.lanes
+    main = lanes.main if lanes is not None else len(xs)
     with phase("propagate"):
         # routed per batch: the same GEMM shapes whatever the world size
         gate = getattr(block, spec.router)
-        routing = [gate(ctx.act(router, h[m])) for h, m in zip(hs, masks)]
-        if routing:
-            h_flat = torch.cat([h[m] for h, m in zip(hs, masks)])
-            weights, chosen = torch.cat([r[1] for r in routing]), torch.cat([r[2] for r in routing])
-        else:
-            h_flat = torch.zeros(0, hidden, dtype=ctx.dtype, device=ctx.device)
-            _, weights, chosen = gate(h_flat)
-        del hs, routing
+        h_flat, weights, chosen = _route(ctx, gate, router, hs[:main], masks[:main], hidden)
+        lane = _route(ctx, gate, router, hs[main:], masks[main:], hidden) if lanes is not None else None
+        del hs
     owner = moe_comm.expert_owner_tensor(lambda e: ctx.owner(experts_of[e][0].name), num_experts, ctx.device)
     with phase("reduce"):
         counts = moe_comm.count_routed(comm, chosen.to(ctx.device), num_experts, moved)
@@ -145,6 +145,8 @@ def sparse_mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     with phase("reduce"):
         all_h = moe_comm.gather_all_tokens(comm, h_flat, moved) if gather_all else None
         recv = moe_comm.dispatch(comm, h_flat, chosen, weights, owner, moved)
+        lane_recv = (moe_comm.dispatch(comm, lane[0], lane[2], lane[1], owner, moe_comm.new_traffic())
+                     if lane is not None else None)
 
     mine = [e for e in range(num_experts) if int(owner[e]) == comm.rank]
     out_rows = torch.zeros(recv.h.shape, dtype=moe_comm.accumulation_dtype(ctx.dtype), device=ctx.device)
@@ -152,6 +154,11 @@ def sparse_mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     act = block.experts.act_fn
     order = torch.argsort(recv.expert, stable=True)  # slots grouped by expert, receive order kept
     starts = torch.bincount(recv.expert, minlength=num_experts).cumsum(0).tolist()
+    lane_rows = None
+    if lane_recv is not None:
+        lane_rows = torch.zeros(lane_recv.h.shape, dtype=out_rows.dtype, device=ctx.device)
+        lane_order = torch.argsort(lane_recv.expert, stable=True)
+        lane_starts = torch.bincount(lane_recv.expert, minlength=num_experts).cumsum(0).tolist()
     for e in mine:
         fb = None
         if e in below:
@@ -163,14 +170,21 @@ def sparse_mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
                         ctx.fqn(spec.expert_prefix(e)[:-1]), int(counts[e]), threshold, fb, action)
         sel = order[(starts[e - 1] if e else 0):starts[e]]
         rows, w = recv.row[sel], recv.weight[sel]
+        carried = None
+        if lane_recv is not None:
+            ls = lane_order[(lane_starts[e - 1] if e else 0):lane_starts[e]]
+            carried = (lane_recv.h[lane_recv.row[ls]], lane_recv.row[ls], lane_recv.weight[ls], lane_rows)
         _quantize_expert(ctx, store, e, experts_of[e], recv.h[rows], rows, w, all_h, fb, int(counts[e]), act,
-                         out_rows)
+                         out_rows, carried)
 
     with phase("propagate"):
         routed = moe_comm.combine(comm, recv, out_rows, h_flat.shape[0], moved).to(ctx.dtype)
-        del recv, out_rows, all_h, h_flat
+        if lane_recv is not None:
+            routed = torch.cat([routed, moe_comm.combine(comm, lane_recv, lane_rows, lane[0].shape[0],
+                                                         moe_comm.new_traffic()).to(ctx.dtype)])
+        del recv, out_rows, all_h, h_flat, lane, lane_recv, lane_rows
         new_xs, offset = [], 0
-        for x, m, s in zip(xs, masks, shared):
+        for x, m, s in zip(xs, masks, shared):  # both lanes' rows, in batch order
             n = int(m.sum())
             y = torch.zeros_like(x)
             y[m] = routed[offset:offset + n]
@@ -193,9 +207,22 @@ def sparse_mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     return new_xs
 
 
-def _quantize_expert(ctx, store, e, lins, x_e, rows, w, all_h, fallback, routed, act, out_rows):
+def _route(ctx, gate, router, hs, masks, hidden):
+    """``(rows, routing weights, experts)`` of the real tokens of the batches ``hs``."""
+    routing = [gate(ctx.act(router, h[m])) for h, m in zip(hs, masks)]
+    if routing:
+        return (torch.cat([h[m] for h, m in zip(hs, masks)]), torch.cat([r[1] for r in routing]),
+                torch.cat([r[2] for r in routing]))
+    h_flat = torch.zeros(0, hidden, dtype=ctx.dtype, device=ctx.device)
+    _, weights, chosen = gate(h_flat)
+    return h_flat, weights, chosen
+
+
+def _quantize_expert(ctx, store, e, lins, x_e, rows, w, all_h, fallback, routed, act, out_rows, carried=None):
     """Load expert ``e``, quantize gate/up then down with their statistics, add its
-    weighted outputs for its routed rows into ``out_rows``, write, free."""
+    weighted outputs for its routed rows into ``out_rows``, write, free. ``carried``: the
+    smoothing lane's (rows, row index, routing weight, output rows) routed to ``e``, which get
+    the quantized expert's outputs too (no statistics)."""
     phase = ctx.phase
     gate, up, down = sorted(lins, key=lambda lin: ("gate", "up", "down").index(_role(ctx, lin)))
     stats_all = all_h is not None and (ctx.cfg.calib.all_experts or fallback == "all_tokens")
@@ -236,6 +263,11 @@ def _quantize_expert(ctx, store, e, lins, x_e, rows, w, all_h, fallback, routed,
     with phase("propagate"):
         y = F.linear(a_e, d_hat) * w[:, None]
         out_rows.index_add_(0, rows, y.to(out_rows.dtype))
+        if carried is not None:
+            h_c, rows_c, w_c, out_c = carried
+            x_c = ctx.act(gate.name, h_c)
+            a_c = ctx.act(down.name, act(F.linear(x_c, g_hat)) * F.linear(x_c, u_hat))
+            out_c.index_add_(0, rows_c, (F.linear(a_c, d_hat) * w_c[:, None]).to(out_c.dtype))
     for lin in (gate, up, down):
         ctx.record.modules[lin.name].update(expert=e, routed_tokens=routed, statistics=basis,
                                             expert_fallback=fallback)

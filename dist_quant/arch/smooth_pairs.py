@@ -62,6 +62,11 @@ MLA_PAIRS = (
 SMOOTH_PAIRS.update({name: MLA_PAIRS + DENSE_PAIRS[2:] for name in ("deepseek_v3", "kimi_k2")})
 
 
+# AWQ's clipping search skips the linears whose outputs meet in attention scores (AutoAWQ
+# avoid_clipping: q_, k_ ...): short names, of every architecture.
+NO_CLIP = ("q_proj", "k_proj", "q_a_proj", "q_b_proj")
+
+
 def smooth_pairs(arch_name: str) -> tuple[SmoothPair, ...]:
     """The pairs of an architecture (none when it has no table: no smoothing)."""
     return SMOOTH_PAIRS.get(arch_name, ())

@@ -5,7 +5,8 @@ quantized linear becomes, and what the finished directory holds besides the part
 * compressed-tensors, W8A8: ``int-quantized`` (formats/compressed_tensors_w8a8.py);
 * compressed-tensors, FP8 / W4AFP8: ``float-quantized`` / ``pack-quantized`` with FP8 activations
   (formats/compressed_tensors_fp8.py);
-* ascend: the msModelSlim description format (formats/ascend.py).
+* ascend: the msModelSlim description format (formats/ascend.py);
+* awq: the AutoAWQ GEMM layout, 4-bit weights only (formats/awq.py).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ..quant.qparams import QuantArgs, QuantResult
 from ..tensorspec import TensorSpec
 from ..writer import PartFile, write_index
 from . import ascend
+from . import awq
 from . import compressed_tensors as ct
 from . import compressed_tensors_fp8 as ctf
 from . import compressed_tensors_w8a8 as ct8
@@ -160,6 +162,42 @@ class Ascend(OutputFormat):
         (Path(directory) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+class AutoAWQ(OutputFormat):
+    """AutoAWQ GEMM: ``qweight`` / ``qzeros`` / ``scales`` (float16), ``quant_method: awq``."""
+
+    name = "awq"
+
+    def linear_specs(self, name, out_features, in_features, bias):
+        if out_features % awq.PACK or in_features % self.args.columns_per_group(in_features):
+            raise ConfigError(f"output.format='awq': {name} [{out_features}x{in_features}]: the AWQ layout packs "
+                              f"{awq.PACK} output channels per int32 and needs whole groups of "
+                              f"quant.group_size={self.args.group_size} input columns")
+        return awq.linear_specs(name, out_features, in_features, self.args) + ([bias] if bias else [])
+
+    def pack_linear(self, name, result, bias, act_params):
+        out = awq.compress_linear(name, result, self.args)
+        if bias is not None:
+            out[f"{name}.bias"] = bias
+        return out
+
+    def quantization_config(self, ignore):
+        return awq.quantization_config(self.args, ignore)
+
+
+def _awq(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | None) -> OutputFormat:
+    q = cfg.quant
+    if q.bits != 4 or act is not None:
+        raise ConfigError(f"output.format='awq' with quant.bits={q.bits}, quant.act_bits={q.act_bits}: the AWQ "
+                          "GEMM layout holds 4-bit weights with float activations (W4A16)")
+    if q.group_size == -1:
+        raise ConfigError("output.format='awq' with quant.group_size=-1: AWQ checkpoints have group-wise "
+                          "scales (set a group size, e.g. 128)")
+    if args.scale_dtype != torch.float16:
+        raise ConfigError(f"output.format='awq' with output.dtype={cfg.output.dtype!r}: AWQ scales are float16 "
+                          "(vLLM's awq method runs float16 only); use output.dtype=auto or float16")
+    return AutoAWQ(args, act)
+
+
 def act_args(cfg: JobConfig, args: QuantArgs) -> ActQuantArgs | None:
     """The activation quantizer of the job (None: weights only). A static input scale is rounded
     to the dtype the server keeps it in: float32 in vLLM / SGLang (compressed-tensors
@@ -205,7 +243,10 @@ def _ascend(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | None) -> Output
 
 
 # output.format → factory(cfg, args, act) -> OutputFormat; config validation reads the keys
-FORMATS = {"compressed-tensors": _compressed_tensors, "ascend": _ascend}
+FORMATS = {"compressed-tensors": _compressed_tensors, "ascend": _ascend, "awq": _awq}
+
+# output.format → the serving dtype that ``output.dtype=auto`` means for it (default: the checkpoint's)
+AUTO_DTYPE = {"awq": "float16"}
 
 
 def kv_args(cfg: JobConfig, args: QuantArgs) -> KVCacheArgs | None:

@@ -63,14 +63,27 @@ _MSE_RATIOS = torch.tensor([1.0 - 0.02 * step for step in range(MSE_STEPS)], dty
 _MSE_CHUNK = 1 << 20  # elements per [ratios, rows, cols] temporary (4 MB): bounded memory, cache-sized
 
 
-def compute_qparams(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_qparams(w: torch.Tensor, args: QuantArgs,
+                    ratio: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for each row of ``w`` ([rows, cols] → [rows, 1] each).
+
+    ``ratio`` [rows, 1]: a clipping ratio chosen beforehand (AWQ's clipping search,
+    algorithms/awq.py): the range of each row is multiplied by it, no observer search; rows
+    whose ratio is NaN (linears AWQ does not clip) get the observer's scale as without it.
 
     With ``args.mse`` the range of each row is shrunk by each of the ratios 1.00 … 0.62 and
     the ratio with the smallest ``Σ |fake_quantize(w) − w|^2.4`` wins (the first one on ties).
     All ratios (and all rows, chunked to a few MB) are evaluated in one pass of tensor ops."""
     w = w.float().contiguous()
     lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    if ratio is not None:
+        ratio = ratio.to(w.device, torch.float32)
+        free = torch.isnan(ratio)  # rows without a chosen ratio: the observer's choice
+        scale, zero = _params_from_range(lo * ratio.nan_to_num(1.0), hi * ratio.nan_to_num(1.0), args)
+        if bool(free.any()):
+            obs_scale, obs_zero = compute_qparams(w, args)
+            scale, zero = torch.where(free, obs_scale, scale), torch.where(free, obs_zero, zero)
+        return scale, zero
     if not args.mse:
         return _params_from_range(lo, hi, args)
     return _mse_search(w, lo, hi, args)
