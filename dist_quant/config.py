@@ -56,6 +56,37 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class FallbackConfig:
+    """Sensitive linears kept in higher precision (docs/fallback.md): the ``max_linears`` with the
+    largest relative output error in a sensitivity pre-pass, and every linear above ``threshold``."""
+
+    max_linears: int = 0
+    """N: keep the N linears of largest pre-pass error (their fused partners come along); 0: none."""
+    threshold: Optional[float] = None
+    """tau in (0, 1]: also keep every linear whose pre-pass relative output error exceeds it; null: off."""
+    to: str = "float"
+    """float (left unquantized) or w8 (int8 per-channel weights, same solver); also applies to
+    quant.disable_names."""
+
+    def __post_init__(self) -> None:
+        n = self.max_linears
+        _check(not isinstance(n, bool) and isinstance(n, int) and n >= 0, "quant.fallback.max_linears", n,
+               "expected a number of linears >= 0")
+        t = self.threshold
+        if t is not None:
+            _check(not isinstance(t, bool) and isinstance(t, (int, float)) and 0.0 < t <= 1.0,
+                   "quant.fallback.threshold", t, "expected a relative output error in (0, 1], or null")
+        _check(self.to in FALLBACK_TO, "quant.fallback.to", self.to, "expected " + " or ".join(FALLBACK_TO))
+
+    @property
+    def automatic(self) -> bool:
+        return self.max_linears > 0 or self.threshold is not None
+
+
+FALLBACK_TO = ("float", "w8")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """Weight quantization: algorithm and integer format."""
 
@@ -103,8 +134,15 @@ class QuantConfig:
     self_attn.o_proj, or an fnmatch pattern (model.layers.1?.mlp.down_proj)."""
     search_tokens: int = 1024
     """Flex smooth search: calibration tokens (over all ranks) that score each candidate."""
+    # -- fallback of sensitive linears (docs/fallback.md) -----------------------------------------
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    """Automatic fallback: quant.fallback.max_linears / threshold / to."""
+    disable_names: list[str] = field(default_factory=list)
+    """Linears kept at quant.fallback.to precision by name: full name, a name suffix such as
+    mlp.down_proj, or an fnmatch pattern (as quant.disable_anti_names); fused partners come along."""
 
     def __post_init__(self) -> None:
+        _check_fallback(self)
         solvers = _solver_names()
         _check(self.weight_solver is None or self.weight_solver in solvers, "quant.weight_solver",
                self.weight_solver, "expected " + " or ".join(solvers))
@@ -119,6 +157,16 @@ class QuantConfig:
         _check(self.block_size > 0, "quant.block_size", self.block_size, "must be positive")
         _check(self.observer in ("minmax", "mse"), "quant.observer", self.observer,
                "expected minmax or mse")
+
+
+def _check_fallback(q: "QuantConfig") -> None:
+    for pattern in q.disable_names:
+        _check(isinstance(pattern, str) and pattern.strip() != "", "quant.disable_names",
+               list(q.disable_names), "expected non-empty module names or patterns")
+    if q.fallback.to == "w8" and (q.fallback.automatic or q.disable_names):
+        _check(q.bits == 4 and q.act_bits is None, "quant.fallback.to", q.fallback.to,
+               f"w8 fallback is written for 4-bit weight-only jobs (quant.bits={q.bits}, "
+               f"quant.act_bits={q.act_bits}); use quant.fallback.to=float")
 
 
 def _solver_names() -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from .calibration import CalibrationError, CalibrationSet
 from .calib_sources import load_calibration, load_smooth_calibration
 from .checkpoint import Checkpoint, CheckpointError
 from .config import ConfigError, JobConfig
+from .fallback import decide, manual_plan, report_section
 from .formats.registry import make_format
 from .formats.serving import serving_dtype
 from .servability import job_of, plan_warnings, refuse
@@ -103,7 +104,7 @@ def prepare(cfg: JobConfig, model_path: str, world_size: int):
         raise ConfigError("model.trust_remote_code=true: dist_quant never runs code from a checkpoint; "
                           "only built-in architectures are supported")
     ckpt = Checkpoint(model_path, allow_pickle=cfg.model.allow_pickle)
-    plan = inspect_model(ckpt, cfg.quant)
+    plan = manual_plan(ckpt, cfg.quant)  # quant.disable_names applied (dist_quant/fallback.py)
     owners = assign_owners(plan, ckpt, world_size, cfg.quant.method)
     args = quant_args(cfg, ckpt, plan)
     refuse(job_of(cfg, plan, args.scale_dtype))  # outputs no server could load: one line, before any work
@@ -160,7 +161,7 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     t_start = time.time()
     model_path = resolve_model_path(cfg, comm)
     ckpt, plan, owners, args = prepare(cfg, model_path, comm.world_size)
-    fmt = make_format(cfg, args)  # checks output.format against the preset
+    fmt = make_format(cfg, args, plan)  # checks output.format against the preset
     final = output_dir(cfg, model_path)
     check_output_dir(final, ckpt.root, cfg.output.overwrite)
     partial = final.parent / (final.name + ".partial")
@@ -180,6 +181,17 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     log.info("calibration: %d samples x %d tokens (%d real tokens); this rank: %d samples",
              calib.input_ids.shape[0], calib.input_ids.shape[1], calib.tokens, mine.input_ids.shape[0])
 
+    probe = None
+    if cfg.quant.fallback.automatic:  # the sensitivity pre-pass decides, then the job is planned again
+        base = inspect_model(ckpt, cfg.quant)
+        chosen, probe = decide(cfg, comm, ckpt, base, assign_owners(base, ckpt, comm.world_size, cfg.quant.method), args,
+                        device, mine, {f.name: f for f in plan.kept})
+        plan = inspect_model(ckpt, cfg.quant, chosen)
+        owners = assign_owners(plan, ckpt, comm.world_size, cfg.quant.method)
+        fmt = make_format(cfg, args, plan)
+        parts = plan_parts(output_specs(plan, owners, ckpt, args, fmt), cfg.output.part_file_bytes,
+                           prefix=fmt.part_prefix)
+        preflight(cfg, comm, ckpt, parts, partial)
     writer = RankWriter(partial, parts, comm.rank)
     resume = Progress(partial, comm, writer, plan.num_layers)  # wipes or continues `partial`
     resume.begin(cfg.resume, fingerprint(cfg, ckpt, comm.world_size, calib))
@@ -195,7 +207,7 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     gathered = comm.gather_object({"weight_map": weight_map, "records": [_record_dict(r) for r in records],
                                    "peak_rss_bytes": peak_rss, "peak_device_bytes": peak_device_bytes(device),
                                    "rank": comm.rank}, 0)
-    comm.rank0(_finish, cfg, ckpt, plan, owners, fmt, parts, gathered, partial, final, t_start, model_path)
+    comm.rank0(_finish, cfg, ckpt, plan, owners, fmt, parts, gathered, partial, final, t_start, model_path, probe)
     comm.barrier()
     ckpt.close()
     return final
@@ -207,7 +219,8 @@ def _record_dict(record) -> dict:
             "smoothing": record.smoothing, **extra}
 
 
-def _finish(cfg, ckpt, plan, owners, fmt, parts, gathered, partial: Path, final: Path, t_start, model_path):
+def _finish(cfg, ckpt, plan, owners, fmt, parts, gathered, partial: Path, final: Path, t_start, model_path,
+            probe=None):
     weight_map: dict[str, str] = {}
     for g in gathered:
         clash = set(weight_map) & set(g["weight_map"])
@@ -226,6 +239,9 @@ def _finish(cfg, ckpt, plan, owners, fmt, parts, gathered, partial: Path, final:
 
         report["moe"] = moe_report(gathered)
         log_moe_summary(report["moe"])
+    if plan.kept or probe is not None:
+        errors = {n: m["rel_output_error"] for g in gathered for r in g["records"] for n, m in r["modules"].items()}
+        report["fallback"] = report_section(cfg, plan.kept, probe, errors)
     write_report(partial, report)
     discard_state(partial)  # complete: nothing left to resume
     if final.exists():

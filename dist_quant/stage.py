@@ -195,6 +195,14 @@ class StageContext:
     def args(self):
         return self.job.args
 
+    def args_of(self, lin: LinearInfo):
+        """The weight format of ``lin``: the job's, or int8 per channel for a ``w8`` fallback."""
+        if lin.fallback is None:
+            return self.job.args
+        from .fallback import linear_args
+
+        return linear_args(self.job.args, lin)
+
     @property
     def pos_emb(self):
         return self.job.pos_emb
@@ -357,7 +365,7 @@ class StageContext:
             for a in range(0, lin.out_features, DEQUANT_ROWS):  # block by block: no full float copy
                 rows = slice(a, a + DEQUANT_ROWS)
                 block = QuantResult(result.q[rows], result.scale[rows], result.zero[rows])
-                module.weight[rows].copy_(block.dequantize(job.args))
+                module.weight[rows].copy_(block.dequantize(self.args_of(lin)))
             if owner == rank:
                 if len(pieces) > 1:  # the writer reports the whole linear
                     num, den = errors[:, :2].sum(dim=0).tolist()
@@ -370,7 +378,7 @@ class StageContext:
                 self.write(lin, result, bias)
 
     def _empty_result(self, lin: LinearInfo) -> QuantResult:
-        groups = self.args.groups(lin.in_features)
+        groups = self.args_of(lin).groups(lin.in_features)
         return QuantResult(
             q=torch.empty(lin.out_features, lin.in_features, dtype=torch.int8, device=self.device),
             scale=torch.empty(lin.out_features, groups, device=self.device),
@@ -399,6 +407,7 @@ class StageContext:
             check_weight(lin.name, w)
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
         hessian = hessian.to(torch.float32).contiguous()
+        args = self.args_of(linears[0])  # a stage's linears share their precision (fallback.py)
         method = method or self.cfg.quant.method
         solver = get_solver(method)
         params = self.job.solver_params(method)
@@ -408,7 +417,7 @@ class StageContext:
                 torch.get_num_threads(), info.rank, info.local_world_size,
                 range(info.world_size) if solvers is None else solvers))
         with single_threaded(self.device):
-            result = solver.solve(stacked, hessian, self.args, params, work)
+            result = solver.solve(stacked, hessian, args, params, work)
         del stacked
         if result.fallback:
             log.warning("%s: %s", ", ".join(lin.name for lin in linears), result.fallback)
@@ -416,8 +425,8 @@ class StageContext:
         parts = result.split([w.shape[0] for w in weights])
         out = {}
         for k, (lin, w, part) in enumerate(zip(linears, weights, parts)):
-            check_result(lin.name, part, self.args)
-            num, den = quantized_output_error(w, part, self.args, hessian)
+            check_result(lin.name, part, args)
+            num, den = quantized_output_error(w, part, args, hessian)
             whole = rows is None or rows[k] == (0, lin.out_features)
             key = lin.name if whole else f"{lin.name}[{rows[k][0]}:{rows[k][1]}]"
             self.record.modules[key] = {

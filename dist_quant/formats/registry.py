@@ -32,20 +32,25 @@ class OutputFormat:
 
     def __init__(self, args: QuantArgs, act: ActQuantArgs | None = None):
         self.args, self.act = args, act
+        self.linear_args: dict[str, QuantArgs] = {}  # linears kept at other weights (fallback w8)
+        self.groups: tuple[tuple[list[str], QuantArgs], ...] = ()  # their config groups (targets, args)
+
+    def args_of(self, name: str) -> QuantArgs:
+        return self.linear_args.get(name, self.args)
 
     def linear_specs(self, name: str, out_features: int, in_features: int,
                      bias: TensorSpec | None) -> list[TensorSpec]:
-        return ct.linear_specs(name, out_features, in_features, self.args) + ([bias] if bias else [])
+        return ct.linear_specs(name, out_features, in_features, self.args_of(name)) + ([bias] if bias else [])
 
     def pack_linear(self, name: str, result: QuantResult, bias: torch.Tensor | None,
                     act_params: StaticActParams | None) -> dict[str, torch.Tensor]:
-        out = ct.compress_linear(name, result, self.args)
+        out = ct.compress_linear(name, result, self.args_of(name))
         if bias is not None:
             out[f"{name}.bias"] = bias
         return out
 
     def quantization_config(self, ignore: list[str]) -> dict:
-        return ct.quantization_config(self.args, ignore)
+        return ct.quantization_config(self.args, ignore, self.groups)
 
     def finish(self, directory: Path, parts: list[PartFile], weight_map: dict[str, str], config: dict,
                ignore: list[str], quantized: list[str]) -> None:
@@ -128,5 +133,11 @@ def _ascend(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | None) -> Output
 FORMATS = {"compressed-tensors": _compressed_tensors, "ascend": _ascend}
 
 
-def make_format(cfg: JobConfig, args: QuantArgs) -> OutputFormat:
-    return FORMATS[cfg.output.format](cfg, args, act_args(cfg, args))
+def make_format(cfg: JobConfig, args: QuantArgs, plan=None) -> OutputFormat:
+    """``plan``: the job's plan, whose fallback linears (``w8``) get their own args and group."""
+    fmt = FORMATS[cfg.output.format](cfg, args, act_args(cfg, args))
+    if plan is not None:
+        from ..fallback import w8_groups
+
+        fmt.linear_args, fmt.groups = w8_groups(plan, args)
+    return fmt
