@@ -240,3 +240,31 @@ def test_w8_fallback_of_an_8_bit_job_is_refused(tmp_path):
     code, _, stderr = run_main(argv(model, tmp_path / "out", "quant.bits=8", "quant.fallback.max_linears=1",
                                     "quant.fallback.to=w8"))
     assert code == 2 and "quant.fallback.to='w8'" in stderr and "quant.bits=8" in stderr, stderr[-2000:]
+
+
+def test_html_report_lists_every_fallback(jobs):
+    _, outs = jobs
+    page = (outs["w8"] / "quant_report.html").read_text()
+    section = page[page.index('id="fallback"'):]
+    for r in report(outs["w8"])["fallback"]["linears"]:
+        assert r["name"] in section and f"{r['probe_error']:.4g}" in section
+
+
+def test_ascend_description_marks_float_fallbacks_float(tmp_path):
+    from dist_quant.formats import ascend
+
+    model = make_tiny_model(tmp_path / "model", layers=1)
+    out = tmp_path / "out"
+    code, _, stderr = run_main([f"model.path={model}", "quant=rtn_w8a16", "quant.group_size=-1", "output.format=ascend",
+                                f"calib.path={WIKI}", f"calib.num_samples={SAMPLES}", f"calib.seq_len={SEQ}",
+                                f"output.dir={out}", f"runtime.run_dir={out}.run", "runtime.threads=1",
+                                "quant.fallback.max_linears=1", "quant.fallback.to=float"])
+    assert code == 0, stderr[-3000:]
+    desc = json.loads((out / ascend.DESCRIPTION).read_text())
+    kept = {r["name"] for r in report(out)["fallback"]["linears"]}
+    assert kept
+    for stage in STAGES:
+        for rel in stage:
+            name = f"model.layers.0.{rel}"
+            assert desc[name + ".weight"] == ("FLOAT" if name in kept else "W8A16"), name
+            assert (name + ".weight_scale" in desc) == (name not in kept), name
