@@ -30,7 +30,7 @@ from .plan import Fallback, LinearInfo, ModelPlan, inspect_model
 from .quant.qparams import QuantArgs
 from .smoothing import pattern_matches
 from .stage import StageContext
-from .stats import HessianStat, error_ratio, quantized_output_error
+from .stats import error_ratio, quantized_output_error
 
 log = logging.getLogger("dist_quant")
 
@@ -155,12 +155,7 @@ class ProbeContext(StageContext):
     def _quantize(self, linears, inputs, masks) -> None:
         job, rank = self.job, self.comm.rank
         owners = {job.owners.owner[lin.name] for lin in linears}
-        with self.phase("capture"):
-            stat = HessianStat(linears[0].in_features, self.device)
-            for x, m in zip(inputs, masks):
-                stat.add(x, m)
-        with self.phase("reduce"):
-            stat.unpack(self.comm.reduce_to(stat.packed(), owners, stat.reduce_op))
+        stat = self.reduced_stat(linears, inputs, masks, owners)
         if rank not in owners:
             return
         hessian = stat.hessian()

@@ -325,12 +325,7 @@ class StageContext:
         job, rank = self.job, self.comm.rank
         owners = {r for lin in linears for r in job.owners.solvers(lin)}
         # RTN needs no statistics to solve, but they give its output error for the report.
-        with self.phase("capture"):
-            stat = HessianStat(linears[0].in_features, self.device)
-            for x, m in zip(inputs, masks):
-                stat.add(x, m)
-        with self.phase("reduce"):
-            stat.unpack(self.comm.reduce_to(stat.packed(), owners, stat.reduce_op))
+        stat = self.reduced_stat(linears, inputs, masks, owners)
         # owners: the float32 Hessian and the solver's workspace share the reduced buffer
         tokens = stat.tokens() if rank in owners else 0
         hessian, work = stat.take() if rank in owners else (None, None)
@@ -376,6 +371,16 @@ class StageContext:
                         "tokens": tokens, "rel_output_error": error_ratio(num, den)}
                 bias = self.tensor(lin.name + ".bias") if lin.has_bias else None
                 self.write(lin, result, bias)
+
+    def reduced_stat(self, linears: list[LinearInfo], inputs, masks, owners: set[int]) -> HessianStat:
+        """Capture the stage's input statistics on this rank and SUM-reduce them to ``owners``."""
+        with self.phase("capture"):
+            stat = HessianStat(linears[0].in_features, self.device)
+            for x, m in zip(inputs, masks):
+                stat.add(x, m)
+        with self.phase("reduce"):
+            stat.unpack(self.comm.reduce_to(stat.packed(), owners, stat.reduce_op))
+        return stat
 
     def _empty_result(self, lin: LinearInfo) -> QuantResult:
         groups = self.args_of(lin).groups(lin.in_features)
