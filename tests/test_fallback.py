@@ -57,6 +57,11 @@ def jobs(tmp_path_factory):
     return model, outs
 
 
+@pytest.fixture(scope="module")
+def one_layer(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("fallback1") / "model", layers=1)
+
+
 def report(out: Path) -> dict:
     return json.loads((out / "quant_report.json").read_text())
 
@@ -227,16 +232,16 @@ def test_choose_is_top_n_with_ties_by_name_plus_threshold():
     ("quant.fallback.to=fp16", "quant.fallback.to='fp16'"),
     ("quant.disable_names=[no_such_proj]", "quant.disable_names=['no_such_proj']"),
 ])
-def test_bad_values_are_refused_in_one_line(tmp_path, override, key):
-    model = make_tiny_model(tmp_path / "model", layers=1)
+def test_bad_values_are_refused_in_one_line(one_layer, tmp_path, override, key):
+    model = one_layer
     code, _, stderr = run_main(argv(model, tmp_path / "out", override))
     lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
     assert code == 2 and len(lines) == 1 and key in lines[0], stderr[-2000:]
     assert not (tmp_path / "out").exists()
 
 
-def test_w8_fallback_of_an_8_bit_job_is_refused(tmp_path):
-    model = make_tiny_model(tmp_path / "model", layers=1)
+def test_w8_fallback_of_an_8_bit_job_is_refused(one_layer, tmp_path):
+    model = one_layer
     code, _, stderr = run_main(argv(model, tmp_path / "out", "quant.bits=8", "quant.fallback.max_linears=1",
                                     "quant.fallback.to=w8"))
     assert code == 2 and "quant.fallback.to='w8'" in stderr and "quant.bits=8" in stderr, stderr[-2000:]
@@ -250,10 +255,10 @@ def test_html_report_lists_every_fallback(jobs):
         assert r["name"] in section and f"{r['probe_error']:.4g}" in section
 
 
-def test_ascend_description_marks_float_fallbacks_float(tmp_path):
+def test_ascend_description_marks_float_fallbacks_float(one_layer, tmp_path):
     from dist_quant.formats import ascend
 
-    model = make_tiny_model(tmp_path / "model", layers=1)
+    model = one_layer
     out = tmp_path / "out"
     code, _, stderr = run_main([f"model.path={model}", "quant=rtn_w8a16", "quant.group_size=-1", "output.format=ascend",
                                 f"calib.path={WIKI}", f"calib.num_samples={SAMPLES}", f"calib.seq_len={SEQ}",
