@@ -164,9 +164,10 @@ def _check_fallback(q: "QuantConfig") -> None:
         _check(isinstance(pattern, str) and pattern.strip() != "", "quant.disable_names",
                list(q.disable_names), "expected non-empty module names or patterns")
     if q.fallback.to == "w8" and (q.fallback.automatic or q.disable_names):
-        _check(q.bits == 4 and q.act_bits is None, "quant.fallback.to", q.fallback.to,
-               f"w8 fallback is written for 4-bit weight-only jobs (quant.bits={q.bits}, "
-               f"quant.act_bits={q.act_bits}); use quant.fallback.to=float")
+        _check((q.bits == 4 and q.act_bits is None) or q.act_bits == 8, "quant.fallback.to", q.fallback.to,
+               f"w8 fallback is written for 4-bit weight-only jobs (int8 weights) and W8A8 jobs (int8 weights "
+               f"with float activations, W8A16); got quant.bits={q.bits}, quant.act_bits={q.act_bits}: "
+               "use quant.fallback.to=float")
 
 
 def _solver_names() -> tuple[str, ...]:
@@ -358,5 +359,9 @@ class JobConfig:
         _check(resume is True or resume is False or resume == "auto", "resume", self.resume,
                "expected true, false or auto")
         object.__setattr__(self, "resume", resume)
+        _check(self.quant.fallback.to != "w8" or self.quant.act_bits is None or self.output.format == "ascend",
+               "quant.fallback.to", self.quant.fallback.to, "W8A16 fallback linears in a W8A8 job are written in "
+               "the Ascend description format only (output.format=ascend): vLLM's compressed-tensors loader has no "
+               "int8 weight-only scheme inside an int-quantized checkpoint")
         _check(self.calib.smooth_path is None or self.quant.smooth != "none", "calib.smooth_path",
                self.calib.smooth_path, "has no effect without smoothing (quant.smooth=none)")

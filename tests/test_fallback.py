@@ -273,3 +273,38 @@ def test_ascend_description_marks_float_fallbacks_float(one_layer, tmp_path):
             name = f"model.layers.0.{rel}"
             assert desc[name + ".weight"] == ("FLOAT" if name in kept else "W8A16"), name
             assert (name + ".weight_scale" in desc) == (name not in kept), name
+
+
+def test_w8_fallback_of_a_w8a8_job_is_w8a16_in_the_ascend_description(one_layer, tmp_path):
+    """W8A8 (static activations) with quant.fallback.to=w8: the kept linears are W8A16 (int8
+    weights, float activations: no input_scale / deq_scale), the others W8A8, and vLLM-Ascend's
+    per-module lookup (fused shards must agree) finds one type per server module."""
+    from dist_quant.formats import ascend
+    from server_loaders import ascend_quant_type
+
+    out = tmp_path / "out"
+    code, _, stderr = run_main([f"model.path={one_layer}", "quant=w8a8", "output.format=ascend",
+                                f"calib.path={WIKI}", f"calib.num_samples={SAMPLES}", f"calib.seq_len={SEQ}",
+                                f"output.dir={out}", f"runtime.run_dir={out}.run", "runtime.threads=1",
+                                "quant.fallback.max_linears=1", "quant.fallback.to=w8"])
+    assert code == 0, stderr[-3000:]
+    desc = json.loads((out / ascend.DESCRIPTION).read_text())
+    kept = {r["name"] for r in report(out)["fallback"]["linears"]}
+    assert kept and len(kept) < 7
+    for stage in STAGES:
+        for rel in stage:
+            name = f"model.layers.0.{rel}"
+            assert desc[name + ".weight"] == ("W8A16" if name in kept else "W8A8"), name
+            assert (name + ".input_scale" in desc) == (name not in kept), name
+    config = json.loads((out / "config.json").read_text())
+    for prefix in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        shard = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj"}.get(prefix.split(".")[1], prefix.split(".")[1])
+        want = "W8A16" if f"model.layers.0.{prefix.split('.')[0]}.{shard}" in kept else "W8A8"
+        assert ascend_quant_type(desc, f"model.layers.0.{prefix}", config["model_type"], "linear") == want
+
+
+def test_w8_fallback_of_a_compressed_tensors_w8a8_job_is_refused(one_layer, tmp_path):
+    code, _, stderr = run_main(argv(one_layer, tmp_path / "out", "quant=w8a8", "quant.group_size=-1",
+                                    "quant.fallback.max_linears=1",
+                                    "quant.fallback.to=w8"))
+    assert code == 2 and "output.format=ascend" in stderr, stderr[-2000:]

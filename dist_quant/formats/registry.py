@@ -88,15 +88,19 @@ class Ascend(OutputFormat):
     def quant_type(self) -> str:
         return ascend.quant_type(self.args, self.act)
 
+    def act_of(self, name: str) -> ActQuantArgs | None:
+        """The activation quantizer of ``name``: none for W8A16 fallback linears (fallback.py)."""
+        return None if name in self.linear_args else self.act
+
     def linear_specs(self, name, out_features, in_features, bias):
-        return ascend.linear_specs(name, out_features, in_features, self.args, self.act, bias)
+        return ascend.linear_specs(name, out_features, in_features, self.args_of(name), self.act_of(name), bias)
 
     def pack_linear(self, name, result, bias, act_params):
-        return ascend.pack_linear(name, result, self.args, self.act, act_params, bias)
+        return ascend.pack_linear(name, result, self.args_of(name), self.act_of(name), act_params, bias)
 
     def finish(self, directory, parts, weight_map, config, ignore, quantized):
         write_index(directory, parts, weight_map, name=self.index_name)
-        types = {name: self.quant_type for name in quantized}
+        types = {name: ascend.quant_type(self.args_of(name), self.act_of(name)) for name in quantized}
         desc = ascend.description(weight_map, types, self.quant_type, str(config.get("model_type", "")))
         (Path(directory) / ascend.DESCRIPTION).write_text(json.dumps(desc, indent=2) + "\n")
         config = with_serving_dtype(config, self.args.scale_dtype)
