@@ -7,6 +7,11 @@ with ``dist_quant.eval`` on the second half (``start=0.5``, 512-token windows, t
 reused. Prints the markdown table of bench/README.md ("Automatic fallback").
 
     python bench/bench_fallback.py [--n 0,2,4,8] [--samples 32] [--to float] [--out bench/out/fallback]
+                                   [--names-from OUT/n8-float/quant_report.json]
+
+``--names-from``: skip the pre-pass of each N by naming its decision: the top N of that run's
+``probe_errors`` (the same rule, dist_quant.fallback.choose) go to ``quant.disable_names``, which
+keeps the same linears (and fused partners) as ``quant.fallback.max_linears=N`` on the same job.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "fallback"))
+    p.add_argument("--names-from", default=None, help="a quant_report.json whose probe_errors name the top N")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,6 +53,12 @@ def main() -> None:
         f = out / f"n{n}-{args.to}.json"
         if not f.is_file():
             extra = [f"quant.fallback.max_linears={n}", f"quant.fallback.to={args.to}"] if n else []
+            if n and args.names_from:
+                from dist_quant.fallback import choose
+
+                errors = json.loads(Path(args.names_from).read_text())["fallback"]["probe_errors"]
+                extra = [f"quant.disable_names=[{','.join(sorted(choose(errors, n, None)))}]",
+                         f"quant.fallback.to={args.to}"]
             qdir = out / f"n{n}-{args.to}"
             r = quantize(model, qdir, 1, "gptq_w4a16", args, extra)
             report = json.loads((qdir / "quant_report.json").read_text())
