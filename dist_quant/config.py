@@ -88,6 +88,37 @@ class AutoRoundConfig:
 
 
 @dataclass(frozen=True)
+class FallbackConfig:
+    """Sensitive linears kept in higher precision (docs/fallback.md): the ``max_linears`` with the
+    largest relative output error in a sensitivity pre-pass, and every linear above ``threshold``."""
+
+    max_linears: int = 0
+    """N: keep the N linears of largest pre-pass error (their fused partners come along); 0: none."""
+    threshold: Optional[float] = None
+    """tau in (0, 1]: also keep every linear whose pre-pass relative output error exceeds it; null: off."""
+    to: str = "float"
+    """float (left unquantized) or w8 (int8 per-channel weights, same solver); also applies to
+    quant.disable_names."""
+
+    def __post_init__(self) -> None:
+        n = self.max_linears
+        _check(not isinstance(n, bool) and isinstance(n, int) and n >= 0, "quant.fallback.max_linears", n,
+               "expected a number of linears >= 0")
+        t = self.threshold
+        if t is not None:
+            _check(not isinstance(t, bool) and isinstance(t, (int, float)) and 0.0 < t <= 1.0,
+                   "quant.fallback.threshold", t, "expected a relative output error in (0, 1], or null")
+        _check(self.to in FALLBACK_TO, "quant.fallback.to", self.to, "expected " + " or ".join(FALLBACK_TO))
+
+    @property
+    def automatic(self) -> bool:
+        return self.max_linears > 0 or self.threshold is not None
+
+
+FALLBACK_TO = ("float", "w8")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """Weight quantization: algorithm and integer format."""
 
@@ -165,8 +196,15 @@ class QuantConfig:
     awq_clip: bool = True
     """AWQ clipping search after the scales are folded: per (row, group) range ratio 1.00 ... 0.55
     with the smallest output error on the calibration inputs (q/k projections are not clipped)."""
+    # -- fallback of sensitive linears (docs/fallback.md) -----------------------------------------
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    """Automatic fallback: quant.fallback.max_linears / threshold / to."""
+    disable_names: list[str] = field(default_factory=list)
+    """Linears kept at quant.fallback.to precision by name: full name, a name suffix such as
+    mlp.down_proj, or an fnmatch pattern (as quant.disable_anti_names); fused partners come along."""
 
     def __post_init__(self) -> None:
+        _check_fallback(self)
         solvers = _solver_names()
         _check(self.weight_solver is None or self.weight_solver in solvers, "quant.weight_solver",
                self.weight_solver, "expected " + " or ".join(solvers))
@@ -191,6 +229,17 @@ class QuantConfig:
         _check(self.block_size > 0, "quant.block_size", self.block_size, "must be positive")
         _check(self.observer in ("minmax", "mse"), "quant.observer", self.observer,
                "expected minmax or mse")
+
+
+def _check_fallback(q: "QuantConfig") -> None:
+    for pattern in q.disable_names:
+        _check(isinstance(pattern, str) and pattern.strip() != "", "quant.disable_names",
+               list(q.disable_names), "expected non-empty module names or patterns")
+    if q.fallback.to == "w8" and (q.fallback.automatic or q.disable_names):
+        _check((q.bits == 4 and q.act_bits is None) or q.act_bits == 8, "quant.fallback.to", q.fallback.to,
+               f"w8 fallback is written for 4-bit weight-only jobs (int8 weights) and W8A8 jobs (int8 weights "
+               f"with float activations, W8A16); got quant.bits={q.bits}, quant.act_bits={q.act_bits}: "
+               "use quant.fallback.to=float")
 
 
 def _solver_names() -> tuple[str, ...]:
@@ -498,6 +547,18 @@ class JobConfig:
         _check(resume is False or self.quant.method != "autoround", "resume", self.resume,
                "is not supported with quant.method=autoround yet (the float chain's activations are not "
                "saved with the layer checkpoints); run with resume=false")
+        q = self.quant
+        _check(q.fallback.to == "float" or q.weight_type == "int", "quant.fallback.to", q.fallback.to,
+               f"int8 fallback linears need integer weights; quant.weight_type={q.weight_type} falls back to float")
+        _check(q.method != "autoround" or not (q.fallback.automatic or q.disable_names), "quant.method", q.method,
+               "autoround does not take quant.fallback / quant.disable_names yet; use gptq or rtn")
+        _check(q.kv_cache is None or not q.fallback.automatic, "quant.kv_cache", q.kv_cache,
+               "is not combined with the automatic fallback pre-pass yet (quant.fallback.max_linears / threshold); "
+               "quant.disable_names works")
+        _check(self.quant.fallback.to != "w8" or self.quant.act_bits is None or self.output.format == "ascend",
+               "quant.fallback.to", self.quant.fallback.to, "W8A16 fallback linears in a W8A8 job are written in "
+               "the Ascend description format only (output.format=ascend): vLLM's compressed-tensors loader has no "
+               "int8 weight-only scheme inside an int-quantized checkpoint")
         _check(self.calib.smooth_path is None or self.quant.smooth != "none", "calib.smooth_path",
                self.calib.smooth_path, "has no effect without smoothing (quant.smooth=none)")
         _check_kv_cache_format(self)

@@ -39,7 +39,11 @@ PHASES = ("load", "capture", "reduce", "solve", "broadcast", "propagate", "write
 def output_specs(plan: ModelPlan, owners: OwnerPlan, ckpt: Checkpoint, args: QuantArgs,
                  fmt: OutputFormat | None = None) -> list[list[TensorSpec]]:
     """Every rank's output tensors, in the order that rank produces them."""
-    fmt = fmt or OutputFormat(args)
+    if fmt is None:
+        from .fallback import w8_groups
+
+        fmt = OutputFormat(args)
+        fmt.linear_args, fmt.groups = w8_groups(plan, args)
     per_rank: list[list[TensorSpec]] = [[] for _ in range(owners.world_size)]
 
     def raw(name: str) -> TensorSpec:
@@ -93,11 +97,13 @@ class LayerwiseQuantizer:
     program (dist_quant/arch/), everything per stage in the stage API (dist_quant/stage.py)."""
 
     def __init__(self, cfg: JobConfig, comm: Comm, ckpt: Checkpoint, plan: ModelPlan, owners: OwnerPlan,
-                 args: QuantArgs, device: torch.device, writer: RankWriter):
+                 args: QuantArgs, device: torch.device, writer: RankWriter | None, context=StageContext):
+        """``writer`` None and ``context`` a StageContext subclass: a pass that writes nothing
+        (the fallback pre-pass, dist_quant/fallback.py)."""
         self.cfg, self.comm, self.ckpt, self.plan, self.owners = cfg, comm, ckpt, plan, owners
-        self.args, self.device, self.writer = args, device, writer
+        self.args, self.device, self.writer, self.context = args, device, writer, context
         self.dtype = getattr(torch, cfg.model.dtype)
-        self.fmt = make_format(cfg, args)
+        self.fmt = make_format(cfg, args, plan)
         self.job = Job(cfg, comm, ckpt, plan, owners, args, device, writer, self.fmt, self.dtype,
                        hooks=stage_hooks(cfg, comm, plan, ckpt, device, args, self.fmt.act),
                        clip=clip_search(cfg.quant))
@@ -154,7 +160,7 @@ class LayerwiseQuantizer:
                 with phase("load"):
                     layer = load_layer(skel, self.ckpt, arch, i, self.device)
                 self._prefetch(i + 1)  # read while this layer computes
-                ctx = StageContext(self.job, layer, i, masks, record, phase)
+                ctx = self.context(self.job, layer, i, masks, record, phase)
                 xs, carry = self._layer(layer, i, xs, masks, pos_emb, record, phase, ctx=ctx, carry=carry)
                 with phase("write"):
                     ctx.write_tensors()
@@ -168,7 +174,7 @@ class LayerwiseQuantizer:
             if progress is not None:
                 progress.update(1)
         with torch.no_grad():
-            for name in self.plan.global_tensors:
+            for name in self.plan.global_tensors if self.writer is not None else ():
                 if self.owners.owner[name] == self.comm.rank:
                     self.writer.add(name, self.ckpt.for_output(name, self.ckpt.get(name)))
         return records

@@ -22,11 +22,22 @@ class LinearInfo:
     in_features: int
     has_bias: bool
     expert: int | None = None  # MoE: routed expert index (None: a dense linear, incl. shared experts)
+    fallback: str | None = None  # "w8": kept at int8 per-channel weights (dist_quant/fallback.py)
 
     def solve_cost(self, method: str, pieces: int = 1) -> float:
         """Work of one owner's solve when the rows are split into ``pieces`` (GPTQ: every owner
         factors the whole Hessian, ``n³/3``, and runs the column loop on its rows, ``n² m/k``)."""
         return solver_cost(method, self.out_features / pieces, self.in_features)
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """One linear kept in higher precision (dist_quant/fallback.py)."""
+
+    name: str
+    to: str  # float | w8
+    reason: str  # disable_names | top-N | threshold | fused with <name>
+    probe_error: float | None = None  # pre-pass relative output error (automatic fallback)
 
 
 @dataclass(frozen=True)
@@ -38,12 +49,17 @@ class ModelPlan:
     global_tensors: tuple[str, ...]  # embeddings, final norm, lm_head
     tied_embeddings: bool
     ignored: tuple[str, ...] = ()  # FQNs of linears left in float by quant.ignore
+    kept: tuple[Fallback, ...] = ()  # linears kept in higher precision (quant.fallback, quant.disable_names)
 
     def layer_linears(self, layer: int) -> list[LinearInfo]:
         return [lin for lin in self.linears if lin.layer == layer]
 
 
-def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
+def inspect_model(ckpt: Checkpoint, quant: QuantConfig, kept: dict[str, Fallback] | None = None) -> ModelPlan:
+    """``kept``: the fallback decision (dist_quant/fallback.py), FQN → its :class:`Fallback`:
+    ``float`` linears are left in float (like quant.ignore), ``w8`` ones get int8 weights."""
+    kept = kept or {}
+    keep = {name: f.to for name, f in kept.items()}
     cfg = ckpt.config
     model_type = cfg.get("model_type")
     if not isinstance(model_type, str):
@@ -83,7 +99,7 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
                 if rel.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")) and hidden and shape[1] != hidden:
                     raise CheckpointError(f"{wname!r} has {shape[1]} input features but config.json "
                                           f"hidden_size={hidden}")
-                if rel.split(".")[-1] in ignore or fqn in ignore:
+                if rel.split(".")[-1] in ignore or fqn in ignore or keep.get(fqn) == "float":
                     if stage.expert is not None:
                         raise ConfigError(f"quant.ignore/quant.moe_ignore match the routed expert linear {fqn!r}; "
                                           "routed experts are quantized whole (keep them out of the ignore lists)")
@@ -98,7 +114,8 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
                 elif quant.group_size != -1 and shape[1] % quant.group_size:
                     raise ConfigError(f"quant.group_size={quant.group_size} does not divide the "
                                       f"{shape[1]} input features of {fqn!r}; use a divisor or -1")
-                linears.append(LinearInfo(fqn, i, stage.name, shape[0], shape[1], has_bias, stage.expert))
+                linears.append(LinearInfo(fqn, i, stage.name, shape[0], shape[1], has_bias, stage.expert,
+                                          keep.get(fqn)))
         others = sorted(n for n in ckpt.tensors if n.startswith(prefix) and n not in owned)
         layer_tensors.append(tuple(others))
 
@@ -113,7 +130,8 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig) -> ModelPlan:
     global_tensors = tuple(sorted(n for n in ckpt.tensors if not n.startswith(in_layers)))
     tied = arch.lm_head not in ckpt
     ignored += [_layer_pattern(arch, i) for i in extra if any(n.startswith(arch.layer_prefix(i)) for n in ckpt.tensors)]
-    return ModelPlan(arch, num_layers, tuple(linears), tuple(layer_tensors), global_tensors, tied, tuple(ignored))
+    return ModelPlan(arch, num_layers, tuple(linears), tuple(layer_tensors), global_tensors, tied, tuple(ignored),
+                     tuple(kept[n] for n in sorted(kept)))
 
 
 def extra_layers(arch: ArchSpec, config: dict, num_layers: int) -> range:

@@ -255,6 +255,20 @@ def _smoothing(report: dict) -> str:
                     f"the {len(worst)} layer(s) with the largest outlier ratio:</p>" + figs if worst else "")
 
 
+def _fallback(report: dict) -> str:
+    """The linears kept in higher precision (quant.fallback, quant.disable_names)."""
+    fb = report.get("fallback")
+    if not fb or not fb.get("linears"):
+        return '<p class="note">No linear kept in higher precision.</p>'
+    rule = (f"<p>max_linears {_e(fb.get('max_linears'))}, threshold {_e(fb.get('threshold'))}, to "
+            f"{_e(fb.get('to'))}; pre-pass: {_e(fb.get('pre_pass') or 'none (quant.disable_names only)')}.</p>")
+    rows = "".join(f"<tr><td class='l'>{_e(r['name'])}</td><td>{_e(r['to'])}</td><td class='l'>{_e(r['reason'])}</td>"
+                   f"<td>{_num(r.get('probe_error'))}</td><td>{_num(r.get('rel_output_error'))}</td></tr>"
+                   for r in fb["linears"])
+    return (rule + "<table><tr><th class='l'>linear</th><th>kept at</th><th class='l'>why</th>"
+            "<th>pre-pass error (W at the job's bits, RTN)</th><th>error as written</th></tr>" + rows + "</table>")
+
+
 def _moe_summary(moe: dict) -> str:
     return (f"<p>{moe.get('sparse_layers')} sparse layers × {moe.get('experts_per_layer')} experts; routed tokens "
             f"per expert min {moe.get('min_tokens_per_expert')} / median {moe.get('median_tokens_per_expert')} / max "
@@ -294,6 +308,7 @@ def render_html(report: dict, directory: Path | None = None, pngs: tuple[str, ..
 <h2 id="linears">Per-linear error</h2>{_figure_or_note(heatmap_linear_errors, report, "per-linear error heat map")}
 <h2 id="moe">MoE expert coverage</h2>{moe}
 <h2 id="smoothing">Smoothing</h2>{_smoothing(report)}
+<h2 id="fallback">Fallback linears</h2>{_fallback(report)}
 <h2 id="servability">Servability warnings</h2>{_servability(report)}
 </body></html>
 """

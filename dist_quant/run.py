@@ -18,6 +18,7 @@ from .calibration import CalibrationError, CalibrationSet, rank_rows
 from .calib_sources import load_calibration, load_smooth_calibration
 from .checkpoint import Checkpoint, CheckpointError
 from .config import ConfigError, JobConfig
+from .fallback import decide, manual_plan, report_section
 from .formats.registry import make_format
 from .formats.serving import serving_dtype
 from .formats.compressed_tensors_fp8 import check_float_shapes
@@ -114,7 +115,7 @@ def prepare(cfg: JobConfig, model_path: str, world_size: int):
         raise ConfigError("model.trust_remote_code=true: dist_quant never runs code from a checkpoint; "
                           "only built-in architectures are supported")
     ckpt = Checkpoint(model_path, allow_pickle=cfg.model.allow_pickle)
-    plan = inspect_model(ckpt, cfg.quant)
+    plan = manual_plan(ckpt, cfg.quant)  # quant.disable_names applied (dist_quant/fallback.py)
     layer_solver(cfg.quant.method).check(plan.arch)  # a layer solver's unsupported architectures: one line
     owners = assign_owners(plan, ckpt, world_size, cfg.quant.method)
     args = quant_args(cfg, ckpt, plan)
@@ -173,7 +174,7 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     t_start = time.time()
     model_path = resolve_model_path(cfg, comm)
     ckpt, plan, owners, args = prepare(cfg, model_path, comm.world_size)
-    fmt = make_format(cfg, args)  # checks output.format against the preset
+    fmt = make_format(cfg, args, plan)  # checks output.format against the preset
     final = output_dir(cfg, model_path)
     check_output_dir(final, ckpt.root, cfg.output.overwrite)
     partial = final.parent / (final.name + ".partial")
@@ -197,6 +198,17 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
         log.info("smoothing set (calib.smooth_path): %d samples x %d tokens (%d real tokens); this rank: %d "
                  "samples", n, smooth_set.input_ids.shape[1], smooth_set.tokens, smooth[0].input_ids.shape[0])
 
+    probe = None
+    if cfg.quant.fallback.automatic:  # the sensitivity pre-pass decides, then the job is planned again
+        base = inspect_model(ckpt, cfg.quant)
+        chosen, probe = decide(cfg, comm, ckpt, base, assign_owners(base, ckpt, comm.world_size, cfg.quant.method), args,
+                        device, mine, {f.name: f for f in plan.kept})
+        plan = inspect_model(ckpt, cfg.quant, chosen)
+        owners = assign_owners(plan, ckpt, comm.world_size, cfg.quant.method)
+        fmt = make_format(cfg, args, plan)
+        parts = plan_parts(output_specs(plan, owners, ckpt, args, fmt), cfg.output.part_file_bytes,
+                           prefix=fmt.part_prefix)
+        preflight(cfg, comm, ckpt, parts, partial)
     writer = RankWriter(partial, parts, comm.rank)
     resume = Progress(partial, comm, writer, plan.num_layers)  # wipes or continues `partial`
     resume.begin(cfg.resume, fingerprint(cfg, ckpt, comm.world_size, calib))
@@ -212,7 +224,7 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     gathered = comm.gather_object({"weight_map": weight_map, "records": [_record_dict(r) for r in records],
                                    "peak_rss_bytes": peak_rss, "peak_device_bytes": peak_device_bytes(device),
                                    "rank": comm.rank}, 0)
-    comm.rank0(_finish, cfg, ckpt, plan, owners, fmt, parts, gathered, partial, final, t_start, model_path)
+    comm.rank0(_finish, cfg, ckpt, plan, owners, fmt, parts, gathered, partial, final, t_start, model_path, probe)
     comm.barrier()
     ckpt.close()
     return final
@@ -224,7 +236,8 @@ def _record_dict(record) -> dict:
             "smoothing": record.smoothing, **extra}
 
 
-def _finish(cfg, ckpt, plan, owners, fmt, parts, gathered, partial: Path, final: Path, t_start, model_path):
+def _finish(cfg, ckpt, plan, owners, fmt, parts, gathered, partial: Path, final: Path, t_start, model_path,
+            probe=None):
     weight_map: dict[str, str] = {}
     for g in gathered:
         clash = set(weight_map) & set(g["weight_map"])
@@ -243,6 +256,9 @@ def _finish(cfg, ckpt, plan, owners, fmt, parts, gathered, partial: Path, final:
 
         report["moe"] = moe_report(gathered)
         log_moe_summary(report["moe"])
+    if plan.kept or probe is not None:
+        errors = {n: m["rel_output_error"] for g in gathered for r in g["records"] for n, m in r["modules"].items()}
+        report["fallback"] = report_section(cfg, plan.kept, probe, errors)
     write_report(partial, report)
     discard_state(partial)  # complete: nothing left to resume
     if final.exists():

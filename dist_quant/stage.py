@@ -233,6 +233,14 @@ class StageContext:
     def args(self):
         return self.job.args
 
+    def args_of(self, lin: LinearInfo):
+        """The weight format of ``lin``: the job's, or int8 per channel for a ``w8`` fallback."""
+        if lin.fallback is None:
+            return self.job.args
+        from .fallback import linear_args
+
+        return linear_args(self.job.args, lin)
+
     @property
     def pos_emb(self):
         return self.job.pos_emb
@@ -308,7 +316,7 @@ class StageContext:
         that linear), ``x`` for float linears and weight-only jobs."""
         act = self.job.act
         fqn = self.fqn(name)
-        if act is None or fqn not in self._linears:
+        if act is None or fqn not in self._linears or self._linears[fqn].fallback is not None:
             return x
         if act.dynamic:
             self.job.act_params[fqn] = None
@@ -386,12 +394,7 @@ class StageContext:
         job, rank = self.job, self.comm.rank
         owners = {r for lin in linears for r in job.owners.solvers(lin)}
         # RTN needs no statistics to solve, but they give its output error for the report.
-        with self.phase("capture"):
-            stat = HessianStat(linears[0].in_features, self.device)
-            for x, m in zip(inputs, masks):
-                stat.add(x, m)
-        with self.phase("reduce"):
-            stat.unpack(self.comm.reduce_to(stat.packed(), owners, stat.reduce_op))
+        stat = self.reduced_stat(linears, inputs, masks, owners)
         # owners: the float32 Hessian and the solver's workspace share the reduced buffer
         tokens = stat.tokens() if rank in owners else 0
         hessian, work = stat.take() if rank in owners else (None, None)
@@ -430,7 +433,7 @@ class StageContext:
             for a in range(0, lin.out_features, DEQUANT_ROWS):  # block by block: no full float copy
                 rows = slice(a, a + DEQUANT_ROWS)
                 block = QuantResult(result.q[rows], result.scale[rows], result.zero[rows])
-                module.weight[rows].copy_(block.dequantize(job.args))
+                module.weight[rows].copy_(block.dequantize(self.args_of(lin)))
             if owner == rank:
                 if len(pieces) > 1:  # the writer reports the whole linear
                     num, den = errors[:, :2].sum(dim=0).tolist()
@@ -451,8 +454,18 @@ class StageContext:
             return None
         return max(float(self.weight(lin.name).abs().amax()) for lin in linears)
 
+    def reduced_stat(self, linears: list[LinearInfo], inputs, masks, owners: set[int]) -> HessianStat:
+        """Capture the stage's input statistics on this rank and SUM-reduce them to ``owners``."""
+        with self.phase("capture"):
+            stat = HessianStat(linears[0].in_features, self.device)
+            for x, m in zip(inputs, masks):
+                stat.add(x, m)
+        with self.phase("reduce"):
+            stat.unpack(self.comm.reduce_to(stat.packed(), owners, stat.reduce_op))
+        return stat
+
     def _empty_result(self, lin: LinearInfo) -> QuantResult:
-        groups = self.args.groups(lin.in_features)
+        groups = self.args_of(lin).groups(lin.in_features)
         return QuantResult(
             q=torch.empty(lin.out_features, lin.in_features, dtype=torch.int8, device=self.device),
             scale=torch.empty(lin.out_features, groups, device=self.device),
@@ -485,6 +498,7 @@ class StageContext:
             check_weight(lin.name, w)
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
         hessian = hessian.to(torch.float32).contiguous()
+        args = self.args_of(linears[0])  # a stage's linears share their precision (fallback.py)
         method = method or self.cfg.quant.method
         solver = get_solver(method)
         params = self.job.solver_params(method)
@@ -493,9 +507,9 @@ class StageContext:
             params = replace(params, workers=solve_workers(
                 torch.get_num_threads(), info.rank, info.local_world_size,
                 range(info.world_size) if solvers is None else solvers))
-        clip = self.job.clip(linears, weights, hessian, self.args) if self.job.clip is not None else None
+        clip = self.job.clip(linears, weights, hessian, args) if self.job.clip is not None else None
         with single_threaded(self.device):
-            result = solver.solve(stacked, hessian, self.args, params, work,
+            result = solver.solve(stacked, hessian, args, params, work,
                                   scale=torch.cat(scales) if scales is not None else None, clip=clip)
         del stacked
         if result.fallback:
@@ -504,8 +518,8 @@ class StageContext:
         parts = result.split([w.shape[0] for w in weights])
         out = {}
         for k, (lin, w, part) in enumerate(zip(linears, weights, parts)):
-            check_result(lin.name, part, self.args)
-            num, den = quantized_output_error(w, part, self.args, hessian)
+            check_result(lin.name, part, args)
+            num, den = quantized_output_error(w, part, args, hessian)
             whole = rows is None or rows[k] == (0, lin.out_features)
             key = lin.name if whole else f"{lin.name}[{rows[k][0]}:{rows[k][1]}]"
             self.record.modules[key] = {

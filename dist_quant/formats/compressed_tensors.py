@@ -16,24 +16,30 @@ from ..tensorspec import TensorSpec
 FORMAT = "pack-quantized"
 
 
-def scheme(args: QuantArgs) -> QuantizationScheme:
+def scheme(args: QuantArgs, targets: list[str] | None = None) -> QuantizationScheme:
     weights = QuantizationArgs(
         num_bits=args.bits, type="int", symmetric=args.symmetric,
         strategy="channel" if args.group_size == -1 else "group",
         group_size=None if args.group_size == -1 else args.group_size,
         dynamic=False,
     )
-    return QuantizationScheme(targets=["Linear"], weights=weights)
+    return QuantizationScheme(targets=targets or ["Linear"], weights=weights)
 
 
-def quantization_config(args: QuantArgs, ignore: list[str]) -> dict:
-    """The ``quantization_config`` entry of config.json (as ModelCompressor writes it)."""
-    return config_entry(scheme(args), FORMAT, ignore)
+def quantization_config(args: QuantArgs, ignore: list[str],
+                        more: tuple[tuple[list[str], QuantArgs], ...] = ()) -> dict:
+    """The ``quantization_config`` entry of config.json (as ModelCompressor writes it). ``more``:
+    further config groups ``(targets, args)`` (fallback linears, dist_quant/fallback.py); their
+    name targets win over group_0's class target ``Linear`` in vLLM, SGLang and compressed-tensors."""
+    return config_entry(scheme(args), FORMAT, ignore, [scheme(a, t) for t, a in more])
 
 
-def config_entry(one_scheme: QuantizationScheme, fmt: str, ignore: list[str]) -> dict:
-    """``quantization_config`` for one config group of ``one_scheme`` stored as ``fmt``."""
-    qc = QuantizationConfig(config_groups={"group_0": one_scheme}, format=fmt,
+def config_entry(one_scheme: QuantizationScheme, fmt: str, ignore: list[str],
+                 more: list[QuantizationScheme] = ()) -> dict:
+    """``quantization_config`` for one config group of ``one_scheme`` (and ``more`` groups)
+    stored as ``fmt``."""
+    groups = {f"group_{k}": s for k, s in enumerate([one_scheme, *more])}
+    qc = QuantizationConfig(config_groups=groups, format=fmt,
                             quantization_status="compressed", ignore=list(ignore))
     return {
         "version": compressed_tensors.__version__,

@@ -41,6 +41,11 @@ class OutputFormat:
 
     def __init__(self, args: QuantArgs, act: ActQuantArgs | None = None):
         self.args, self.act = args, act
+        self.linear_args: dict[str, QuantArgs] = {}  # linears kept at other weights (fallback w8)
+        self.groups: tuple[tuple[list[str], QuantArgs], ...] = ()  # their config groups (targets, args)
+
+    def args_of(self, name: str) -> QuantArgs:
+        return self.linear_args.get(name, self.args)
 
     def kv_specs(self, attn: str, kv_heads: int, head_dim: int) -> list[TensorSpec]:
         """The KV-cache scale tensors of attention module ``attn`` (full name)."""
@@ -51,17 +56,17 @@ class OutputFormat:
 
     def linear_specs(self, name: str, out_features: int, in_features: int,
                      bias: TensorSpec | None) -> list[TensorSpec]:
-        return ct.linear_specs(name, out_features, in_features, self.args) + ([bias] if bias else [])
+        return ct.linear_specs(name, out_features, in_features, self.args_of(name)) + ([bias] if bias else [])
 
     def pack_linear(self, name: str, result: QuantResult, bias: torch.Tensor | None,
                     act_params: StaticActParams | None) -> dict[str, torch.Tensor]:
-        out = ct.compress_linear(name, result, self.args)
+        out = ct.compress_linear(name, result, self.args_of(name))
         if bias is not None:
             out[f"{name}.bias"] = bias
         return out
 
     def quantization_config(self, ignore: list[str]) -> dict:
-        return ct.quantization_config(self.args, ignore)
+        return ct.quantization_config(self.args, ignore, self.groups)
 
     def finish(self, directory: Path, parts: list[PartFile], weight_map: dict[str, str], config: dict,
                ignore: list[str], quantized: list[str]) -> None:
@@ -137,11 +142,15 @@ class Ascend(OutputFormat):
     def quant_type(self) -> str:
         return ascend.quant_type(self.args, self.act)
 
+    def act_of(self, name: str) -> ActQuantArgs | None:
+        """The activation quantizer of ``name``: none for W8A16 fallback linears (fallback.py)."""
+        return None if name in self.linear_args else self.act
+
     def linear_specs(self, name, out_features, in_features, bias):
-        return ascend.linear_specs(name, out_features, in_features, self.args, self.act, bias)
+        return ascend.linear_specs(name, out_features, in_features, self.args_of(name), self.act_of(name), bias)
 
     def pack_linear(self, name, result, bias, act_params):
-        return ascend.pack_linear(name, result, self.args, self.act, act_params, bias)
+        return ascend.pack_linear(name, result, self.args_of(name), self.act_of(name), act_params, bias)
 
     def kv_specs(self, attn, kv_heads, head_dim):
         return kv_cache.ascend_specs(attn, kv_heads, head_dim, self.kv)
@@ -151,7 +160,7 @@ class Ascend(OutputFormat):
 
     def finish(self, directory, parts, weight_map, config, ignore, quantized):
         write_index(directory, parts, weight_map, name=self.index_name)
-        types = {name: self.quant_type for name in quantized}
+        types = {name: ascend.quant_type(self.args_of(name), self.act_of(name)) for name in quantized}
         desc = ascend.description(weight_map, types, self.quant_type, str(config.get("model_type", "")))
         if self.kv is not None:  # msModelSlim C8 (formats/kv_cache.py)
             desc.update({name: kv_cache.C8 for name in weight_map if kv_cache.is_ascend_kv(name)},
@@ -259,7 +268,12 @@ def kv_args(cfg: JobConfig, args: QuantArgs) -> KVCacheArgs | None:
     return KVCacheArgs(cfg.quant.kv_cache, cfg.quant.kv_cache_strategy == "head", scale_dtype)
 
 
-def make_format(cfg: JobConfig, args: QuantArgs) -> OutputFormat:
+def make_format(cfg: JobConfig, args: QuantArgs, plan=None) -> OutputFormat:
+    """``plan``: the job's plan, whose fallback linears (``w8``) get their own args and group."""
     fmt = FORMATS[cfg.output.format](cfg, args, act_args(cfg, args))
+    if plan is not None:
+        from ..fallback import w8_groups
+
+        fmt.linear_args, fmt.groups = w8_groups(plan, args)
     fmt.kv = kv_args(cfg, args)
     return fmt
