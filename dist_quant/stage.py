@@ -331,7 +331,7 @@ class StageContext:
         streams its inputs: this rank's inputs exceed ``runtime.activation_budget``, they are
         wider than ``branch_inputs`` (otherwise holding those instead saves nothing), and no
         stage hook needs them as a list (W8A8 smoothing / activation calibration)."""
-        budget = self.cfg.runtime.activation_budget_bytes
+        budget = self.cfg.runtime.activation_budget_bytes if self.cfg is not None else None
         lins = self.linears(stage)
         if budget is None or not lins or self.job.hooks or not branch_inputs:
             return False

@@ -29,9 +29,9 @@ def run_inprocess(model: Path, out: Path, args: list[str], *extra: str, capture:
     orig_layer, orig_run = LayerwiseQuantizer._layer, LayerwiseQuantizer.run
 
     def _layer(self, layer, index, *a, **k):
-        out_xs = orig_layer(self, layer, index, *a, **k)
-        seen.xs[index] = torch.cat([x.detach().clone() for x in out_xs])
-        return out_xs
+        result = orig_layer(self, layer, index, *a, **k)  # (xs, what a layer solver carries)
+        seen.xs[index] = torch.cat([x.detach().clone() for x in result[0]])
+        return result
 
     def _run(self, calib, *a, **k):
         seen.calib = calib

@@ -94,7 +94,7 @@ def test_config_validation_reads_the_registries(monkeypatch):
     from dist_quant.algorithms import registry as algos
     from dist_quant.formats import registry as formats
 
-    with pytest.raises(ConfigError, match=r"quant.method='awq': expected gptq or rtn"):
+    with pytest.raises(ConfigError, match=r"quant.method='awq': expected gptq, rtn, autoround"):
         load_config(["quant.method=awq"])
     with pytest.raises(ConfigError, match=r"output.format='gguf'"):
         load_config(["output.format=gguf"])
