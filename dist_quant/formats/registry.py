@@ -56,14 +56,22 @@ class OutputFormat:
 
     def linear_specs(self, name: str, out_features: int, in_features: int,
                      bias: TensorSpec | None) -> list[TensorSpec]:
-        return ct.linear_specs(name, out_features, in_features, self.args_of(name)) + ([bias] if bias else [])
+        """The linear's tensors in this format (:meth:`weight_specs`), then its bias, unchanged."""
+        return self.weight_specs(name, out_features, in_features) + ([bias] if bias else [])
 
     def pack_linear(self, name: str, result: QuantResult, bias: torch.Tensor | None,
                     act_params: StaticActParams | None) -> dict[str, torch.Tensor]:
-        out = ct.compress_linear(name, result, self.args_of(name))
+        """The solved linear in this format (:meth:`compress`), then its bias, unchanged."""
+        out = self.compress(name, result, act_params)
         if bias is not None:
             out[f"{name}.bias"] = bias
         return out
+
+    def weight_specs(self, name: str, out_features: int, in_features: int) -> list[TensorSpec]:
+        return ct.linear_specs(name, out_features, in_features, self.args_of(name))
+
+    def compress(self, name: str, result: QuantResult, act_params: StaticActParams | None) -> dict[str, torch.Tensor]:
+        return ct.compress_linear(name, result, self.args_of(name))
 
     def quantization_config(self, ignore: list[str]) -> dict:
         return ct.quantization_config(self.args, ignore, self.groups)
@@ -82,14 +90,11 @@ class OutputFormat:
 class CompressedTensorsW8A8(OutputFormat):
     """compressed-tensors ``int-quantized``: int8 weights and int8 activations."""
 
-    def linear_specs(self, name, out_features, in_features, bias):
-        return ct8.linear_specs(name, out_features, in_features, self.args, self.act) + ([bias] if bias else [])
+    def weight_specs(self, name, out_features, in_features):
+        return ct8.linear_specs(name, out_features, in_features, self.args, self.act)
 
-    def pack_linear(self, name, result, bias, act_params):
-        out = ct8.compress_linear(name, result, self.args, self.act, act_params)
-        if bias is not None:
-            out[f"{name}.bias"] = bias
-        return out
+    def compress(self, name, result, act_params):
+        return ct8.compress_linear(name, result, self.args, self.act, act_params)
 
     def quantization_config(self, ignore):
         return ct8.quantization_config(self.act, ignore, self.args)
@@ -98,14 +103,11 @@ class CompressedTensorsW8A8(OutputFormat):
 class CompressedTensorsFP8(OutputFormat):
     """compressed-tensors ``float-quantized``: FP8 weights and FP8 activations."""
 
-    def linear_specs(self, name, out_features, in_features, bias):
-        return ctf.linear_specs(name, out_features, in_features, self.args, self.act) + ([bias] if bias else [])
+    def weight_specs(self, name, out_features, in_features):
+        return ctf.linear_specs(name, out_features, in_features, self.args, self.act)
 
-    def pack_linear(self, name, result, bias, act_params):
-        out = ctf.compress_linear(name, result, self.args, self.act, act_params)
-        if bias is not None:
-            out[f"{name}.bias"] = bias
-        return out
+    def compress(self, name, result, act_params):
+        return ctf.compress_linear(name, result, self.args, self.act, act_params)
 
     def quantization_config(self, ignore):
         return ctf.quantization_config(self.args, self.act, ignore)
@@ -114,14 +116,11 @@ class CompressedTensorsFP8(OutputFormat):
 class CompressedTensorsNVFP4(CompressedTensorsFP8):
     """compressed-tensors ``nvfp4-pack-quantized``: NVFP4 weights, NVFP4 or float activations."""
 
-    def linear_specs(self, name, out_features, in_features, bias):
-        return ctf.nvfp4_specs(name, out_features, in_features, self.act) + ([bias] if bias else [])
+    def weight_specs(self, name, out_features, in_features):
+        return ctf.nvfp4_specs(name, out_features, in_features, self.act)
 
-    def pack_linear(self, name, result, bias, act_params):
-        out = ctf.compress_nvfp4(name, result, self.args, self.act, act_params)
-        if bias is not None:
-            out[f"{name}.bias"] = bias
-        return out
+    def compress(self, name, result, act_params):
+        return ctf.compress_nvfp4(name, result, self.args, self.act, act_params)
 
 
 class CompressedTensorsW4AFP8(OutputFormat):
@@ -176,18 +175,15 @@ class AutoAWQ(OutputFormat):
 
     name = "awq"
 
-    def linear_specs(self, name, out_features, in_features, bias):
+    def weight_specs(self, name, out_features, in_features):
         if out_features % awq.PACK or in_features % self.args.columns_per_group(in_features):
             raise ConfigError(f"output.format='awq': {name} [{out_features}x{in_features}]: the AWQ layout packs "
                               f"{awq.PACK} output channels per int32 and needs whole groups of "
                               f"quant.group_size={self.args.group_size} input columns")
-        return awq.linear_specs(name, out_features, in_features, self.args) + ([bias] if bias else [])
+        return awq.linear_specs(name, out_features, in_features, self.args)
 
-    def pack_linear(self, name, result, bias, act_params):
-        out = awq.compress_linear(name, result, self.args)
-        if bias is not None:
-            out[f"{name}.bias"] = bias
-        return out
+    def compress(self, name, result, act_params):
+        return awq.compress_linear(name, result, self.args)
 
     def quantization_config(self, ignore):
         return awq.quantization_config(self.args, ignore)
