@@ -38,3 +38,27 @@ def trim_heap() -> bool:
         return False
     fn(0)
     return True
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size in bytes: ``VmHWM`` of /proc/self/status (the
+    high-water mark of this address space), else ``ru_maxrss``.
+
+    Not ``ru_maxrss`` first: Linux carries the *old* address space's high-water mark across
+    ``execve`` (fs/exec.c, ``setmax_mm_hiwater_rss`` in ``exec_mmap``), and Python's
+    ``subprocess`` / torchrun start a child with vfork + exec, so a process started by a big
+    parent reports the parent's peak. Measured on the SmolLM2 32 x 512 job: 2.20 GB by
+    ``ru_maxrss`` when bench/run_all.py (holding the FP model it had just evaluated) started
+    it, 0.79-0.94 GB by ``VmHWM`` or when started from a shell."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

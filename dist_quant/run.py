@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -16,12 +15,13 @@ import torch
 from .algorithms.registry import layer_solver
 from .calibration import CalibrationError, CalibrationSet, rank_rows
 from .calib_sources import load_calibration, load_smooth_calibration
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint
 from .config import ConfigError, JobConfig
 from .fallback import decide, manual_plan, report_section
 from .formats.registry import make_format
 from .formats.serving import serving_dtype
 from .formats.compressed_tensors_fp8 import check_float_shapes
+from .memory import peak_rss_bytes
 from .servability import job_of, plan_warnings, refuse
 from .pipeline import LayerwiseQuantizer, output_specs
 from .plan import ModelPlan, OwnerPlan, assign_owners, inspect_model
@@ -31,7 +31,7 @@ from .quant.qparams import QuantArgs
 from .report import build_report, peak_device_bytes, write_report
 from .resume import Progress, discard_state, fingerprint
 from .runtime import Comm
-from .writer import RankWriter, plan_parts, write_index
+from .writer import RankWriter, plan_parts
 
 log = logging.getLogger("dist_quant")
 
@@ -220,7 +220,7 @@ def run_job(cfg: JobConfig, comm: Comm, device: torch.device, run_dir: Path) -> 
     finally:
         writer.abort()
         progress.close()
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_rss = peak_rss_bytes()
     gathered = comm.gather_object({"weight_map": weight_map, "records": [_record_dict(r) for r in records],
                                    "peak_rss_bytes": peak_rss, "peak_device_bytes": peak_device_bytes(device),
                                    "rank": comm.rank}, 0)

@@ -5,6 +5,8 @@ import argparse
 
 import torch
 
+from dist_quant.memory import peak_rss_bytes  # noqa: F401  (VmHWM: see its doc; bench/run_all.py puts the checkout on PYTHONPATH)
+
 SAMPLES, SEQ, WINDOWS = 128, 512, 40  # defaults: rows, tokens per row, held-out windows
 
 

@@ -18,12 +18,11 @@ seconds of the quantization (load to saved), peak RSS, and a check that every we
 holds at most 16 distinct values.
 """
 import json
-import resource
 import sys
 import time
 
 import torch
-from _job import calibration_rows, parse  # bench/peers is on sys.path when run as a script
+from _job import calibration_rows, parse, peak_rss_bytes  # bench/peers is on sys.path when run as a script
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from auto_round import AutoRound
@@ -52,7 +51,7 @@ def main(a, iters: int) -> None:
     model.save_pretrained(a.out)
     tok.save_pretrained(a.out)
     wall = time.time() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     print(json.dumps({"tool": "auto-round", "iters": iters, "dtype": a.dtype, "wall_s": wall,
                       "peak_rss_gb": peak / 2**30, "max_levels_per_group": levels}))
 

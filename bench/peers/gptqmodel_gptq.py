@@ -18,12 +18,10 @@ Prints one JSON line: wall seconds of the quantization (load to saved), peak RSS
 """
 import json
 import os
-import resource
-import sys
 import time
 
 import torch
-from _job import calibration_rows, parse  # bench/peers is on sys.path when run as a script
+from _job import calibration_rows, parse, peak_rss_bytes  # bench/peers is on sys.path when run as a script
 from transformers import AutoTokenizer
 
 from gptqmodel import GPTQModel, QuantizeConfig
@@ -42,7 +40,7 @@ def main(a) -> None:
     model.quantize(calib, batch_size=8)
     model.save(a.out)
     wall = time.time() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     del model
 
     from dist_quant.eval import perplexity

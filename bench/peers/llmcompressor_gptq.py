@@ -15,13 +15,10 @@ Prints one JSON line: wall seconds of the quantization (load to saved), peak RSS
 Perplexity is measured afterwards with dist_quant.eval (same windows as bench_gptq.py).
 """
 import json
-import resource
-import sys
 import time
 
-import torch
 from datasets import Dataset
-from _job import calibration_rows, parse  # bench/peers is on sys.path when run as a script
+from _job import calibration_rows, parse, peak_rss_bytes  # bench/peers is on sys.path when run as a script
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmcompressor import oneshot
@@ -41,7 +38,7 @@ def main(a) -> None:
     model.save_pretrained(a.out, save_compressed=True)
     tok.save_pretrained(a.out)
     wall = time.time() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     print(json.dumps({"tool": "llmcompressor", "dtype": a.dtype, "wall_s": wall, "peak_rss_gb": peak / 2**30}))
 
 

@@ -16,11 +16,10 @@ PYTHONPATH).
 """
 import json
 import os
-import resource
 import time
 
 import torch
-from _job import calibration_rows, parse  # bench/peers is on sys.path when run as a script
+from _job import calibration_rows, parse, peak_rss_bytes  # bench/peers is on sys.path when run as a script
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from msmodelslim.pytorch.llm_ptq.anti_outlier import AntiOutlier, AntiOutlierConfig
@@ -41,7 +40,7 @@ def main(a) -> None:
                       disable_names=[])
     Calibrator(model, cfg, calib_data=calib, disable_level="L0").run()
     wall = time.time() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
 
     from dist_quant.eval import perplexity
     from dist_quant.textdata import read_text, split_text
