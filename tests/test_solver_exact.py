@@ -154,9 +154,12 @@ def test_column_loop_matches_plain_loop(sym, group_size, block, mse):
 
 @pytest.mark.parametrize("workers", [2, 3, 8])
 @pytest.mark.parametrize("group_size", [64, -1])
-def test_workers_give_the_same_bits(workers, group_size):
+def test_workers_give_the_same_bits(workers, group_size, monkeypatch):
     """Row chunks in threads: the same integers, scales and zeros as one pass (and the
     reference loop), including chunks of unequal size."""
+    import dist_quant.algorithms.gptq as gptq_mod
+
+    monkeypatch.setattr(gptq_mod, "MIN_CHUNK_ROWS", 64)  # 389 rows: several chunks
     args = QuantArgs(bits=4, group_size=group_size, symmetric=True, scale_dtype=torch.bfloat16, mse=True)
     W, H = weights(389, 256, 21), hessian(256, 22)
     one = gptq_quantize(W, H, args, GPTQParams(block_size=64))

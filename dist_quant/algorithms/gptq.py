@@ -146,7 +146,9 @@ def gptq_quantize_(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, params: GP
     return _column_loop(W, upper, perm, args, params, scale, clip)
 
 
-MIN_CHUNK_ROWS = 64  # a thread's share of the rows: fewer and its ops are all overhead
+MIN_CHUNK_ROWS = 1024  # a thread's share of the rows: with fewer, the per-op overhead of two threads
+# costs more than it saves (bench/bench_solve.py, 2 idle cores: 3072 rows 0.169 s → 0.123 s with 2
+# workers, but 1536 rows 0.084 → 0.091 s, 960 rows 0.066 → 0.078 s, 576 rows 0.042 → 0.067 s)
 
 
 def _column_loop(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: QuantArgs,
