@@ -6,12 +6,14 @@ and the clipping search that the solve of every linear then uses.
 Per pair, where its linears are quantized (the stage order of dist_quant/smoothing.py):
 
 1. statistics of the consumers' input on this rank's tokens: ``Σ|x|`` and the token count
-   (SUM-reduced: the mean |x| per channel, the same on every rank), ``Σ x xᵀ`` (kept
-   local), and max |x| (MAX-reduced, only for the report's outlier picture);
-2. for each α of the grid: ``s(α)`` (algorithms/awq.py) and this rank's partial output error
-   ``tr(ΔW (Σ x xᵀ) ΔWᵀ)`` of ``ΔW = W − Q(W·s)/s``; one SUM all-reduce of the grid's errors
-   (and of ``‖x Wᵀ‖²``), so every rank picks the same α from the errors on all tokens with no
-   activations moved;
+   (SUM-reduced: the mean |x| per channel, the same on every rank), ``Σ x xᵀ``, and max |x|
+   (MAX-reduced, only for the report's outlier picture);
+2. ``Σ x xᵀ`` SUM-reduced (float64 sums of float32 products: the same on every rank, no
+   activations moved); for each α of the grid ``s(α)`` (algorithms/awq.py) and the output
+   error ``tr(ΔW (Σ x xᵀ) ΔWᵀ)`` of ``ΔW = W − Q(W·s)/s``, the grid split over the ranks (α
+   number c on rank c mod world size) and over the rank's threads (single-threaded ops: the
+   same number for any split); one SUM all-reduce of the errors, so every rank picks the same
+   α, the one 1 rank picks;
 3. ``s`` folded into the producer (norm weight, or producer rows for v→o / up→down; GQA: one
    scale per kv-group channel, from the mean over the group's heads) and into the consumers'
    columns, exactly as the W8A8 smoothers fold;
@@ -32,6 +34,10 @@ from .stats import ChannelRangeStat, HessianStat
 class AwqSmoothing(Smoothing):
     """Stage hook: AWQ's scale search per smoothing pair (see the module docstring); the pair
     selection, the stage order and the folding are :class:`Smoothing`'s."""
+
+    def _workers(self) -> int:
+        """Threads for this rank's candidates: its intra-op threads (CPU; 1 on accelerators)."""
+        return torch.get_num_threads() if self.device.type == "cpu" else 1
 
     def _choose(self, ctx, pair, acts) -> torch.Tensor:
         weight = torch.cat([ctx.weight(c) for c in pair.consumers])
@@ -62,10 +68,15 @@ class AwqSmoothing(Smoothing):
 
         def search(_alpha):
             alphas = grid(q.awq_grid)
-            num, den = candidate_errors(weight, xxt.sum, scales, alphas, self.args)
-            flat = self.comm.all_reduce(torch.cat([num, den.reshape(1)]).to(self.device), "sum").cpu()
-            den = float(flat[-1])
-            errors = (flat[:-1] / den if den > 0 else flat[:-1]).tolist()
+            # Σ x xᵀ of all ranks' tokens (float64 sums: exact, the same on every rank), then
+            # each rank scores its share of the grid and one SUM gives every rank all errors
+            xxt.unpack(self.comm.all_reduce(xxt.packed(), "sum"))
+            rank, world = self.comm.rank, self.comm.world_size
+            num, den = candidate_errors(weight, xxt.sum, scales, alphas, self.args,
+                                        mine=lambda c: c % world == rank, workers=self._workers())
+            num = self.comm.all_reduce(num.to(self.device), "sum").cpu()
+            den = float(den)
+            errors = (num / den if den > 0 else num).tolist()
             alpha, err, _ = choose(errors, alphas)
             return alpha, None, err
 

@@ -45,6 +45,10 @@ class ModelConfig:
     """Local HF checkpoint dir (config.json + safetensors). Empty: the embedded demo model."""
     dtype: str = "float32"
     """Compute dtype for the calibration forward passes (float32, bfloat16, float16)."""
+    activation_dtype: Optional[str] = None
+    """Dtype the calibration activations are held in between stages (null: model.dtype). bfloat16
+    or float16 with model.dtype=float32 halves their memory while every batch is still computed
+    in float32 (dist_quant/actdtype.py); dense layers and weight-only methods."""
     trust_remote_code: bool = False
     """Never executed by dist_quant; kept so that turning it on is an explicit, refused choice."""
     allow_pickle: bool = False
@@ -53,6 +57,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", self.dtype,
                "expected float32, bfloat16 or float16")
+        _check(self.activation_dtype in (None, "float32", "bfloat16", "float16"), "model.activation_dtype",
+               self.activation_dtype, "expected null, float32, bfloat16 or float16")
 
 
 @dataclass(frozen=True)

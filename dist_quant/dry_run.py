@@ -99,7 +99,8 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
         rest = [t for grp in plan.layer_tensors for t in grp] + list(plan.global_tensors)
         reads += sum(ckpt.tensors[t].read_bytes for t in rest if owners.owner.get(t) == r)
         my_parts = [p for p in parts if p.rank == r]
-        shape = mem.Shape(tokens, b * seq, seq, hidden, heads, c)
+        held = DTYPE_SIZE[cfg.model.activation_dtype or cfg.model.dtype]  # activations as held (model.activation_dtype)
+        shape = mem.Shape(tokens, b * seq, seq, hidden, heads, c, held)
         stage_peak, stage_parts, worst = 0, {"activations": 0, "hessians": 0, "solve_weight": 0}, ""
         for key, lins in stage_groups.items():
             total, parts_ = _stage_memory(cfg, ckpt, plan, owners, shape, r, key, lins, world_size)
@@ -155,7 +156,7 @@ def _streamed(cfg, stage: str, n: int, shape) -> bool:
     budget = cfg.runtime.activation_budget_bytes
     hooks = cfg.quant.act_bits is not None or cfg.quant.smooth != "none"  # smoothing.stage_hooks
     return (stage in ("attn_out", "mlp_out") and budget is not None and not hooks and n > shape.hidden
-            and shape.tokens * n * shape.compute_bytes > budget)
+            and shape.tokens * n * shape.held_bytes > budget)
 
 
 def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[str], list[str]]:
@@ -197,6 +198,8 @@ def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[
         f"{'symmetric' if q.symmetric else 'asymmetric'}, observer {q.observer}",
         f"calib   {cal.num_samples} samples x {cal.seq_len} tokens, batch {cal.batch_size} per rank, "
         f"compute dtype {cfg.model.dtype}"
+        + (f", activations held in {cfg.model.activation_dtype}" if cfg.model.activation_dtype not in
+           (None, cfg.model.dtype) else "")
         + (f"; smoothing set {cal.smooth_num_samples or cal.num_samples} samples carried beside them "
            f"(calib.smooth_path, in the activations)" if cal.smooth_path else ""),
         f"output  {output_dir(cfg, model_path)}: {_gb(output_bytes)} in {len(parts)} part file(s) "

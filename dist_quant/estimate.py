@@ -1,7 +1,8 @@
 """Peak memory of one rank, from the plan and safetensors headers only (pure functions).
 
 The layer loop runs stage by stage; at each stage a rank holds (``T`` = this rank's tokens,
-``b`` = one batch's tokens, ``c`` = bytes of the compute dtype, ``n`` = the stage's input
+``b`` = one batch's tokens, ``c`` = bytes of the dtype activations are held in (the compute
+dtype unless ``model.activation_dtype`` says otherwise), ``n`` = the stage's input
 features, ``h`` = hidden size):
 
 * **layer weights**: one decoder layer in the compute dtype (MoE: without its routed
@@ -43,14 +44,19 @@ class Shape:
     seq_len: int
     hidden: int
     heads: int
-    compute_bytes: int  # c
+    compute_bytes: int  # bytes of the compute dtype
+    storage_bytes: int = 0  # c: bytes of the dtype activations are held in (model.activation_dtype); 0: compute
+
+    @property
+    def held_bytes(self) -> int:
+        return self.storage_bytes or self.compute_bytes
 
 
 def hessian_bytes(n: int, s: Shape) -> int:
     """Capture (every rank) and solve (owners) of one stage's Hessian: the float64 sums,
     one row block of a chunk's product, one chunk of tokens in float32 and its real-token copy."""
     chunk = min(TOKEN_CHUNK, s.batch_tokens)
-    return 8 * n * n + 4 * min(HESSIAN_ROW_BLOCK, n) * n + chunk * n * (4 + s.compute_bytes)
+    return 8 * n * n + 4 * min(HESSIAN_ROW_BLOCK, n) * n + chunk * n * (4 + s.held_bytes)
 
 
 def solve_weight_bytes(read: list[tuple[int, int, int]], rows_in: list[tuple[int, int]]) -> int:
@@ -72,7 +78,7 @@ def stage_total(s: Shape, n: int, extra_build: int, solve: int, received: int,
     """Peak of one stage and its parts: max(building its inputs, capture + solve). A streamed
     stage (``runtime.activation_budget``) holds the residual stream, the branch's normed
     inputs and one batch of its own inputs instead of all of them."""
-    c, t = s.compute_bytes, s.tokens
+    c, t = s.held_bytes, s.tokens
     if streamed:
         held = (2 * t * s.hidden + s.batch_tokens * n) * c
         build = held + extra_build
@@ -93,7 +99,7 @@ def moe_mlp_bytes(s: Shape, experts: int, top_k: int, world_size: int, expert_di
     share of the job's tokens with at least one of its ``top_k`` experts here) and their
     summed outputs in the accumulation type, one expert's tokens and activations and its
     Hessians."""
-    c, t, h = s.compute_bytes, s.tokens, s.hidden
+    c, t, h = s.held_bytes, s.tokens, s.hidden
     inter, _ = expert_dims
     mine = math.ceil(experts / world_size)
     p_row = 1 - (1 - mine / experts) ** top_k

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import actdtype
 from .algorithms.registry import layer_solver
 from .calibration import CalibrationSet
 from .checkpoint import Checkpoint
@@ -108,6 +109,9 @@ class LayerwiseQuantizer:
                        hooks=stage_hooks(cfg, comm, plan, ckpt, device, args, self.fmt.act),
                        clip=clip_search(cfg.quant))
         self.solver = layer_solver(cfg.quant.method)  # the staged program, or a layer solver (AutoRound)
+        self.storage = actdtype.storage_dtype(cfg)  # model.activation_dtype (dist_quant/actdtype.py)
+        if self.storage != self.dtype:
+            self.job.cast = actdtype.StorageCast(self.storage, self.dtype)
 
     def _prefetch(self, index: int) -> None:
         """Start reading layer ``index``'s tensors that this rank will read (routed experts:
@@ -136,13 +140,15 @@ class LayerwiseQuantizer:
         with torch.no_grad():
             if restored is None:
                 embed = self.ckpt.get(arch.embed).to(self.device, self.dtype)
-                xs = [F.embedding(ids.to(self.device), embed) for ids, _ in batches]
+                xs = [F.embedding(ids.to(self.device), embed).to(self.storage) for ids, _ in batches]
                 del embed
             else:
-                xs = [x.to(self.device) for x in restored.xs]
+                xs = [x.to(self.device, self.storage) for x in restored.xs]
             seq_len = calib.input_ids.shape[1]
             positions = torch.arange(seq_len, device=self.device)[None]
-            pos_emb = skel.rotary(xs[0] if xs else torch.zeros(1, seq_len, 1, dtype=self.dtype), positions)
+            # the rotary tables in the compute dtype (rotary returns them in its input's dtype)
+            probe = xs[0].to(self.dtype) if xs else torch.zeros(1, seq_len, 1, dtype=self.dtype)
+            pos_emb = skel.rotary(probe, positions)
             pos_emb = tuple(t.to(self.dtype) for t in pos_emb)
         self.job.pos_emb = pos_emb
         carry = self.solver.start(xs)  # what the layer solver carries along (AutoRound: the float chain)
@@ -159,11 +165,15 @@ class LayerwiseQuantizer:
             with torch.no_grad():
                 with phase("load"):
                     layer = load_layer(skel, self.ckpt, arch, i, self.device)
+                    if self.job.cast is not None:
+                        self.job.cast.attach(layer)
                 self._prefetch(i + 1)  # read while this layer computes
                 ctx = self.context(self.job, layer, i, masks, record, phase)
                 xs, carry = self._layer(layer, i, xs, masks, pos_emb, record, phase, ctx=ctx, carry=carry)
                 with phase("write"):
                     ctx.write_tensors()
+                if self.job.cast is not None:
+                    self.job.cast.detach()
                 unload_layer(layer)
                 del ctx
                 self.ckpt.release()  # the layer's checkpoint pages leave the RSS with the handles

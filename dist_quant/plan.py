@@ -77,7 +77,8 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig, kept: dict[str, Fallback
         raise CheckpointError(f"{arch.embed!r} has shape {list(ckpt.tensors[arch.embed].shape)} "
                               f"but config.json hidden_size={hidden}")
 
-    if arch.moe is not None and getattr(quant, "act_bits", None) is not None and not quant.act_dynamic:
+    nvfp4_act = getattr(quant, "act_type", "int") == "nvfp4"  # static input global scales: arch/moe_block.py
+    if arch.moe is not None and getattr(quant, "act_bits", None) is not None and not quant.act_dynamic and not nvfp4_act:
         raise ConfigError(f"quant.act_dynamic=false with the MoE model_type={model_type!r}: routed experts "
                           "support dynamic per-token activations only (set quant.act_dynamic=true)")
     linears: list[LinearInfo] = []

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import actdtype
 from .algorithms.registry import layer_solver
 from .calibration import CalibrationError, CalibrationSet, rank_rows
 from .calib_sources import load_calibration, load_smooth_calibration
@@ -121,6 +122,7 @@ def prepare(cfg: JobConfig, model_path: str, world_size: int):
     args = quant_args(cfg, ckpt, plan)
     refuse(job_of(cfg, plan, args.scale_dtype))  # outputs no server could load: one line, before any work
     check_float_shapes(cfg, plan)  # block FP8: 128-multiples, one line, before any work
+    actdtype.check(cfg, plan)  # model.activation_dtype: the programs it is wired for, one line
     return ckpt, plan, owners, args
 
 

@@ -197,7 +197,19 @@ RULES: tuple[Rule, ...] = (
     Rule(HF, "transformers cannot load int-quantized (W8A8) MoE experts: its compressed-tensors loader "
          "dequantizes fused experts only from weight_packed",
          "transformers/integrations/compressed_tensors.py, CompressedTensorsDequantize.convert",
-         applies=lambda j: _ct(j) and not j.weight_only and j.moe, job_fails=lambda j: True),
+         applies=lambda j: _ct(j) and not j.weight_only and j.moe and j.scheme not in ("NVFP4", "NVFP4A16"),
+         job_fails=lambda j: True),
+    Rule(SGLANG, "not checked: SGLang's compressed-tensors NVFP4 fused-MoE loader has not been read against "
+         "the per-expert nvfp4-pack-quantized layout (vLLM's CompressedTensorsW4A4Nvfp4MoEMethod has): serve "
+         "NVFP4 MoE models with vLLM",
+         "python/sglang/srt/layers/quantization/compressed_tensors/ (not read for NVFP4 MoE)",
+         applies=lambda j: _ct(j) and j.moe and j.scheme in ("NVFP4", "NVFP4A16"), job_fails=lambda j: True),
+    Rule(HF, "transformers dequantizes NVFP4 routed experts (weight_packed) into its fused float expert "
+         "parameters on load, to bfloat16 values that differ from the decoded nvfp4-pack-quantized weights "
+         "(observed, transformers 5.24), and runs the fused experts without NVFP4 input activations",
+         "transformers/integrations/compressed_tensors.py, CompressedTensorsDequantize.convert",
+         applies=lambda j: _ct(j) and j.moe and j.scheme in ("NVFP4", "NVFP4A16"), job_fails=lambda j: True,
+         effect="serves, but not exactly the calibrated model"),
     Rule(HF, "transformers fake-quantizes dynamic activations with compressed-tensors' own rule, "
          "max|x| / 127.5, while the servers' int8 kernels (and the calibration) use max|x| / 127",
          "compressed_tensors/quantization/utils/helpers.py, calculate_qparams",

@@ -119,6 +119,7 @@ class Job:
     check_stop: Callable[[int], None] | None = None  # resume.Progress.check_stop (dist_quant/stop.py)
     clip: Callable | None = None  # AWQ clipping search: (linears, weights, H, args) -> ratios or None (awq.py)
     lanes: Lanes | None = None  # calib.smooth_path: the smoothing set's batches follow the calibration set's
+    cast: Any = None  # actdtype.StorageCast when activations are held in another dtype than computed in
     _params: dict = field(default_factory=dict, repr=False)  # solver name → its frozen params
 
     @property
@@ -304,10 +305,18 @@ class StageContext:
         return self.module(name)(x)
 
     def input_of(self, module: nn.Module, child: str, *args, **kwargs) -> torch.Tensor:
-        return input_of(module, child, *args, **kwargs)
+        cast = self.job.cast
+        if cast is None:
+            return input_of(module, child, *args, **kwargs)
+        with cast.outermost():
+            return cast.down(input_of(module, child, *args, **kwargs))
 
     def inputs_of(self, module: nn.Module, children: Sequence[str], *args, **kwargs) -> dict[str, torch.Tensor]:
-        return inputs_of(module, children, *args, **kwargs)
+        cast = self.job.cast
+        if cast is None:
+            return inputs_of(module, children, *args, **kwargs)
+        with cast.outermost():  # the forward stops by an exception once all are seen
+            return cast.down(inputs_of(module, children, *args, **kwargs))
 
     def act(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """What linear ``name`` sees of its input ``x``: int8 / FP8 / NVFP4 fake-quantized in jobs

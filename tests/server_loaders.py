@@ -3,7 +3,7 @@ loaders place checkpoint tensors into them: copied from the loader code (cited p
 so that tests can check that a dist_quant output fills every parameter exactly.
 
 Read from: vLLM main (``vllm/model_executor/layers/quantization/compressed_tensors/``,
-``fused_moe/layer.py``, ``linear.py``, ``models/{llama,qwen2,qwen2_moe,qwen3_moe,mixtral}.py``),
+``fused_moe/layer.py``, ``fused_moe/oracle/nvfp4.py``, ``quantization/utils/flashinfer_fp4_moe.py``, ``linear.py``, ``models/{llama,qwen2,qwen2_moe,qwen3_moe,mixtral}.py``),
 SGLang (``python/sglang/srt/layers/quantization/compressed_tensors/schemes/``, same tables as
 vLLM's for these schemes), vLLM-Ascend (``vllm_ascend/quantization/``, snapshot 182b75e,
 2026-08-22). ``params_dtype`` is the serving dtype (config.json ``torch_dtype``).
@@ -30,6 +30,7 @@ class Param:
     out_pack: int = 1  # linear: values packed along out_dim per element (zero points)
     transposed: bool = False  # MoE: the loader transposes the checkpoint tensor (is_transposed)
     single: bool = False  # MoE: one value per expert (weight_shape: FusedMoE._load_single_value)
+    per_tensor: bool = False  # MoE: quant_method TENSOR (FusedMoE._load_per_tensor_weight_scale): w1 → [e][0], w3 → [e][1], w2 → [e]
     used: bool = True  # False: loaded, never read at inference (weight_shape)
     exact_dtype: bool = False  # the checkpoint must have exactly this dtype (not a lossless cast)
 
@@ -184,6 +185,35 @@ def vllm_wna16_moe(e: int, h: int, i: int, bits: int, group: int, pd: torch.dtyp
             "w2_weight_shape": Param(F32, (e, 2), single=True, used=False)}
 
 
+def vllm_nvfp4_moe(e: int, h: int, i: int, w4a4: bool) -> dict[str, Param]:
+    """CompressedTensorsW4A4Nvfp4MoEMethod.create_weights (vLLM compressed_tensors_moe.py; the method
+    get_moe_method returns for NVFP4 weights with NVFP4 or no input activations, ``use_a16=(input_quant
+    is None)``: NVFP4A16 experts load through the same method, its backend chosen for weight-only):
+    w13_weight_packed uint8 [E, 2I, H/2], w2_weight_packed uint8 [E, H, I/2] (not transposed);
+    w13_weight_scale float8_e4m3fn [E, 2I, H/16], w2_weight_scale [E, H, I/16] (quant_method GROUP:
+    FusedMoE._load_model_weight_or_group_weight_scale, w1 first half, w3 second); w13_weight_global_scale
+    float32 [E, 2], w2_weight_global_scale float32 [E], w13_input_global_scale float32 [E, 2],
+    w2_input_global_scale float32 [E] (quant_method TENSOR: FusedMoE.weight_loader, "weight/input global
+    scales" branch → _load_per_tensor_weight_scale: w1 → [e][0], w3 → [e][1], w2 → [e]).
+    process_weights_after_loading keeps w13_weight_global_scale[:, 0] only (it warns "w1_weight_global_scale
+    must match w3_weight_global_scale" when the two columns differ) and passes 1 / input_global_scale on;
+    convert_to_nvfp4_moe_kernel_format → prepare_nvfp4_moe_layer_for_fi_or_cutlass (utils/
+    flashinfer_fp4_moe.py) takes ``a13_scale.max()`` / ``a2_scale.max()`` over all experts for the
+    FlashInfer backends (is_global_sf_supported_for_nvfp4_backend) and ``a13_scale.max(dim=1)`` (per expert,
+    over gate/up) for VLLM_CUTLASS; the MARLIN backend (weight-only) sets both to None. The input global
+    scales are created for NVFP4A16 too but never read there (the checkpoint has none: not modelled)."""
+    p = {"w13_weight_packed": Param(torch.uint8, (e, 2 * i, h // 2), exact_dtype=True),
+         "w2_weight_packed": Param(torch.uint8, (e, h, i // 2), exact_dtype=True),
+         "w13_weight_scale": Param(F8, (e, 2 * i, h // 16), exact_dtype=True),
+         "w2_weight_scale": Param(F8, (e, h, i // 16), exact_dtype=True),
+         "w13_weight_global_scale": Param(F32, (e, 2), per_tensor=True, exact_dtype=True),
+         "w2_weight_global_scale": Param(F32, (e,), per_tensor=True, exact_dtype=True)}
+    if w4a4:
+        p["w13_input_global_scale"] = Param(F32, (e, 2), per_tensor=True, exact_dtype=True)
+        p["w2_input_global_scale"] = Param(F32, (e,), per_tensor=True, exact_dtype=True)
+    return p
+
+
 def vllm_w8a8_int8_moe(e: int, h: int, i: int, pd: torch.dtype) -> dict[str, Param]:
     """CompressedTensorsW8A8Int8MoEMethod.create_weights: w13_weight int8 [E, 2I, H], w2_weight
     int8 [E, H, I]; w13_weight_scale float32 [E, 2I, 1], w2_weight_scale float32 [E, H, 1]
@@ -321,7 +351,12 @@ def load(modules: list[Module], tensors: dict[str, torch.Tensor]) -> Loaded:
                         t = tensors[name]
                         if p.transposed and t.dim() == 2:
                             t = t.t().contiguous()
-                        if p.single:
+                        if p.per_tensor:  # _load_per_tensor_weight_scale: a one-element tensor per slot
+                            if t.numel() != 1:
+                                raise LoadError(f"{name}: {tuple(t.shape)} into a per-tensor slot")
+                            t = t.reshape(())
+                            index = (e,) if shard == "w2" else (e, 0 if shard == "w1" else 1)
+                        elif p.single:
                             index = (e,)
                         else:
                             dim = 1 if p.transposed else 0  # SHARD_ID_TO_SHARDED_DIM w1/w3: 0, flipped
@@ -347,7 +382,7 @@ def check_complete(modules: list[Module], loaded: Loaded) -> None:
             c = loaded.counts[key]
             if bool((c == 0).any()):
                 raise LoadError(f"{key}: {int((c == 0).sum())} of {c.numel()} elements never loaded")
-            if p.out_dim is not None and not p.single and bool((c > 1).any()):
+            if p.out_dim is not None and not p.single and not p.per_tensor and bool((c > 1).any()):
                 raise LoadError(f"{key}: shards overlap")
 
 

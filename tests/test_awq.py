@@ -98,11 +98,13 @@ def test_scale_search_is_autoawq_rule_on_tokens():
     alpha, err, idx = choose((num / den).tolist(), alphas)
     assert idx == best and alpha == alphas[best] and alpha > 0  # the outlier channel gets scaled
     assert ref_err[best] < 0.95 * ref_err[0]  # and that beats no scaling (alpha = 0 with duo: weights only)
-    # partial sums over two token halves add up to the whole (what the SUM all-reduce relies on)
-    h1, h2 = x[:150].double().T @ x[:150].double(), x[150:].double().T @ x[150:].double()
-    n1, _ = candidate_errors(w, h1, lambda a: awq_scales(x_mean, w_mean, a), alphas, ARGS)
-    n2, _ = candidate_errors(w, h2, lambda a: awq_scales(x_mean, w_mean, a), alphas, ARGS)
-    torch.testing.assert_close(n1 + n2, num, rtol=1e-10, atol=0)
+    # the grid split over "ranks" (candidate c on rank c % 2) and over threads gives the same
+    # numbers bit for bit (what the SUM all-reduce of the ranks' shares relies on)
+    h = x.double().T @ x.double()
+    scales_of = lambda a: awq_scales(x_mean, w_mean, a)  # noqa: E731
+    n0, _ = candidate_errors(w, h, scales_of, alphas, ARGS, mine=lambda c: c % 2 == 0)
+    n1, _ = candidate_errors(w, h, scales_of, alphas, ARGS, mine=lambda c: c % 2 == 1, workers=3)
+    assert torch.equal(n0 + n1, num) and bool((n0[1::2] == 0).all()) and bool((n1[0::2] == 0).all())
 
 
 def test_clip_search_is_autoawq_rule_on_tokens():

@@ -308,8 +308,7 @@ def test_unservable_float_jobs_are_refused_before_any_work(env, tmp_path):
     moe = make_tiny_moe(tmp_path / "moe", "qwen3_moe", layers=1, vocab=256)
     cases = [("m64", ["quant=fp8_block"], "multiples of 128"),
              ("m64", ["quant=fp8_dynamic", "output.format=ascend"], "output.format='ascend'"),
-             ("moe", ["quant=fp8_static"], "quant.act_dynamic=false"),
-             ("moe", ["quant=nvfp4a16"], "MoE model_type")]
+             ("moe", ["quant=fp8_static"], "quant.act_dynamic=false")]  # NVFP4 MoE: tests/test_nvfp4_moe.py
     env = {**env, "moe": moe}
     for model, extra, why in cases:
         out = tmp_path / f"out-{model}-{len(extra)}"

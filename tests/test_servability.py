@@ -171,6 +171,7 @@ ROWS = {  # table row label → the job it describes (Marlin-friendly shapes, so
     "compressed-tensors FP8_DYNAMIC / FP8_BLOCK, MoE": job(scheme="FP8_DYNAMIC", group=-1, moe=True),
     "compressed-tensors W4AFP8, dense and MoE": job(scheme="W4AFP8", group=128, moe=True),
     "compressed-tensors NVFP4A16 / NVFP4, dense": job(scheme="NVFP4", group=16),
+    "compressed-tensors NVFP4A16 / NVFP4, MoE": job(scheme="NVFP4", group=16, moe=True),
     "ascend W8A8, dense": job("ascend", "W8A8", -1),
     "ascend W8A8_DYNAMIC, dense and MoE": job("ascend", "W8A8_DYNAMIC", -1, moe=True),
     "ascend W8A16, dense": job("ascend", "W8A16", -1, sym=False),

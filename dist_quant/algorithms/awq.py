@@ -79,21 +79,44 @@ def scaled_error(weight: torch.Tensor, s: torch.Tensor, args: QuantArgs) -> torc
 
 
 def quadratic_rows(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``Σ_rows (d H) ∘ d`` in float64, row block by row block (``h`` float64 [in, in])."""
+    """``Σ_rows (d H) ∘ d``, row block by row block: float32 GEMMs (``h`` float32 [in, in]),
+    products summed in float64 (as stats.output_error_rows); the grid only ranks candidates."""
     total = torch.zeros((), dtype=torch.float64, device=d.device)
     for a in range(0, d.shape[0], ERROR_ROWS):
-        db = d[a:a + ERROR_ROWS].double()
-        total += ((db @ h) * db).sum()
+        db = d[a:a + ERROR_ROWS].float()
+        total += ((db @ h).double() * db.double()).sum()
     return total
 
 
 def candidate_errors(weight: torch.Tensor, xxt: torch.Tensor, scales: Callable[[float], torch.Tensor],
-                     alphas, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial sums over the tokens whose ``Σ x xᵀ`` is ``xxt`` (float64 [in, in]): the output
-    error ``num[c]`` of candidate ``alphas[c]`` (float64 [C]) and ``den = ‖x Wᵀ‖²``."""
-    h = xxt.double()
-    num = torch.stack([quadratic_rows(scaled_error(weight, scales(a), args), h) for a in alphas])
-    return num, quadratic_rows(weight.float(), h)
+                     alphas, args: QuantArgs, mine: Callable[[int], bool] = lambda c: True,
+                     workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over the tokens whose ``Σ x xᵀ`` is ``xxt`` ([in, in]): the output error ``num[c]`` of
+    candidate ``alphas[c]`` (float64 [C]) and ``den = ‖x Wᵀ‖²``. Only candidates with ``mine(c)``
+    are computed (the others are 0: ranks split the grid and SUM-reduce ``num``), in ``workers``
+    threads of single-threaded ops: each candidate's number is the same on any rank and for
+    any thread count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..solver_threads import single_threaded
+
+    h = xxt.float()
+    todo = [c for c in range(len(alphas)) if mine(c)]
+
+    def one(c):
+        return quadratic_rows(scaled_error(weight, scales(alphas[c]), args), h)
+
+    num = torch.zeros(len(alphas), dtype=torch.float64, device=weight.device)
+    with single_threaded(weight.device):
+        if workers > 1 and len(todo) > 1:
+            with ThreadPoolExecutor(min(workers, len(todo)), thread_name_prefix="awq") as pool:
+                values = list(pool.map(one, todo))
+        else:
+            values = [one(c) for c in todo]
+        den = quadratic_rows(weight.float(), h)
+    for c, v in zip(todo, values):
+        num[c] = v
+    return num, den
 
 
 def choose(errors: list[float], alphas) -> tuple[float, float, int]:

@@ -26,6 +26,16 @@ The sparse MoE block, per layer:
    wider type (``moe_comm.accumulation_dtype``), so the result does not depend on how
    experts are split over ranks.
 
+Static NVFP4 activations (``quant=nvfp4``): every routed expert's gate/up input global scale is
+``448 · 6 / max|h|`` over the tokens routed to the layer's experts (each expert's routed tokens,
+MAX-reduced over experts and ranks: one value for the layer), and the down projections' over
+``act(x Ĝᵀ) · (x Ûᵀ)`` of each expert's routed tokens, MAX-reduced likewise. One value per layer
+because vLLM's FlashInfer NVFP4 MoE backends take the max of ``1 / input_global_scale`` over all
+experts (``prepare_nvfp4_moe_layer_for_fi_or_cutlass``) while vLLM's CUTLASS backend uses each
+expert's: equal values make every backend compute the calibrated model. The down scales need all
+of an owner's gate/up solves first, so owners then solve in two passes (gate/up of all their
+experts, one all-reduce, then the down projections), keeping the quantized gate/up meanwhile.
+
 ``calib.all_experts=true`` and the ``all_tokens`` fallback need every token on the
 expert's owner: the hidden states of all real tokens are then all-gathered once per layer
 (statistics only; propagation still uses the routed tokens and weights).
@@ -34,11 +44,13 @@ from __future__ import annotations
 
 import logging
 import statistics
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .. import moe_comm
+from ..quant.activations import static_params
 from ..quant.qparams import QuantResult
 from ..stats import HessianStat
 from . import dense
@@ -67,9 +79,10 @@ class ExpertStore:
         self.loaded: list[int] = []
 
     def load(self, expert: int, names: tuple[str, ...]) -> list[torch.Tensor]:
+        if expert not in self.live:  # a live expert's second read (two-pass owners) is not a new load
+            self.loaded.append(expert)
         self.live.add(expert)
         self.peak = max(self.peak, len(self.live))
-        self.loaded.append(expert)
         return [self.ckpt.get(n + ".weight").to(self.device, torch.float32) for n in names]
 
     def release(self, expert: int) -> None:
@@ -159,6 +172,16 @@ def sparse_mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         lane_rows = torch.zeros(lane_recv.h.shape, dtype=out_rows.dtype, device=ctx.device)
         lane_order = torch.argsort(lane_recv.expert, stable=True)
         lane_starts = torch.bincount(lane_recv.expert, minlength=num_experts).cumsum(0).tolist()
+    static = _static_inputs(ctx)
+    if static:  # gate/up input global scale of every expert of the layer: max|h| over the routed tokens
+        with phase("act_calib"):
+            amax = h_flat.abs().amax().float().reshape(1) if h_flat.numel() else torch.zeros(1, device=ctx.device)
+            params = static_params(0.0, comm.all_reduce(amax.to(ctx.device), "max").cpu(), ctx.job.act)
+            for lins in experts_of.values():
+                for lin in lins:
+                    if _role(ctx, lin) != "down":
+                        ctx.job.act_params[lin.name] = params
+    pending = []  # static: (expert state, its down inputs' max) after the gate/up pass
     for e in mine:
         fb = None
         if e in below:
@@ -174,8 +197,25 @@ def sparse_mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         if lane_recv is not None:
             ls = lane_order[(lane_starts[e - 1] if e else 0):lane_starts[e]]
             carried = (lane_recv.h[lane_recv.row[ls]], lane_recv.row[ls], lane_recv.weight[ls], lane_rows)
-        _quantize_expert(ctx, store, e, experts_of[e], recv.h[rows], rows, w, all_h, fb, int(counts[e]), act,
-                         out_rows, carried)
+        job_e = _ExpertJob(e, experts_of[e], rows, w, fb, int(counts[e]), carried)
+        if not static:
+            _quantize_expert(ctx, store, job_e, recv.h, all_h, act, out_rows)
+            continue
+        state = _gate_up(ctx, store, job_e, recv.h, all_h)
+        pending.append(state)
+    if static:  # the down projections' input global scale: MAX over every expert's routed tokens, all ranks
+        with phase("act_calib"):
+            amax = torch.zeros(1, dtype=torch.float32, device=ctx.device)
+            for state in pending:
+                amax = torch.maximum(amax, _down_input_amax(ctx, state, recv.h, act))
+            params = static_params(0.0, comm.all_reduce(amax, "max").cpu(), ctx.job.act)
+            for lins in experts_of.values():
+                for lin in lins:
+                    if _role(ctx, lin) == "down":
+                        ctx.job.act_params[lin.name] = params
+        for state in pending:
+            _down(ctx, store, state, recv.h, all_h, act, out_rows)
+        del pending
 
     with phase("propagate"):
         routed = moe_comm.combine(comm, recv, out_rows, h_flat.shape[0], moved).to(ctx.dtype)
@@ -218,61 +258,126 @@ def _route(ctx, gate, router, hs, masks, hidden):
     return h_flat, weights, chosen
 
 
-def _quantize_expert(ctx, store, e, lins, x_e, rows, w, all_h, fallback, routed, act, out_rows, carried=None):
-    """Load expert ``e``, quantize gate/up then down with their statistics, add its
-    weighted outputs for its routed rows into ``out_rows``, write, free. ``carried``: the
-    smoothing lane's (rows, row index, routing weight, output rows) routed to ``e``, which get
+@dataclass
+class _ExpertJob:
+    """One owned expert of a layer: its linears and the received slots routed to it."""
+
+    expert: int
+    lins: list
+    rows: torch.Tensor  # received rows (indices into the dispatched hidden states) of its slots
+    weight: torch.Tensor  # routing weight per slot
+    fallback: str | None
+    routed: int  # routed tokens of all ranks (the report)
+    carried: tuple | None = None  # the smoothing lane's (rows, row index, weight, output rows)
+
+
+@dataclass
+class _ExpertState:
+    """An expert between its gate/up and its down solve."""
+
+    job: _ExpertJob
+    gate: object
+    up: object
+    down: object
+    method: str
+    basis: str
+    stats_all: bool
+    g_hat: torch.Tensor
+    u_hat: torch.Tensor
+
+
+def _static_inputs(ctx) -> bool:
+    """Static (calibrated) input scales for the routed experts: NVFP4 activations (plan.py refuses
+    the other static activation formats for MoE models)."""
+    act = ctx.job.act
+    return act is not None and not act.dynamic
+
+
+def _quantize_expert(ctx, store, job_e, recv_h, all_h, act, out_rows):
+    """Load expert ``job_e.expert``, quantize gate/up then down with their statistics, add its
+    weighted outputs for its routed rows into ``out_rows``, write, free. ``job_e.carried``: the
+    smoothing lane's (rows, row index, routing weight, output rows) routed to the expert, which get
     the quantized expert's outputs too (no statistics)."""
-    phase = ctx.phase
-    gate, up, down = sorted(lins, key=lambda lin: ("gate", "up", "down").index(_role(ctx, lin)))
+    _down(ctx, store, _gate_up(ctx, store, job_e, recv_h, all_h), recv_h, all_h, act, out_rows)
+
+
+def _expert_inputs(ctx, state_or_job, recv_h, all_h, gate_name: str, stats_all: bool):
+    """``(x_e, x_stat)``: the expert's routed rows as its gate/up see them, and its statistics' rows."""
+    x_e = ctx.act(gate_name, recv_h[state_or_job.rows])  # the same on any rank, for any subset of tokens
+    x_stat = _chunked(lambda x: ctx.act(gate_name, x), all_h) if stats_all else x_e
+    return x_e, x_stat
+
+
+def _gate_up(ctx, store, job_e, recv_h, all_h) -> _ExpertState:
+    phase, e, fallback = ctx.phase, job_e.expert, job_e.fallback
+    gate, up, down = sorted(job_e.lins, key=lambda lin: ("gate", "up", "down").index(_role(ctx, lin)))
     stats_all = all_h is not None and (ctx.cfg.calib.all_experts or fallback == "all_tokens")
     method = "rtn" if fallback == "rtn" else ctx.cfg.quant.method
     basis = "all_tokens" if stats_all else "routed_tokens"
     with phase("load"):
-        w_gate, w_up, w_down = store.load(e, (gate.name, up.name, down.name))
-    x_e = ctx.act(gate.name, x_e)  # per-token quantization: the same on any rank, for any subset of tokens
-    x_stat = _chunked(lambda x: ctx.act(gate.name, x), all_h) if stats_all else x_e
-
+        w_gate, w_up = store.load(e, (gate.name, up.name))
+    x_e, x_stat = _expert_inputs(ctx, job_e, recv_h, all_h, gate.name, stats_all)
     with phase("capture"):
         h_in, n_in = hessian_of(x_stat, ctx.device)
+    del x_e, x_stat
     with phase("solve"):
         if h_in is None:
             h_in, basis = torch.eye(gate.in_features, dtype=torch.float64, device=ctx.device), "weights"
+        # one solve: gate and up share their NVFP4 global scale / FP8 per-tensor scale (max|w| of both)
         res = ctx.solve([gate, up], h_in, n_in, weights=[w_gate, w_up], method=method)
-    del h_in
+    del h_in, w_gate, w_up
     dtype, args = ctx.dtype, ctx.args
     g_hat = res[gate.name].dequantize(args).to(dtype)
     u_hat = res[up.name].dequantize(args).to(dtype)
     _write(ctx, gate, res[gate.name])
     _write(ctx, up, res[up.name])
+    return _ExpertState(job_e, gate, up, down, method, basis, stats_all, g_hat, u_hat)
 
+
+def _down_input_amax(ctx, state: _ExpertState, recv_h, act) -> torch.Tensor:
+    """max|act(x Ĝᵀ) · (x Ûᵀ)| over the expert's routed rows (float32 [1]; 0 without rows)."""
+    x_e = ctx.act(state.gate.name, recv_h[state.job.rows])
+    if not x_e.shape[0]:
+        return torch.zeros(1, dtype=torch.float32, device=ctx.device)
+    a = _chunked(lambda x: act(F.linear(x, state.g_hat)) * F.linear(x, state.u_hat), x_e)
+    return a.abs().amax().float().reshape(1)
+
+
+def _down(ctx, store, state: _ExpertState, recv_h, all_h, act, out_rows) -> None:
+    phase, job_e = ctx.phase, state.job
+    gate, up, down, g_hat, u_hat = state.gate, state.up, state.down, state.g_hat, state.u_hat
+    with phase("load"):
+        (w_down,) = store.load(job_e.expert, (down.name,))
+    x_e, x_stat = _expert_inputs(ctx, job_e, recv_h, all_h, gate.name, state.stats_all)
     with phase("propagate"):
         a_e = ctx.act(down.name, act(F.linear(x_e, g_hat)) * F.linear(x_e, u_hat))
         a_stat = a_e if x_stat is x_e else _chunked(
             lambda x: ctx.act(down.name, act(F.linear(x, g_hat)) * F.linear(x, u_hat)), x_stat)
+    del x_stat
     with phase("capture"):
         h_out, n_out = hessian_of(a_stat, ctx.device)
     del a_stat
     with phase("solve"):
         if h_out is None:
             h_out = torch.eye(down.in_features, dtype=torch.float64, device=ctx.device)
-        res_down = ctx.solve([down], h_out, n_out, weights=[w_down], method=method)
+        res_down = ctx.solve([down], h_out, n_out, weights=[w_down], method=state.method)
     del h_out
-    d_hat = res_down[down.name].dequantize(args).to(dtype)
+    d_hat = res_down[down.name].dequantize(ctx.args).to(ctx.dtype)
     _write(ctx, down, res_down[down.name])
     with phase("propagate"):
-        y = F.linear(a_e, d_hat) * w[:, None]
-        out_rows.index_add_(0, rows, y.to(out_rows.dtype))
-        if carried is not None:
-            h_c, rows_c, w_c, out_c = carried
+        y = F.linear(a_e, d_hat) * job_e.weight[:, None]
+        out_rows.index_add_(0, job_e.rows, y.to(out_rows.dtype))
+        if job_e.carried is not None:
+            h_c, rows_c, w_c, out_c = job_e.carried
             x_c = ctx.act(gate.name, h_c)
             a_c = ctx.act(down.name, act(F.linear(x_c, g_hat)) * F.linear(x_c, u_hat))
             out_c.index_add_(0, rows_c, (F.linear(a_c, d_hat) * w_c[:, None]).to(out_c.dtype))
     for lin in (gate, up, down):
-        ctx.record.modules[lin.name].update(expert=e, routed_tokens=routed, statistics=basis,
-                                            expert_fallback=fallback)
-    del w_gate, w_up, w_down
-    store.release(e)
+        ctx.record.modules[lin.name].update(expert=job_e.expert, routed_tokens=job_e.routed,
+                                            statistics=state.basis, expert_fallback=job_e.fallback)
+    del w_down
+    state.g_hat = state.u_hat = None
+    store.release(job_e.expert)
 
 
 def _chunked(fn, x):

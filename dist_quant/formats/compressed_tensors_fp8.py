@@ -93,15 +93,20 @@ def linear_specs(name: str, out_features: int, in_features: int, args: QuantArgs
     return specs
 
 
+# NVFP4 routed experts follow vLLM's CompressedTensorsW4A4Nvfp4MoEMethod (qwen2_moe, qwen3_moe, mixtral,
+# glm4_moe: docs/float_formats.md); the MLA families are not checked against vLLM's loader
+NVFP4_MOE_UNCHECKED = ("deepseek_v3", "kimi_k2")
+
+
 def check_float_shapes(cfg, plan) -> None:
-    """NVFP4: inputs in groups of 16, no MoE models yet. Block FP8: vLLM's ``validate_fp8_block_shape`` (fp8_utils.py) needs every fused part's
+    """NVFP4: inputs in groups of 16 (not for the MLA MoE families yet). Block FP8: vLLM's ``validate_fp8_block_shape`` (fp8_utils.py) needs every fused part's
     output size (q/k/v, gate/up: the checkpoint's linears) and the input size to be multiples of
     the 128×128 block; refused up front, one line, naming the first linear that fails."""
     q = cfg.quant
-    if q.weight_type == "nvfp4" and plan.arch.moe is not None:
-        raise ConfigError(f"quant={q.name} (NVFP4) with the MoE model_type={plan.arch.name!r}: the routed experts' "
-                          "NVFP4 layout (per-expert global scales in vLLM's fused-MoE methods) is not checked against "
-                          "a server loader yet; use quant=fp8_dynamic or a W4A16 preset for MoE models")
+    if q.weight_type == "nvfp4" and plan.arch.moe is not None and plan.arch.name in NVFP4_MOE_UNCHECKED:
+        raise ConfigError(f"quant={q.name} (NVFP4) with model_type={plan.arch.name!r}: NVFP4 for DeepSeek-V3 / "
+                          "Kimi-K2 (MLA attention) is not checked against vLLM's loader yet; use quant=fp8_block or "
+                          "a W4A16 preset")
     if q.weight_type == "nvfp4":  # groups of 16 along the input
         bad = [lin for lin in plan.linears if lin.in_features % fg.NVFP4_GROUP]
         if bad:
