@@ -159,7 +159,7 @@ def main() -> None:
     tm = time_model(med, synth, full, a.samples * a.seq_len, 512 * 4096, 8, rate)
     res["time_model"] = {"assumed_device_rate": rate, "measured_moe_layer_phases_s": med, **tm}
     sec = tm["seconds_per_moe_layer"]
-    print(f"\nmeasured on this CPU (MoE layer, rank 0, 1 rank): " + ", ".join(
+    print("\nmeasured on this CPU (MoE layer, rank 0, 1 rank): " + ", ".join(
         f"{k} {v / 1e9:.2f} GFLOP/s" for k, v in tm["cpu_rate"].items() if v))
     print(f"time model, DeepSeek-V3 on 8 ranks, 512 x 4096 tokens, assumed achieved device rates "
           f"{ {k: f'{v / 1e12:g} TFLOP/s' for k, v in rate.items()} }: forward {sec['forward']:.0f} s, capture "

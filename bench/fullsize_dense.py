@@ -153,8 +153,8 @@ def main() -> None:
         if split:
             print(f"  rows split: {len(split)} linears, e.g. {split[0].name}: "
                   + ", ".join(f"{lo}-{hi}->rank {r}" for r, lo, hi in owners.pieces(split[0])))
-    print(f"\n| model | checkpoint | est. peak / rank | worst stage | Hessians | activations | solve weight "
-          f"| layer weights |")
+    print("\n| model | checkpoint | est. peak / rank | worst stage | Hessians | activations | solve weight "
+          "| layer weights |")
     print("|---|---|---|---|---|---|---|---|")
     for key, claimed, _, e, _ in rows:
         m = e.memory

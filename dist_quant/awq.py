@@ -81,7 +81,6 @@ class AwqSmoothing(Smoothing):
             return alpha, None, err
 
         s, alpha, beta, searched, err = self.smoother(q, x_mean, w_mean, search)
-        del xxt
         return self._record(ctx, pair, expand(s).contiguous(), alpha, beta, searched, err, rng.absmax())
 
 

@@ -189,7 +189,7 @@ def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[
     input_bytes = sum(t.read_bytes for t in ckpt.tensors.values())
     output_bytes = sum(p.nbytes for p in parts)
     lines = [
-        f"dry run: nothing is read but config.json and safetensors headers; no process is started",
+        "dry run: nothing is read but config.json and safetensors headers; no process is started",
         f"model   {model_path}",
         f"        {plan.arch.name}, {plan.num_layers} layers, {len(plan.linears)} quantized linears"
         f"{', ' + str(len(plan.ignored)) + ' left in float (quant.ignore)' if plan.ignored else ''}, "

@@ -21,7 +21,7 @@ from dist_quant.algorithms.awq import (CLIP_RATIOS, awq_scales, candidate_errors
 from dist_quant.config import ConfigError  # noqa: E402
 from dist_quant.quant.qparams import QuantArgs  # noqa: E402
 from dist_quant.settings import load_config  # noqa: E402
-from helpers import free_port, run_main, wait_all  # noqa: E402
+from helpers import free_port, run_main  # noqa: E402
 from reference import read_quant_linears, read_tensors  # noqa: E402
 
 CALIB = ["calib.num_samples=8", "calib.seq_len=48", "calib.batch_size=2"]
