@@ -109,6 +109,8 @@ def _timed(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, s
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=fh, text=True, env=env or _env())
     wall = time.time() - t0
+    with open(log, "a") as fh:  # stdout too (a peer's own per-module timings, e.g. llm-compressor's)
+        fh.write("\n-- stdout --\n" + (proc.stdout or ""))
     if proc.returncode != 0:
         tail = log.read_text()[-2000:]
         raise SystemExit(f"error: {' '.join(cmd[:6])} ... exited {proc.returncode} (log {log}):\n{tail}")
