@@ -31,7 +31,7 @@ import contextlib
 import torch
 from torch import nn
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .formats.serving import BY_NAME as DTYPES  # dtype names → torch dtypes
 
 
 def storage_dtype(cfg) -> torch.dtype:

@@ -176,11 +176,7 @@ def sparse_mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     if static:  # gate/up input global scale of every expert of the layer: max|h| over the routed tokens
         with phase("act_calib"):
             amax = h_flat.abs().amax().float().reshape(1) if h_flat.numel() else torch.zeros(1, device=ctx.device)
-            params = static_params(0.0, comm.all_reduce(amax.to(ctx.device), "max").cpu(), ctx.job.act)
-            for lins in experts_of.values():
-                for lin in lins:
-                    if _role(ctx, lin) != "down":
-                        ctx.job.act_params[lin.name] = params
+            _layer_input_scale(ctx, experts_of, amax, down=False)
     pending = []  # static: (expert state, its down inputs' max) after the gate/up pass
     for e in mine:
         fb = None
@@ -208,11 +204,7 @@ def sparse_mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
             amax = torch.zeros(1, dtype=torch.float32, device=ctx.device)
             for state in pending:
                 amax = torch.maximum(amax, _down_input_amax(ctx, state, recv.h, act))
-            params = static_params(0.0, comm.all_reduce(amax, "max").cpu(), ctx.job.act)
-            for lins in experts_of.values():
-                for lin in lins:
-                    if _role(ctx, lin) == "down":
-                        ctx.job.act_params[lin.name] = params
+            _layer_input_scale(ctx, experts_of, amax, down=True)
         for state in pending:
             _down(ctx, store, state, recv.h, all_h, act, out_rows)
         del pending
@@ -284,6 +276,16 @@ class _ExpertState:
     stats_all: bool
     g_hat: torch.Tensor
     u_hat: torch.Tensor
+
+
+def _layer_input_scale(ctx, experts_of, amax: torch.Tensor, down: bool) -> None:
+    """The static input parameters of every expert's down (``down``) or gate/up linears of the
+    layer from this rank's ``amax`` [1], MAX-reduced over the ranks (one value for the layer)."""
+    params = static_params(0.0, ctx.comm.all_reduce(amax.to(ctx.device), "max").cpu(), ctx.job.act)
+    for lins in experts_of.values():
+        for lin in lins:
+            if (_role(ctx, lin) == "down") == down:
+                ctx.job.act_params[lin.name] = params
 
 
 def _static_inputs(ctx) -> bool:
