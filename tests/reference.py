@@ -158,6 +158,30 @@ def relative_output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor)
     return float((x @ (w - w_hat).T).norm() / (x @ w.T).norm())
 
 
+def squared_output_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """``‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖²``: the report's ``rel_output_error`` of a linear on inputs ``x``."""
+    d = w.double() - w_hat.double()
+    return float((x @ d.T).pow(2).sum() / (x @ w.double().T).pow(2).sum())
+
+
+# -- FP8 E4M3 and NVFP4 (E2M1) by the published rules --------------------------------------------
+F8 = torch.float8_e4m3fn
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # OCP MX spec, E2M1 magnitudes by code
+
+
+def fp8_cast(v: torch.Tensor) -> torch.Tensor:
+    """torch's E4M3 cast (round to nearest even) after clamping to ±448 (the cast itself gives NaN)."""
+    return v.clamp(-448, 448).to(F8).float()
+
+
+def e2m1_table_decode(packed: torch.Tensor) -> torch.Tensor:
+    """NVFP4 codes by the table: two codes a byte (even column in the low nibble), bit 3 the sign."""
+    lo, hi = (packed & 0x0F).long(), (packed >> 4).long()
+    codes = torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
+    mag = torch.tensor(E2M1)[codes & 7]
+    return torch.where(codes >= 8, -mag, mag)
+
+
 def relative_weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     return float((w.double() - w_hat.double()).norm() / w.double().norm())
 

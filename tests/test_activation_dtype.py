@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import call_main, run_main  # noqa: E402
+from reference import squared_output_error  # noqa: E402
 from moe_reference import load_fake_quant, quantized_linears, read_tensors  # noqa: E402
 from tiny import make_tiny_model  # noqa: E402
 from tiny_moe import make_tiny_moe  # noqa: E402
@@ -87,11 +88,6 @@ def _stage_inputs(model_dir: Path, out: Path, ids: torch.Tensor, layer: int, sto
     raise AssertionError("layer not reached")
 
 
-def _rel_error(x, w, w_hat) -> float:
-    d = w.double() - w_hat.double()
-    return float((x @ d.T).pow(2).sum() / (x @ w.double().T).pow(2).sum())
-
-
 def test_later_layer_stage_inputs_are_held_in_bf16(env):
     from dist_quant.algorithms.gptq import GPTQParams, gptq_quantize
     from dist_quant.quant.qparams import QuantArgs
@@ -113,8 +109,8 @@ def test_later_layer_stage_inputs_are_held_in_bf16(env):
         assert torch.equal(x, x.float().to(BF16).double()), rel  # bf16 values
         w, w_hat = original[name + ".weight"], qlin[name].dequantize()
         got = modules[name]["rel_output_error"]
-        assert got == pytest.approx(_rel_error(x, w, w_hat), rel=1e-5), name  # measured: within 1e-6
-        assert got != pytest.approx(_rel_error(as_f32[rel], w, w_hat), rel=5e-5), name  # measured: 2-4e-4 apart
+        assert got == pytest.approx(squared_output_error(x, w, w_hat), rel=1e-5), name  # measured: within 1e-6
+        assert got != pytest.approx(squared_output_error(as_f32[rel], w, w_hat), rel=5e-5), name  # measured: 2-4e-4 apart
         again = gptq_quantize(w.float(), 2 * x.T @ x / x.shape[0], args, params)
         differ = (again.q.long() != qlin[name].q).double().mean().item()
         other = gptq_quantize(w.float(), 2 * as_f32[rel].T @ as_f32[rel] / x.shape[0], args, params)

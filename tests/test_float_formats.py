@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from helpers import free_port, run_main
-from reference import unpack_int32
+from reference import E2M1, F8, e2m1_table_decode, fp8_cast, unpack_int32
 from server_loaders import check_complete, layer_modules, load, vllm_nvfp4, vllm_w8a8_fp8, vllm_wna16
 from tiny import corpus_text, make_tiny_model
 
@@ -30,10 +30,8 @@ from dist_quant.quant.qparams import QuantArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIB = ["calib.num_samples=8", "calib.seq_len=32", "calib.batch_size=4", "runtime.threads=1"]
-F8 = torch.float8_e4m3fn
 PRESETS = {"fp8_dynamic": "FP8_DYNAMIC", "fp8_static": "FP8", "fp8_block": "FP8_BLOCK", "w4afp8": "W4AFP8",
            "nvfp4": "NVFP4", "nvfp4a16": "NVFP4A16"}
-E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # OCP MX spec, E2M1 magnitudes by code
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -68,11 +66,6 @@ def rel(a, b) -> float:
 
 # -- the rules, against torch's casts ------------------------------------------------------------
 
-def cast(v: torch.Tensor) -> torch.Tensor:
-    """torch's E4M3 cast (round to nearest even) after clamping to ±448 (the cast itself gives NaN)."""
-    return v.clamp(-448, 448).to(F8).float()
-
-
 def test_fp8_activation_rules_match_torch_casts():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 256, generator=g) * torch.logspace(-3, 2, 256)
@@ -80,17 +73,17 @@ def test_fp8_activation_rules_match_torch_casts():
     got = fg.fake_quant_fp8_dynamic(x)
     for r in range(5):
         s = max(float(x[r].abs().max()) / 448, 1 / (448 * 512))
-        assert torch.equal(got[r], cast(x[r] / s) * s), r
+        assert torch.equal(got[r], fp8_cast(x[r] / s) * s), r
     grouped = fg.fake_quant_fp8_dynamic(x, 128)
     for r in range(5):
         for k in range(2):
             seg = x[r, k * 128:(k + 1) * 128]
             s = max(float(seg.abs().max()) / 448, 1 / (448 * 512))
-            assert torch.equal(grouped[r, k * 128:(k + 1) * 128], cast(seg / s) * s)
+            assert torch.equal(grouped[r, k * 128:(k + 1) * 128], fp8_cast(seg / s) * s)
     scale = fg.fp8_static_scale(5.0)  # static: values beyond 5 saturate at 448·s, never NaN
     st = fg.fake_quant_fp8_static(x, scale)
     assert not torch.isnan(st).any() and float(st.abs().max()) == pytest.approx(448 * float(scale))
-    assert torch.equal(st, cast(x / float(scale)) * float(scale))
+    assert torch.equal(st, fp8_cast(x / float(scale)) * float(scale))
 
 
 @pytest.mark.parametrize("strategy", ["channel", "tensor", "block"])
@@ -108,8 +101,8 @@ def test_rtn_fp8_codes_are_torch_casts_of_w_over_the_published_scale(strategy):
                 per[i:i + 128, j:j + 128] = amax / 448
             else:
                 per[i] = amax / 448
-    assert torch.equal(res.q.view(F8).float(), cast(w / per))
-    assert torch.equal(res.dequantize(args), cast(w / per) * per)
+    assert torch.equal(res.q.view(F8).float(), fp8_cast(w / per))
+    assert torch.equal(res.dequantize(args), fp8_cast(w / per) * per)
 
 
 def plain_gptq_fp8(w, h, scale_per_elem, damp=0.01):
@@ -121,7 +114,7 @@ def plain_gptq_fp8(w, h, scale_per_elem, damp=0.01):
     q = torch.empty_like(w)
     for i in range(w.shape[1]):
         s = scale_per_elem[:, i].double()
-        q[:, i] = cast((w[:, i] / s).float()).double()
+        q[:, i] = fp8_cast((w[:, i] / s).float()).double()
         err = (w[:, i] - q[:, i] * s) / u[i, i]
         w[:, i + 1:] -= err[:, None] * u[i, i + 1:][None, :]
     return q
@@ -227,7 +220,7 @@ def test_fp8_outputs_load_in_transformers_and_match_the_published_rule(env, pres
         if solver == "rtn":  # the codes are torch's cast of w / (max|w| / 448) over the rule's span
             w = src[mod + ".weight"].float()
             assert torch.equal(per, fg.expand_fp8_scale(fg.fp8_scale(w, strategy), tuple(w.shape), strategy))
-            assert torch.equal(q.float(), cast(w / per))
+            assert torch.equal(q.float(), fp8_cast(w / per))
     if strategy == "tensor":  # fused parts share one weight scale and one input scale
         for names in (["q", "k", "v"], ["gate", "up"]):
             kind = "self_attn" if names[0] == "q" else "mlp"
@@ -279,7 +272,7 @@ def test_w4afp8_output_by_an_independent_reader_and_vllm_tables(env):
     def fp8_tokens(module, args):
         x = args[0]
         s = (x.abs().amax(dim=-1, keepdim=True) / 448).clamp(min=1 / (448 * 512))
-        return (cast(x / s) * s, *args[1:])
+        return (fp8_cast(x / s) * s, *args[1:])
 
     for mod in mods:
         out_f, in_f = t[mod + ".weight_shape"].tolist()
@@ -340,14 +333,6 @@ def test_two_ranks_write_the_same_output_as_one(env, preset):
     assert len(set(files2.values())) >= 2  # both ranks wrote part files
 
 
-def e2m1_table_decode(packed: torch.Tensor) -> torch.Tensor:
-    """This file's NVFP4 reader: two codes a byte (even column in the low nibble), bit 3 the sign."""
-    lo, hi = (packed & 0x0F).long(), (packed >> 4).long()
-    codes = torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
-    mag = torch.tensor(E2M1)[codes & 7]
-    return torch.where(codes >= 8, -mag, mag)
-
-
 @pytest.mark.parametrize("preset,solver", [("nvfp4a16", "rtn"), ("nvfp4a16", "gptq"), ("nvfp4", "rtn")])
 def test_nvfp4_outputs_against_the_published_rule_transformers_and_vllm_tables(env, preset, solver):
     from compressed_tensors.quantization import preset_name_to_scheme
@@ -380,7 +365,7 @@ def test_nvfp4_outputs_against_the_published_rule_transformers_and_vllm_tables(e
             amax = max(float(src[n + ".weight"].abs().max()) for n in names)
             assert float(gs) == pytest.approx(448 * 6 / amax, rel=1e-6)
             w = src[mod + ".weight"].float()
-            s = cast(w.reshape(w.shape[0], -1, 16).abs().amax(-1) / 6 * gs)
+            s = fp8_cast(w.reshape(w.shape[0], -1, 16).abs().amax(-1) / 6 * gs)
             assert torch.equal(t[mod + ".weight_scale"].float(), s)
 
     # transformers decompresses NVFP4 to bfloat16 (a float32 model fails its matmul): compare in bfloat16
@@ -399,7 +384,7 @@ def test_nvfp4_outputs_against_the_published_rule_transformers_and_vllm_tables(e
         igs = t[mods[0] + ".input_global_scale"]
         assert torch.equal(theirs, fg.fake_quant_nvfp4(x, igs))
         v = x.reshape(3, 7, -1, 16)  # and the rule by hand: local fp8 scale per 16, E2M1 by the table
-        eff = cast(v.abs().amax(-1, keepdim=True) / 6 * float(igs)) / float(igs)
+        eff = fp8_cast(v.abs().amax(-1, keepdim=True) / 6 * float(igs)) / float(igs)
         r = v / torch.where(eff > 0, eff, torch.ones_like(eff))
         grid = torch.tensor(E2M1 + [-e for e in E2M1])
         nearest = grid[(r.clamp(-6, 6)[..., None] - grid).abs().argmin(-1)]  # ties: checked in test_floatgrid

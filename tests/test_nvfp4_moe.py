@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from helpers import free_port, run_main
+from reference import E2M1, F8, e2m1_table_decode, fp8_cast, read_tensors
 from server_loaders import check_complete, layer_modules, load, vllm_nvfp4, vllm_nvfp4_moe
 from tiny import corpus_text
 from tiny_moe import MOE_ARCHS, make_tiny_moe
@@ -32,8 +33,6 @@ from tiny_moe import MOE_ARCHS, make_tiny_moe
 ROOT = Path(__file__).resolve().parents[1]
 CALIB = ["calib.num_samples=8", "calib.seq_len=32", "calib.batch_size=4", "runtime.threads=1",
          "calib.min_expert_tokens=1"]
-F8 = torch.float8_e4m3fn
-E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # OCP MX spec, E2M1 magnitudes by code
 EXPERTS = 4
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -61,34 +60,14 @@ def quantize(env, arch: str, name: str, *extra: str) -> Path:
     return out
 
 
-def read_all(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the output's part files (safetensors, read here without dist_quant)."""
-    from safetensors.torch import load_file
-
-    if not (directory / "model.safetensors.index.json").exists():
-        return load_file(str(directory / "model.safetensors"))
-    index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
-    out: dict[str, torch.Tensor] = {}
-    for part in sorted(set(index.values())):
-        out.update(load_file(str(directory / part)))
-    return out
-
-
 def decode(t: dict[str, torch.Tensor], mod: str) -> torch.Tensor:
     """This file's NVFP4 reader: E2M1 by the table, two codes a byte (even column low), times
     weight_scale / weight_global_scale per group of 16."""
     packed = t[mod + ".weight_packed"]
     assert packed.dtype == torch.uint8
-    lo, hi = (packed & 0x0F).long(), (packed >> 4).long()
-    codes = torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)
-    mag = torch.tensor(E2M1)[codes & 7]
-    vals = torch.where(codes >= 8, -mag, mag)
+    vals = e2m1_table_decode(packed)
     scale = t[mod + ".weight_scale"].float() / t[mod + ".weight_global_scale"].float()
     return vals * scale.repeat_interleave(16, dim=1)
-
-
-def cast(v: torch.Tensor) -> torch.Tensor:
-    return v.clamp(-448, 448).to(F8).float()
 
 
 def rtn_reference(w: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
@@ -96,7 +75,7 @@ def rtn_reference(w: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
     scale fp8(max|group|/6·gs), the nearest E2M1 value of w / (group scale / gs), ties to even."""
     gs = gs.float().reshape(())
     g = w.float().reshape(w.shape[0], -1, 16)
-    s = cast(g.abs().amax(-1, keepdim=True) / 6 * gs) / gs
+    s = fp8_cast(g.abs().amax(-1, keepdim=True) / 6 * gs) / gs
     r = g / torch.where(s > 0, s, torch.ones_like(s))
     grid = torch.tensor(E2M1 + [-e for e in E2M1])
     dist = (r.clamp(-6, 6)[..., None] - grid).abs()
@@ -137,8 +116,8 @@ def test_nvfp4_experts_by_an_independent_reader_and_the_vllm_table(env, arch, pr
     want = preset_name_to_scheme(preset.upper(), ["Linear"]).model_dump(mode="json")
     group = qc["config_groups"]["group_0"]
     assert group["weights"] == want["weights"] and group.get("input_activations") == want.get("input_activations")
-    t = read_all(out)
-    src = read_all(env[arch])
+    t = read_tensors(out)
+    src = read_tensors(env[arch])
     plan = _linear_plan_ct({k: v for k, v in t.items()}, config)
     w4a4 = preset == "nvfp4"
     for layer in range(config["num_hidden_layers"]):
@@ -198,7 +177,7 @@ def test_two_ranks_write_the_same_tensors_as_one(env):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    t1, t2 = read_all(one), read_all(two)
+    t1, t2 = read_tensors(one), read_tensors(two)
     assert t1.keys() == t2.keys()
     for name in t1:
         a, b = t1[name], t2[name]

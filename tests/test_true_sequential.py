@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from moe_reference import load_fake_quant, quantized_linears, read_tensors, router_counts  # noqa: E402
 from helpers import call_main  # noqa: E402
+from reference import squared_output_error  # noqa: E402
 from tiny import corpus_text, make_tiny_model  # noqa: E402
 from tiny_moe import make_tiny_moe  # noqa: E402
 
@@ -134,11 +135,6 @@ def static_act_hooks(model, tensors: dict) -> None:
             module.register_forward_pre_hook(fq)
 
 
-def rel_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    d = (w.double() - w_hat.double())
-    return float((x @ d.T).pow(2).sum() / (x @ w.double().T).pow(2).sum())
-
-
 def test_later_layer_hessians_come_from_the_quantized_upstream_real_tokens_only(env):
     from transformers import AutoModelForCausalLM
 
@@ -163,9 +159,9 @@ def test_later_layer_hessians_come_from_the_quantized_upstream_real_tokens_only(
         w, w_hat = original[name + ".weight"], qlin[name].dequantize()
         x = seq_x[rel]
         assert modules[name]["tokens"] == int(mask.sum()) == x.shape[0]  # no pad token counted
-        want = rel_error(x, w, w_hat)
+        want = squared_output_error(x, w, w_hat)
         assert modules[name]["rel_output_error"] == pytest.approx(want, rel=1e-4), name
-        assert abs(rel_error(fp_x[rel], w, w_hat) / want - 1) > 1e-2, f"{name}: upstream makes no difference"
+        assert abs(squared_output_error(fp_x[rel], w, w_hat) / want - 1) > 1e-2, f"{name}: upstream makes no difference"
         h = 2 * x.T @ x / x.shape[0]
         again = gptq_quantize(w.float(), h, args, params)
         # float64 here vs float32 GEMMs there: a few near-tied roundings may flip, one step
