@@ -205,3 +205,17 @@ def small_calib_file(path: Path, source: Path, chars: int = 40_000) -> Path:
 def hash_dir(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def report_gptq(report: dict, group_size: int, bits: int = 4):
+    """``(QuantArgs, GPTQParams)`` of a symmetric GPTQ job as its ``quant_report.json`` recorded
+    them (observer, damping, block size, act order), float32 scales: to re-solve a linear in a test."""
+    import torch
+
+    from dist_quant.algorithms.gptq import GPTQParams
+    from dist_quant.quant.qparams import QuantArgs
+
+    cfg = report["config"]["quant"]
+    args = QuantArgs(bits=bits, group_size=group_size, symmetric=True, scale_dtype=torch.float32,
+                     mse=cfg["observer"] == "mse")
+    return args, GPTQParams(damp=cfg["damp"], block_size=cfg["block_size"], act_order=cfg["act_order"])

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import call_main, run_main  # noqa: E402
+from helpers import call_main, report_gptq, run_main  # noqa: E402
 from reference import squared_output_error  # noqa: E402
 from moe_reference import load_fake_quant, quantized_linears, read_tensors  # noqa: E402
 from tiny import make_tiny_model  # noqa: E402
@@ -89,8 +89,7 @@ def _stage_inputs(model_dir: Path, out: Path, ids: torch.Tensor, layer: int, sto
 
 
 def test_later_layer_stage_inputs_are_held_in_bf16(env):
-    from dist_quant.algorithms.gptq import GPTQParams, gptq_quantize
-    from dist_quant.quant.qparams import QuantArgs
+    from dist_quant.algorithms.gptq import gptq_quantize
 
     model_dir, ids, outs, _ = env
     out = outs["bf16"]
@@ -99,9 +98,7 @@ def test_later_layer_stage_inputs_are_held_in_bf16(env):
     held = _stage_inputs(model_dir, out, ids, 1, lambda t: t.to(BF16).float())
     as_f32 = _stage_inputs(model_dir, out, ids, 1, lambda t: t)
     original, qlin = read_tensors(model_dir), quantized_linears(read_tensors(out), 4)
-    cfg = report["config"]["quant"]
-    args = QuantArgs(bits=4, group_size=GROUP, symmetric=True, scale_dtype=torch.float32, mse=cfg["observer"] == "mse")
-    params = GPTQParams(damp=cfg["damp"], block_size=cfg["block_size"], act_order=cfg["act_order"])
+    args, params = report_gptq(report, GROUP)
     torch.set_num_threads(1)
     for rel in STAGES:
         name = f"model.layers.1.{rel}"

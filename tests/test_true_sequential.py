@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from moe_reference import load_fake_quant, quantized_linears, read_tensors, router_counts  # noqa: E402
-from helpers import call_main  # noqa: E402
+from helpers import call_main, report_gptq  # noqa: E402
 from reference import squared_output_error  # noqa: E402
 from tiny import corpus_text, make_tiny_model  # noqa: E402
 from tiny_moe import make_tiny_moe  # noqa: E402
@@ -138,8 +138,7 @@ def static_act_hooks(model, tensors: dict) -> None:
 def test_later_layer_hessians_come_from_the_quantized_upstream_real_tokens_only(env):
     from transformers import AutoModelForCausalLM
 
-    from dist_quant.algorithms.gptq import GPTQParams, gptq_quantize
-    from dist_quant.quant.qparams import QuantArgs
+    from dist_quant.algorithms.gptq import gptq_quantize
 
     out = env.outs["gptq"]
     report = json.loads((out / "quant_report.json").read_text())
@@ -150,9 +149,7 @@ def test_later_layer_hessians_come_from_the_quantized_upstream_real_tokens_only(
     seq_x, fp_x = layer_inputs(fq, ids, mask, LAYER), layer_inputs(fp, ids, mask, LAYER)
     original = read_tensors(env.dense)
     qlin = quantized_linears(read_tensors(out), 4)
-    cfg = report["config"]["quant"]
-    args = QuantArgs(bits=4, group_size=GROUP, symmetric=True, scale_dtype=torch.float32, mse=cfg["observer"] == "mse")
-    params = GPTQParams(damp=cfg["damp"], block_size=cfg["block_size"], act_order=cfg["act_order"])
+    args, params = report_gptq(report, GROUP)
     torch.set_num_threads(1)
     for rel in STAGES:
         name = f"model.layers.{LAYER}.{rel}"
