@@ -27,11 +27,13 @@ Pure tensor functions; the reductions are the caller's (dist_quant/awq.py).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
 
 from ..quant.qparams import QuantArgs
+from ..solver_threads import single_threaded
 from .rtn import rtn_quantize
 
 SCALE_EPS = 1e-4  # AutoAWQ: clamp(min=1e-4) of the scales, + 1e-4 on the weight statistic
@@ -96,10 +98,6 @@ def candidate_errors(weight: torch.Tensor, xxt: torch.Tensor, scales: Callable[[
     are computed (the others are 0: ranks split the grid and SUM-reduce ``num``), in ``workers``
     threads of single-threaded ops: each candidate's number is the same on any rank and for
     any thread count."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ..solver_threads import single_threaded
-
     h = xxt.float()
     todo = [c for c in range(len(alphas)) if mine(c)]
 
