@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--out", default=str(ROOT / "bench" / "out_float"))
     p.add_argument("--only", default="", help="comma list of runs (default: all)")
+    p.add_argument("--peers", default="", help="a folder of llm-compressor outputs, one subfolder per scheme "
+                   "(bench/peers/llmcompressor_scheme.py): each is evaluated the same way as llmcompressor_<scheme>")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,6 +87,12 @@ def main() -> None:
         results[name] = perplexity(load_fake_quant_model(qdir), ids, args.seq_len, args.windows, 4)["ppl"]
         results_path.write_text(json.dumps(results, indent=2))
         print(f"{name}: ppl {results[name]:.4f} (FP {results['fp']:.4f})", flush=True)
+    for qdir in sorted(Path(args.peers).iterdir()) if args.peers else []:
+        name = f"llmcompressor_{qdir.name}"
+        if name not in results and (qdir / "config.json").is_file():
+            results[name] = perplexity(load_fake_quant_model(qdir), ids, args.seq_len, args.windows, 4)["ppl"]
+            results_path.write_text(json.dumps(results, indent=2))
+            print(f"{name}: ppl {results[name]:.4f} (FP {results['fp']:.4f})", flush=True)
     results["job"] = {"samples": args.samples, "seq_len": args.seq_len, "windows": args.windows,
                       "data": str(args.data)}
     results_path.write_text(json.dumps(results, indent=2))
