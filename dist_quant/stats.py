@@ -130,19 +130,22 @@ def _mirror_upper_(s: torch.Tensor) -> None:
             s[b:, a:b].copy_(s[a:b, b:].T)
 
 
-def output_error_rows(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def output_error_rows(w: torch.Tensor, w_hat: torch.Tensor | None, h: torch.Tensor
+                      ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Per row ``r`` of ``w`` [out, in]: ``(ΔW H ΔWᵀ)_rr`` and ``(W H Wᵀ)_rr`` (float64),
     computed in row blocks (float32 GEMMs) so that no ``[out, in]`` float64 copy exists.
-    Summed over a module's rows, their ratio is its relative output error."""
-    num = torch.empty(w.shape[0], dtype=torch.float64, device=w.device)
-    den = torch.empty_like(num)
+    Summed over a module's rows, their ratio is its relative output error. ``w_hat=None``:
+    the second only (one GEMM; the first is then None)."""
+    num = None if w_hat is None else torch.empty(w.shape[0], dtype=torch.float64, device=w.device)
+    den = torch.empty(w.shape[0], dtype=torch.float64, device=w.device)
     hf = h.float()
     for a in range(0, w.shape[0], ERROR_ROWS):
         b = min(a + ERROR_ROWS, w.shape[0])
         wb = w[a:b].float()
-        d = wb - w_hat[a:b].float()
-        num[a:b] = ((d @ hf).double() * d.double()).sum(dim=1)
-        den[a:b] = ((wb @ hf).double() * wb.double()).sum(dim=1)
+        if num is not None:
+            d = wb - w_hat[a:b].float()
+            num[a:b] = ((d @ hf) * d).sum(dim=1, dtype=torch.float64)
+        den[a:b] = ((wb @ hf) * wb).sum(dim=1, dtype=torch.float64)
     return num, den
 
 
@@ -192,7 +195,10 @@ class ChannelRangeStat:
 
 def quantized_output_error(w: torch.Tensor, result, args, h: torch.Tensor) -> tuple[float, float]:
     """``(tr(ΔW H ΔWᵀ), tr(W H Wᵀ))`` of a quantized linear (``result``: a ``QuantResult``),
-    dequantized block by block so that no float copy of the whole weight is made."""
+    dequantized block by block so that no float copy of the whole weight is made. When the
+    solver measured ``ΔW H ΔWᵀ`` itself (``result.err_rows``, GPTQ) only ``W H Wᵀ`` is computed."""
+    if result.err_rows is not None:
+        return float(result.err_rows.sum()), float(output_error_rows(w, None, h)[1].sum())
     num = den = 0.0
     for a in range(0, w.shape[0], ERROR_ROWS):
         b = min(a + ERROR_ROWS, w.shape[0])

@@ -7,10 +7,13 @@ column. Both must give exactly what the plain per-ratio loop and the plain colum
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from dist_quant.algorithms.gptq import GPTQParams, column_order, gptq_quantize, inverse_cholesky, quantize_columns
+from dist_quant.algorithms.gptq import (SUB_BLOCK, GPTQParams, column_order, gptq_quantize, inverse_cholesky,
+                                        quantize_columns)
 from dist_quant.quant.qparams import QuantArgs, compute_qparams
 from dist_quant.solver_threads import solve_workers
 
@@ -59,7 +62,8 @@ def ref_qparams(w, args: QuantArgs):
 
 
 def ref_columns(W, U, perm, args: QuantArgs, block_size: int):
-    """The plain lazy-block GPTQ loop (Frantar et al., Alg. 1), one column at a time."""
+    """The plain lazy-block GPTQ loop (Frantar et al., Alg. 1), one column at a time, with the
+    implementation's two levels of lazy updates (sub-blocks of ``SUB_BLOCK`` columns in a block)."""
     W = W.clone()
     out_f, n = W.shape
     cols = args.columns_per_group(n)
@@ -70,6 +74,7 @@ def ref_columns(W, U, perm, args: QuantArgs, block_size: int):
     if not grouped:
         scale[:, :1], zero[:, :1] = cur_s, cur_z
     block = max(cols, block_size // cols * cols) if grouped else block_size
+    sub = math.gcd(cols, SUB_BLOCK)  # a column's error goes at once to the rest of its sub-block only
     Q = torch.zeros_like(W)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
@@ -83,8 +88,12 @@ def ref_columns(W, U, perm, args: QuantArgs, block_size: int):
             q = (torch.round(col / cur_s) + cur_z).clamp(args.qmin, args.qmax)
             Q[:, i1 + i:i1 + i + 1] = q
             err = (col - (q - cur_z) * cur_s) / U1[i, i]
-            W1[:, i:] -= err * U1[i:i + 1, i:]
+            j2 = min((i // sub + 1) * sub, i2 - i1)  # end of the sub-block
+            W1[:, i:j2] -= err * U1[i:i + 1, i:j2]
             Err1[:, i:i + 1] = err
+            if i + 1 == j2 and j2 < i2 - i1:  # the sub-block's errors reach the rest of the block
+                j1 = j2 - sub
+                W1[:, j2:] -= (U1[j1:j2, j2:].T @ Err1[:, j1:j2].T.contiguous()).T
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return Q, scale, zero
 
@@ -146,7 +155,7 @@ def test_column_loop_matches_plain_loop(sym, group_size, block, mse):
     upper, _ = inverse_cholesky(H[perm][:, perm], 0.01, 0)
     U = upper.float()
     Wp = W[:, perm]
-    q, s, z = quantize_columns(Wp.clone(), U, perm, args, block)
+    q, s, z, _ = quantize_columns(Wp.clone(), U, perm, args, block)
     rq, rs, rz = ref_columns(Wp, U, perm, args, block)
     assert torch.equal(q, rq) and torch.equal(s, rs) and torch.equal(z, rz)
     assert GPTQParams().block_size == 128

@@ -12,6 +12,7 @@ weights, as in the reference implementation.
 """
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -143,7 +144,31 @@ def gptq_quantize_(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, params: GP
         return result
     W = w.detach().float().index_select(1, perm)  # the one working copy, in solve order
     W[:, dead[perm]] = 0.0
-    return _column_loop(W, upper, perm, args, params, scale, clip)
+    result, loss = _column_loop(W, upper, perm, args, params, scale, clip)
+    mean_diag = float((diag.sum() + dead.sum()) / n)  # of the Hessian factorized (dead inputs set to 1)
+    result.err_rows = _undamped_error(loss, w, dead, result, args, lam * mean_diag)
+    return result
+
+
+def _undamped_error(loss: torch.Tensor, w: torch.Tensor, dead: torch.Tensor, result: QuantResult,
+                    args: QuantArgs, lam_abs: float) -> torch.Tensor:
+    """``(ΔW H ΔWᵀ)_rr`` per row from the column loop's errors, without a GEMM.
+
+    The loop's errors ``E`` (``e_j = (w_j − ŵ_j) / U_jj`` on the error-updated weights) satisfy
+    ``W − Ŵ = E U`` with ``UᵀU = (H + λI)⁻¹``, so ``ΔW (H + λI) ΔWᵀ = E U (H + λI) Uᵀ Eᵀ = E Eᵀ``:
+    the row sums of ``e²`` (``loss``) are the damped output error. The damping's share
+    ``λ ‖ΔW_r‖²`` is taken off (dead inputs, whose weights the loop zeroed, contribute nothing:
+    their ``H`` rows are zero). Row blocks of ``stats.ERROR_ROWS``: no float copy of the weight."""
+    from ..stats import ERROR_ROWS
+
+    live = ~dead
+    out = loss.clone()
+    for a in range(0, w.shape[0], ERROR_ROWS):
+        b = min(a + ERROR_ROWS, w.shape[0])
+        part = QuantResult(result.q[a:b], result.scale[a:b], result.zero[a:b])
+        d = (w[a:b].float() - part.dequantize(args))[:, live]
+        out[a:b] -= lam_abs * (d * d).sum(dim=1, dtype=torch.float64)
+    return out.clamp_(min=0.0)
 
 
 MIN_CHUNK_ROWS = 1024  # a thread's share of the rows: with fewer, the per-op overhead of two threads
@@ -153,123 +178,175 @@ MIN_CHUNK_ROWS = 1024  # a thread's share of the rows: with fewer, the per-op ov
 
 def _column_loop(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: QuantArgs,
                  params: GPTQParams, fixed: torch.Tensor | None = None,
-                 clip: torch.Tensor | None = None) -> QuantResult:
-    """The GPTQ recursion on ``W`` (columns in solve order, overwritten). Rows are independent
+                 clip: torch.Tensor | None = None) -> tuple[QuantResult, torch.Tensor]:
+    """The GPTQ recursion on ``W`` (columns in solve order, overwritten), and the float64 row
+    sums of its squared errors ``e²`` (see :func:`_undamped_error`). Rows are independent
     given ``U``, so with ``params.workers > 1`` row chunks run in that many threads at once
     (torch ops release the GIL): every element is computed exactly as in one pass, so the
     result is the same bits for any number of workers, and no OpenMP team is woken per op."""
     rows = W.shape[0]
     n_chunks = max(1, min(params.workers, rows // MIN_CHUNK_ROWS))
     if fixed is not None:  # FP8 grid: fixed scales, one row each, split with the rows
-        def run(c, s, k):
+        def run(c, s, k, pool=None):
             return quantize_columns_grid(c, U, perm, args, params.block_size, s)
     else:  # ``k``: AWQ's clipping ratios of these rows (or None)
-        def run(c, s, k):
-            return quantize_columns(c, U, perm, args, params.block_size, k)
-    if n_chunks == 1:
-        Q, scale, zero = run(W, fixed, clip)
+        def run(c, s, k, pool=None):
+            return quantize_columns(c, U, perm, args, params.block_size, k, pool)
+    if n_chunks == 1 and params.workers > 1 and args.mse and fixed is None:
+        # too few rows to split the loop, but the MSE scale search of each group is heavy
+        # arithmetic on [rows, group] (20 ratios): its rows go to the idle workers
+        with ThreadPoolExecutor(params.workers, thread_name_prefix="gptq-mse") as pool:
+            Q, scale, zero, loss = run(W, fixed, clip, pool)
+    elif n_chunks == 1:
+        Q, scale, zero, loss = run(W, fixed, clip)
     else:
         chunks = W.tensor_split(n_chunks, dim=0)  # row views: each thread updates its own rows
         fixed_chunks = fixed.tensor_split(n_chunks, dim=0) if fixed is not None else [None] * n_chunks
         clips = clip.tensor_split(n_chunks, dim=0) if clip is not None else [None] * n_chunks
         with ThreadPoolExecutor(n_chunks, thread_name_prefix="gptq") as pool:
             parts = list(pool.map(run, chunks, fixed_chunks, clips))
-        Q, scale, zero = (torch.cat(t) for t in zip(*parts))
+        Q, scale, zero, loss = (torch.cat(t) for t in zip(*parts))
     inverse = torch.argsort(perm)
     q = fg.GRID_CODES[args.grid](Q[:, inverse]) if fixed is not None else Q[:, inverse].to(torch.int8)
-    return QuantResult(q=q, scale=scale, zero=zero.to(torch.int8))
+    return QuantResult(q=q, scale=scale, zero=zero.to(torch.int8)), loss
 
 
-def quantize_columns(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: QuantArgs,
-                     block_size: int, clip: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The GPTQ column loop on ``W`` [out, n] (columns already in solve order ``perm``; ``W`` is
+MIN_SEARCH_ROWS = 64  # a worker's share of the rows in a split MSE scale search
+
+
+def _qparams(w: torch.Tensor, args: QuantArgs, clip: torch.Tensor | None,
+             pool: ThreadPoolExecutor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`compute_qparams` of ``w``'s rows, split over ``pool``'s threads when given (rows
+    are independent and every op is elementwise or a per-row reduction: the same bits)."""
+    parts = 0 if pool is None else min(pool._max_workers, w.shape[0] // MIN_SEARCH_ROWS)
+    if parts < 2:
+        return compute_qparams(w, args, clip)
+    clips = clip.tensor_split(parts) if clip is not None else [None] * parts
+    done = list(pool.map(lambda a, k: compute_qparams(a, args, k), w.tensor_split(parts), clips))
+    return torch.cat([s for s, _ in done]), torch.cat([z for _, z in done])
+
+
+SUB_BLOCK = 16  # columns whose errors reach the rest of their lazy block as one GEMM
+
+
+def lazy_block_loop(W: torch.Tensor, U: torch.Tensor, block: int, cols: int, start_group, quantize_col
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GPTQ recursion shared by every grid, on ``W`` [out, n] (columns in solve order,
     updated in place) with ``U`` the upper Cholesky factor of the permuted inverse Hessian.
-    Returns the integers (solve order) and the per-group scale and zero (checkpoint order).
 
-    Each lazy block is worked on transposed (one contiguous row per column) and every column
-    costs a fixed handful of tensor ops; the arithmetic of every element is the reference
-    recursion's (``q = clamp(round(w/s) + z)``, ``err = (w − (q − z)·s) / U[i,i]``,
-    ``w[j] −= err · U[i,j]``), so the result is bit-identical to the straightforward loop."""
+    Lazy blocks of ``block`` columns (Frantar et al., Alg. 1), each worked on transposed (one
+    contiguous row per column), in two levels: a column's error goes at once to the later
+    columns of its sub-block of :data:`SUB_BLOCK` (``w[j] −= U[i,j]·err``), and a sub-block's
+    errors reach the rest of the block as one GEMM, the block's the rest of ``W`` as another.
+    A group starts at a sub-block's first column (the sub-block divides the group), after
+    every earlier error has been applied. ``start_group(g, rows)`` is called at the first
+    column of group ``g`` (``cols`` columns; ``rows`` [cols, out]: its error-updated columns);
+    ``quantize_col(col, q, err)`` writes the column's grid value into ``q`` and ``col −
+    dequantized`` into ``err``. Returns the grid values (solve order) and the float64 row
+    sums of the squared errors ``e = err / U[i,i]`` (the damped output error, see
+    :func:`_undamped_error`)."""
     out_f, n = W.shape
-    cols = args.columns_per_group(n)
-    grouped = args.group_size != -1
-    sym = args.symmetric
-    qmin, qmax = args.qmin, args.qmax
-    scale = torch.zeros(out_f, n // cols, device=W.device)
-    zero = torch.zeros(out_f, n // cols, device=W.device)
-    if not grouped:
-        s, z = compute_qparams(W, args, None if clip is None else clip[:, :1])
-        scale[:, :1], zero[:, :1] = s, z
-    cur_s, cur_z = scale[:, 0].clone(), zero[:, 0].clone()
-    block = max(cols, block_size // cols * cols) if grouped else block_size
+    sub = math.gcd(cols, SUB_BLOCK)
     Q = torch.empty_like(W)
-    group_of = (perm[::cols] // cols).tolist() if grouped else []
-
+    loss = torch.zeros(out_f, dtype=torch.float64, device=W.device)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
+        b = i2 - i1
         Wt = W[:, i1:i2].T.contiguous()  # [b, out]: column i of the block is the row Wt[i]
         Qt = torch.empty_like(Wt)
         Et = torch.empty_like(Wt)
         U1 = U[i1:i2, i1:i2]
         diag = U1.diagonal().tolist()
-        for i in range(i2 - i1):
-            if grouped and (i1 + i) % cols == 0:
-                g = group_of[(i1 + i) // cols]
-                s, z = compute_qparams(Wt[i:i + cols].T, args, None if clip is None else clip[:, g:g + 1])
-                scale[:, g:g + 1], zero[:, g:g + 1] = s, z
-                cur_s, cur_z = s[:, 0], z[:, 0]
-            col, q, err = Wt[i], Qt[i], Et[i]
-            torch.div(col, cur_s, out=q)
-            q.round_()
-            if sym:  # zero == 0: adding and subtracting it changes no value
-                q.clamp_(qmin, qmax)
-                torch.mul(q, cur_s, out=err)
-            else:
-                q.add_(cur_z).clamp_(qmin, qmax)
-                torch.sub(q, cur_z, out=err).mul_(cur_s)
-            torch.sub(col, err, out=err).div_(diag[i])
-            if i + 1 < i2 - i1:
-                Wt[i + 1:].sub_(U1[i, i + 1:, None] * err)
+        for j1 in range(0, b, sub):
+            j2 = min(j1 + sub, b)
+            for i in range(j1, j2):
+                if (i1 + i) % cols == 0:
+                    start_group((i1 + i) // cols, Wt[i:i + cols])
+                col, q, err = Wt[i], Qt[i], Et[i]
+                quantize_col(col, q, err)
+                err.div_(diag[i])
+                if i + 1 < j2:
+                    Wt[i + 1:j2].sub_(U1[i, i + 1:j2, None] * err)
+            if j2 < b:
+                Wt[j2:].sub_(U1[j1:j2, j2:].T @ Et[j1:j2])
         Q[:, i1:i2] = Qt.T
+        loss += (Et * Et).sum(dim=0, dtype=torch.float64)
         if i2 < n:
             W[:, i2:] -= Et.T.contiguous() @ U[i1:i2, i2:]
-    return Q, scale, zero
+    return Q, loss
 
 
-def quantize_columns_grid(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: QuantArgs,
-                          block_size: int, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`quantize_columns` on a float grid (``args.grid``: FP8 E4M3, NVFP4 E2M1) with fixed
-    scales ``scale`` [out, groups] (checkpoint group order): ``q = grid(w / s)`` (nearest, ties even),
-    ``err = (w − q·s) / U[i,i]``, the same error feedback. Returns the grid values (float, solve
-    order), the scales and zeros (all 0)."""
+def _block_width(args: QuantArgs, cols: int, block_size: int) -> int:
+    return max(cols, block_size // cols * cols) if args.group_size != -1 else block_size
+
+
+def quantize_columns(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: QuantArgs,
+                     block_size: int, clip: torch.Tensor | None = None,
+                     pool: ThreadPoolExecutor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`lazy_block_loop` on the integer grid: ``q = clamp(round(w/s) + z)``, ``err = w −
+    (q − z)·s``, with each group's scale and zero chosen from its error-updated weights when the
+    loop reaches it (``clip``: AWQ's ratios; ``pool``: threads for the MSE search's rows).
+    Returns the integers (solve order), the per-group scale and zero (checkpoint order) and the
+    row sums of ``e²``."""
     out_f, n = W.shape
     cols = args.columns_per_group(n)
     grouped = args.group_size != -1
-    group_of = (perm[::cols] // cols).tolist() if grouped else [0]
+    qmin, qmax = args.qmin, args.qmax
+    scale = torch.zeros(out_f, n // cols, device=W.device)
+    zero = torch.zeros(out_f, n // cols, device=W.device)
+    group_of = (perm[::cols] // cols).tolist()
+    cur = {}
+
+    def start_group(k: int, rows: torch.Tensor) -> None:
+        g = group_of[k]
+        if grouped:
+            s, z = _qparams(rows.T, args, None if clip is None else clip[:, g:g + 1], pool)
+        else:  # per channel: the whole row, before any column is quantized
+            s, z = _qparams(W, args, None if clip is None else clip[:, :1], pool)
+        scale[:, g:g + 1], zero[:, g:g + 1] = s, z
+        cur["s"], cur["z"] = s[:, 0].contiguous(), z[:, 0].contiguous()
+
+    def quantize_col(col, q, err) -> None:
+        s = cur["s"]
+        torch.div(col, s, out=q)
+        q.round_()
+        if args.symmetric:  # zero == 0: adding and subtracting it changes no value
+            q.clamp_(qmin, qmax)
+            torch.mul(q, s, out=err)
+        else:
+            z = cur["z"]
+            q.add_(z).clamp_(qmin, qmax)
+            torch.sub(q, z, out=err).mul_(s)
+        torch.sub(col, err, out=err)
+
+    Q, loss = lazy_block_loop(W, U, _block_width(args, cols, block_size), cols, start_group, quantize_col)
+    return Q, scale, zero, loss
+
+
+def quantize_columns_grid(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: QuantArgs,
+                          block_size: int, scale: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`lazy_block_loop` on a float grid (``args.grid``: FP8 E4M3, NVFP4 E2M1) with fixed
+    scales ``scale`` [out, groups] (checkpoint group order): ``q = grid(w / s)`` (nearest, ties
+    even), ``err = w − q·s``. Returns the grid values (float, solve order), the scales, zeros
+    (all 0) and the row sums of ``e²``."""
+    out_f, n = W.shape
+    cols = args.columns_per_group(n)
+    group_of = (perm[::cols] // cols).tolist() if args.group_size != -1 else [0]
     scale = scale.float()
     div = fg.nvfp4_safe(scale)  # an all-zero NVFP4 group has scale 0: its values round to 0
     rnd = fg.GRID_ROUND[args.grid]
-    Q = torch.empty_like(W)
-    cur_s, cur_d = scale[:, 0].contiguous(), div[:, 0].contiguous()
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
-        Wt = W[:, i1:i2].T.contiguous()
-        Qt = torch.empty_like(Wt)
-        Et = torch.empty_like(Wt)
-        U1 = U[i1:i2, i1:i2]
-        diag = U1.diagonal().tolist()
-        for i in range(i2 - i1):
-            if grouped and (i1 + i) % cols == 0:
-                g = group_of[(i1 + i) // cols]
-                cur_s, cur_d = scale[:, g].contiguous(), div[:, g].contiguous()
-            col, q, err = Wt[i], Qt[i], Et[i]
-            q.copy_(rnd(col / cur_d))
-            torch.mul(q, cur_s, out=err)
-            torch.sub(col, err, out=err).div_(diag[i])
-            if i + 1 < i2 - i1:
-                Wt[i + 1:].sub_(U1[i, i + 1:, None] * err)
-        Q[:, i1:i2] = Qt.T
-        if i2 < n:
-            W[:, i2:] -= Et.T.contiguous() @ U[i1:i2, i2:]
-    return Q, scale.clone(), torch.zeros(scale.shape, device=W.device)
+    cur = {}
+
+    def start_group(k: int, rows: torch.Tensor) -> None:
+        g = group_of[k]
+        cur["s"], cur["d"] = scale[:, g].contiguous(), div[:, g].contiguous()
+
+    def quantize_col(col, q, err) -> None:
+        q.copy_(rnd(col / cur["d"]))
+        torch.mul(q, cur["s"], out=err)
+        torch.sub(col, err, out=err)
+
+    Q, loss = lazy_block_loop(W, U, block_size, cols, start_group, quantize_col)
+    return Q, scale.clone(), torch.zeros(scale.shape, device=W.device), loss
