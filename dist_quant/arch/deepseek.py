@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..kv_layout import MLA
 from . import DENSE_STAGES, Stage, UnsupportedModel
 from .mla import program as mla_program
 from .moe import MOE_STAGE_NAMES, MoeArchSpec, MoeSpec
@@ -79,5 +80,5 @@ _ORDER = (Stage("attn_in", (ATTN + "q_a_proj", ATTN + "q_proj", ATTN + "kv_a_pro
           Stage("attn_out", (ATTN + "o_proj",))) + DENSE_STAGES[2:] + tuple(Stage(n, ()) for n in MOE_STAGE_NAMES)
 
 DEEPSEEK_ARCHS = {name: DeepseekArchSpec(name=name, stages=_ORDER, moe=_DEEPSEEK, program=mla_program,
-                                         extra_layers_key="num_nextn_predict_layers")
+                                         extra_layers_key="num_nextn_predict_layers", kv_layout=MLA)
                   for name in ("deepseek_v3", "kimi_k2")}
