@@ -20,6 +20,11 @@ over all heads (``tensor``) or per KV head (``head``). The scale is rounded to t
 server keeps it in before it is used (float32 in vLLM; the serving dtype in vLLM-Ascend).
 The layer's attention output (o_proj's input, the next layers' inputs) is then computed with
 the fake-quantized K and V, so everything after is calibrated on the served cache.
+
+:func:`calibrate` / :func:`applied` are written over the architecture's KV layout
+(``ArchSpec.kv_layout``, dist_quant/kv_layout.py): the capture above is the ``mha`` layout's;
+multi-head latent attention caches one latent per token with one scale
+(dist_quant/kvcache_mla.py).
 """
 from __future__ import annotations
 

@@ -158,7 +158,8 @@ def test_latent_scale_rederived_and_written_where_vllm_reads_it(env, monkeypatch
     run = job(env, "fp8", "quant.kv_cache=fp8")
     qc = json.loads((run.out / "config.json").read_text())["quantization_config"]
     s = qc["kv_cache_scheme"]
-    assert (s["type"], s["num_bits"], s["strategy"], s["dynamic"], s["symmetric"]) == ("float", 8, "tensor", False, True)
+    assert (s["type"], s["num_bits"], s["strategy"], s["dynamic"], s["symmetric"]) == \
+        ("float", 8, "tensor", False, True)
     from compressed_tensors.quantization import QuantizationConfig
     assert QuantizationConfig.model_validate(qc).kv_cache_scheme.strategy == "tensor"
 
@@ -177,11 +178,13 @@ def test_latent_scale_rederived_and_written_where_vllm_reads_it(env, monkeypatch
         assert torch.equal(k, v)  # one latent, one scale
         torch.testing.assert_close(k, m["scale"], rtol=1e-5, atol=0)
         # the rotated k_pe as vLLM's rotary computes it on kv_a_proj_with_mqa's output: the same maximum
-        torch.testing.assert_close(masked_amax(gptj_rope(m["k_pe"], theta), run.calib.mask), m["rope"], rtol=1e-5, atol=0)
+        vllm_rope = masked_amax(gptj_rope(m["k_pe"], theta), run.calib.mask)
+        torch.testing.assert_close(vllm_rope, m["rope"], rtol=1e-5, atol=0)
         # vLLM's loader sends exactly these names to the MLA attention's k_scale / v_scale
         for p in "kv":
             name = f"model.layers.{i}.self_attn.{p}_proj.{p}_scale"
-            assert sl.vllm_remap_kv_scale_name(name, params) == f"model.layers.{i}.self_attn.mla_attn.mla_attn.{p}_scale"
+            want = f"model.layers.{i}.self_attn.mla_attn.mla_attn.{p}_scale"
+            assert sl.vllm_remap_kv_scale_name(name, params) == want
             assert sl.vllm_remap_kv_scale_name(f"model.layers.{i}.self_attn.{p}_scale", params) is None  # dropped
     # layer 0: the rotated k_pe makes the maximum, and before RoPE it would be another one; layer 1:
     # the normed latent makes it (both parts are in the one scale)
@@ -207,7 +210,26 @@ def test_only_the_scales_are_added(env):
     qc_a = json.loads((job(env, "fp8").out / "config.json").read_text())["quantization_config"]
     qc_b = json.loads((job(env, "plain").out / "config.json").read_text())["quantization_config"]
     assert qc_b.get("kv_cache_scheme") is None and qc_a["kv_cache_scheme"] is not None
-    assert {k: v for k, v in qc_a.items() if k != "kv_cache_scheme"} == {k: v for k, v in qc_b.items() if k != "kv_cache_scheme"}
+    def rest(qc):
+        return {k: v for k, v in qc.items() if k != "kv_cache_scheme"}
+    assert rest(qc_a) == rest(qc_b)
+
+
+def test_transformers_loads_it_with_a_float_cache(env):
+    """transformers' DeepseekV3 has no k_proj / v_proj: the scales are unexpected keys, and the
+    attention (it takes ``cache``, not ``past_key_value(s)``) gets no compressed-tensors KV hook: the
+    logits are the fake-quant model's with a float cache."""
+    from transformers import AutoModelForCausalLM
+
+    run = job(env, "fp8", "quant.kv_cache=fp8")
+    loaded, info = AutoModelForCausalLM.from_pretrained(str(run.out), dtype=torch.float32, attn_implementation="sdpa",
+                                                        output_loading_info=True)
+    scales = {f"model.layers.{i}.self_attn.{p}_proj.{p}_scale" for i in range(LAYERS) for p in "kv"}
+    assert scales <= set(info["unexpected_keys"]) and not info["missing_keys"]
+    ref, _ = load_fake_quant(env.model, run.out, attn="sdpa")
+    ids = run.calib.input_ids[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref(ids).logits, atol=2e-4, rtol=1e-4)
 
 
 def test_two_ranks_write_the_one_rank_output(env):

@@ -16,6 +16,9 @@ Stages (each linear's input in the one-pass order; the layer program is dist_qua
 * dense layers: ``mlp_in`` / ``mlp_out``; MoE layers: ``moe_in`` (router, shared experts'
   gate/up), ``shared_out``, ``expert_in`` / ``expert_out`` per routed expert.
 
+KV cache (``quant.kv_cache=fp8``): the ``mla`` layout of dist_quant/kv_layout.py (the latent
+``kv_a_layernorm(kv_c) ‖ k_pe`` after RoPE, one scale; dist_quant/kvcache_mla.py).
+
 Kimi-K2's config says ``model_type: kimi_k2`` with ``architectures: [DeepseekV3ForCausalLM]``
 and an ``auto_map`` to its own code: it is mapped to this spec and to transformers'
 ``DeepseekV3Config`` explicitly (dist_quant/hf_config.py); no checkpoint code runs.
