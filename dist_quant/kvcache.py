@@ -20,6 +20,11 @@ over all heads (``tensor``) or per KV head (``head``). The scale is rounded to t
 server keeps it in before it is used (float32 in vLLM; the serving dtype in vLLM-Ascend).
 The layer's attention output (o_proj's input, the next layers' inputs) is then computed with
 the fake-quantized K and V, so everything after is calibrated on the served cache.
+
+:func:`calibrate` / :func:`applied` are written over the architecture's KV layout
+(``ArchSpec.kv_layout``, dist_quant/kv_layout.py): the capture above is the ``mha`` layout's;
+multi-head latent attention caches one latent per token with one scale
+(dist_quant/kvcache_mla.py).
 """
 from __future__ import annotations
 
@@ -111,46 +116,52 @@ class _Seen(Exception):
 
 
 def calibrate(ctx, attn, hs: list[torch.Tensor], mask) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """K and V scales of this layer from the normed inputs ``hs`` (one per batch; the q/k/v
-    linears already quantized), MAX-reduced over ranks; the owner writes them. None when the
-    job leaves the KV cache alone."""
+    """K and V scales of this layer from the normed inputs ``hs`` (one per batch; the linears
+    computing the cached tensors already quantized), MAX-reduced over ranks; the owner writes
+    them. What is cached, where it is taken and how it is measured is the architecture's
+    ``kv_layout`` (dist_quant/kv_layout.py: K/V per head here, MLA's latent in
+    dist_quant/kvcache_mla.py). None when the job leaves the KV cache alone."""
     args = ctx.job.kv
     if args is None:
         return None
-    heads = attn.config.num_key_value_heads
-    amax = torch.zeros(2, heads, device=ctx.device)
+    layout = ctx.arch.kv_layout
+    amax = torch.zeros(2, layout.dims(ctx.config)[0], device=ctx.device)
     for h, m in zip(hs, ctx.masks):
-        def record(key, value, m=m):
-            amax[0] = torch.maximum(amax[0], masked_head_amax(key, m))
-            amax[1] = torch.maximum(amax[1], masked_head_amax(value, m))
+        def record(a, b, m=m):
+            k, v = layout.measure(a, b, m)
+            amax[0] = torch.maximum(amax[0], k)
+            amax[1] = torch.maximum(amax[1], v)
             raise _Seen
-        with ctx.phase("kv_calib"), handling(attn, record), contextlib.suppress(_Seen):
+        with ctx.phase("kv_calib"), layout.handling(attn, record), contextlib.suppress(_Seen):
             attn(hidden_states=h, position_embeddings=ctx.pos_emb, attention_mask=mask)
     with ctx.phase("reduce"):
         amax = ctx.comm.all_reduce(amax, "max")
     k_scale, v_scale = scales(amax[0], args), scales(amax[1], args)
     prefix = ctx.fqn(ctx.arch.attn)
-    if owner(ctx.job.owners, prefix) == ctx.comm.rank:
+    if owner(ctx.job.owners, prefix, layout.owner) == ctx.comm.rank:
         with ctx.phase("write"):
-            for name, tensor in ctx.job.fmt.pack_kv(prefix, k_scale, v_scale, head_dims(ctx.config)[1]).items():
+            for name, tensor in ctx.job.fmt.pack_kv(prefix, layout, k_scale, v_scale, ctx.config).items():
                 ctx.job.writer.add(name, tensor)
     return k_scale, v_scale
 
 
 @contextlib.contextmanager
-def applied(attn, kv: tuple[torch.Tensor, torch.Tensor] | None, args: KVCacheArgs | None):
-    """Forwards of ``attn`` with K and V fake-quantized by the calibrated scales ``kv``."""
+def applied(attn, kv: tuple[torch.Tensor, torch.Tensor] | None, args: KVCacheArgs | None, site=handling):
+    """Forwards of ``attn`` with the cached pair fake-quantized by the calibrated scales ``kv``
+    (``site``: the layout's ``handling``; K and V here, MLA's latent and rotated k_pe with their
+    one scale, kv_layout.py)."""
     if kv is None:
         yield
         return
     k_scale, v_scale = kv
-    with handling(attn, lambda key, value: (fake_quant(key, k_scale, args), fake_quant(value, v_scale, args))):
+    with site(attn, lambda a, b: (fake_quant(a, k_scale, args), fake_quant(b, v_scale, args))):
         yield
 
 
-def owner(owners, attn_prefix: str) -> int:
-    """The rank writing a layer's KV-cache scales: the owner of its k_proj (rank 0 if unplanned)."""
-    return owners.owner.get(attn_prefix + ".k_proj", 0)
+def owner(owners, attn_prefix: str, linear: str = "k_proj") -> int:
+    """The rank writing a layer's KV-cache scales: the owner of ``linear`` (the layout's
+    ``owner``: k_proj, or MLA's kv_a_proj_with_mqa; rank 0 if unplanned)."""
+    return owners.owner.get(f"{attn_prefix}.{linear}", 0)
 
 
 def head_dims(config: dict) -> tuple[int, int]:

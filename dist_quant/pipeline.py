@@ -20,7 +20,7 @@ from .calibration import CalibrationSet
 from .checkpoint import Checkpoint
 from .config import JobConfig
 from .formats.registry import OutputFormat, make_format
-from .kvcache import head_dims, owner as kv_owner
+from .kvcache import owner as kv_owner
 from .layer_forward import build_skeleton, load_layer, unload_layer
 from .memory import trim_heap
 from .plan import ModelPlan, OwnerPlan
@@ -53,8 +53,8 @@ def output_specs(plan: ModelPlan, owners: OwnerPlan, ckpt: Checkpoint, args: Qua
 
     for i in range(plan.num_layers):
         if fmt.kv is not None:  # the KV-cache scales, written right after q/k/v are solved
-            attn = plan.arch.layer_prefix(i) + plan.arch.attn
-            per_rank[kv_owner(owners, attn)].extend(fmt.kv_specs(attn, *head_dims(ckpt.config)))
+            attn, layout = plan.arch.layer_prefix(i) + plan.arch.attn, plan.arch.kv_layout
+            per_rank[kv_owner(owners, attn, layout.owner)].extend(fmt.kv_specs(attn, layout, ckpt.config))
         for lin in plan.layer_linears(i):
             bias = raw(lin.name + ".bias") if lin.has_bias else None
             specs = fmt.linear_specs(lin.name, lin.out_features, lin.in_features, bias)

@@ -22,6 +22,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .kv_layout import KV_LAYOUTS, KVLayout
+
 VLLM = "vLLM (CUDA)"
 SGLANG = "SGLang (CUDA)"
 ASCEND = "vLLM-Ascend"
@@ -46,6 +48,8 @@ class Job:
     model_type: str = ""
     moe: bool = False
     kv_cache: str | None = None  # quant.kv_cache: None | "fp8" | "int8"
+    kv_strategy: str = "tensor"  # quant.kv_cache_strategy
+    kv_layout: str = "mha"  # what the attention caches (dist_quant/kv_layout.py: "mha" | "mla")
 
     @property
     def weight_only(self) -> bool:
@@ -79,6 +83,7 @@ class Rule:
     job_fails: Callable[[Job], bool] | None = None  # the whole output
     linear_fails: Callable[[Job, Linear], bool] | None = None  # dense (fused) linears
     moe_fails: Callable[[Job, MoeLayer], bool] | None = None  # fused expert layers
+    message: Callable[[Job], str] | None = None  # refusals: the line naming the offending value (else why)
     effect: str = "cannot serve"  # or a limit that leaves it servable: "serves, but not exactly the
     # calibrated model", "serves it only on Hopper GPUs (Machete)", "needs v0.24.0 or newer for"
 
@@ -126,16 +131,21 @@ def _wna16_moe_needs_new_vllm(job: Job, moe: MoeLayer) -> bool:
     return _wna16_moe_fails(job, moe) and not _wna16_moe_fails(job, moe, padded=True)
 
 
-MLA_TYPES = ("deepseek_v3", "kimi_k2")  # arch/deepseek.py: multi-head latent attention
+def _kv_layout_refusal(layout: KVLayout) -> Rule:
+    """A KV layout's strategies and output formats (kv_layout.py): the others, refused in a line
+    naming the offending value."""
+    def message(j: Job) -> str:
+        bad = (f"quant.kv_cache_strategy={j.kv_strategy!r}" if j.kv_strategy not in layout.strategies
+               else f"output.format={j.format!r}")
+        return f"quant.kv_cache={j.kv_cache!r} with {bad}: {layout.refusal}"
+
+    return Rule("all", f"quant.kv_cache with the {layout.name} KV layout: {layout.refusal}", layout.source,
+                applies=lambda j: j.kv_cache is not None and j.kv_layout == layout.name,
+                job_fails=lambda j: not layout.accepts(j.kv_strategy, j.format), message=message)
+
 
 REFUSALS: tuple[Rule, ...] = (
-    Rule("all", "quant.kv_cache with multi-head latent attention: vLLM caches the compressed latent "
-         "(kv_a_layernorm output ‖ rotated k_pe, one k_scale: concat_and_cache_mla) and vLLM-Ascend's MLA "
-         "cache quantization is FAKQuant (fa_q/fa_k/fa_v), not C8; dist_quant calibrates neither yet: "
-         "set quant.kv_cache=null",
-         "vLLM's MLA attention layer (do_kv_cache_update: ops.concat_and_cache_mla(kv_c_normed, k_pe, kv_cache, "
-         "slot_mapping, kv_cache_dtype, scale=k_scale)); vllm_ascend/quantization/methods/kv_c8.py, AscendFAQuantAttentionMethod",
-         applies=lambda j: j.kv_cache is not None, job_fails=lambda j: j.model_type in MLA_TYPES),
+    *(_kv_layout_refusal(layout) for layout in KV_LAYOUTS.values() if layout.refusal),
     Rule("all", "vLLM's and SGLang's W4A16/W8A16 MoE methods assert symmetric weights "
          "(CompressedTensorsWNA16MarlinMoEMethod / CompressedTensorsWNA16MoEMethod: \"Only symmetric "
          "quantization is supported for MoE\") in vLLM before v0.29.0 (Marlin MoE: before v0.23.0) and "
@@ -237,6 +247,17 @@ RULES: tuple[Rule, ...] = (
          "and float16 (int64); set output.dtype=bfloat16 or float16",
          "vllm_ascend/quantization/methods/w8a8_static.py, AscendW8A8LinearMethod.get_perchannel_param",
          applies=lambda j: _asc(j) and j.scheme == "W8A8", job_fails=lambda j: j.serve_dtype == "float32"),
+    Rule(VLLM, "the MLA latent's scale is written as self_attn.k_proj.k_scale / v_proj.v_scale, which "
+         "maybe_remap_kv_scale_name maps to self_attn.mla_attn.mla_attn.{k,v}_scale, but vLLM's compressed-tensors "
+         "config attaches its KV-cache method to Attention layers only (get_quant_method: isinstance(layer, "
+         "Attention) -> CompressedTensorsKVCacheMethod; MLAAttention is an AttentionLayerBase, not an Attention): "
+         "in the code read the MLA layer declares no k_scale parameter, so the scale is skipped ('k_scale is not "
+         "loaded') and --kv-cache-dtype fp8 caches the latent with scale 1.0 (code read, not run on a GPU)",
+         "vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py, "
+         "CompressedTensorsConfig.get_quant_method; vllm/model_executor/layers/attention/attention.py, "
+         "_init_kv_cache_quant; vllm/model_executor/model_loader/weight_utils.py, maybe_remap_kv_scale_name",
+         applies=lambda j: _ct(j) and j.kv_cache is not None and j.kv_layout == "mla", job_fails=lambda j: True,
+         effect="serves, but not exactly the calibrated model"),
     # -- FP8 and W4AFP8 (docs/float_formats.md) --------------------------------------------------
     Rule(ASCEND, "vLLM-Ascend has no FP8 or NVFP4 compressed-tensors scheme: its _detect_quant_type matches on "
          "bits and strategy only (_is_dynamic_token_w8a8 / _is_static_tensor_w8a8 / _is_dynamic_token_w4a8 never "
@@ -384,7 +405,8 @@ def refuse(job: Job) -> None:
 
     for rule in REFUSALS:
         if rule.applies(job) and rule.job_fails is not None and rule.job_fails(job):
-            raise ConfigError(f"{job.format} {job.scheme} {'MoE ' if job.moe else ''}output: {rule.why}")
+            why = rule.message(job) if rule.message is not None else rule.why
+            raise ConfigError(f"{job.format} {job.scheme} {'MoE ' if job.moe else ''}output: {why}")
 
 
 # -- from a job's config and plan ------------------------------------------------------------------
@@ -405,7 +427,8 @@ def job_of(cfg, plan, serve_dtype) -> Job:
         scheme = "W8A8_DYNAMIC" if q.act_dynamic else "W8A8"
     return Job(format=cfg.output.format, scheme=scheme, group_size=q.group_size, symmetric=q.symmetric,
                serve_dtype=str(serve_dtype).removeprefix("torch."), model_type=plan.arch.name,
-               moe=plan.arch.moe is not None, kv_cache=q.kv_cache)
+               moe=plan.arch.moe is not None, kv_cache=q.kv_cache, kv_strategy=q.kv_cache_strategy,
+               kv_layout=plan.arch.kv_layout.name)
 
 
 def plan_warnings(cfg, plan, serve_dtype) -> list[str]:

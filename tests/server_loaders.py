@@ -437,6 +437,39 @@ def vllm_kv_name(name: str) -> str | None:
     return None
 
 
+VLLM_KV_SCALE_PATTERNS = (  # maybe_remap_kv_scale_name's scale_mapping_patterns, in order (k/v part)
+    (r"\.self_attn\.([kv])_proj\.([kv])_scale$", r".self_attn.{attn}.\2_scale"),  # ModelOpt: MLA-aware
+    (r"\.self_attn\.qkv_proj\.([kv])_scale$", r".self_attn.attn.\1_scale"),
+    (r"\.self_attn\.qkqkv_proj\.([kv])_scale$", r".self_attn.attn.\1_scale"),
+    (r"\.mixer\.[kv]_proj\.([kv])_scale$", r".mixer.attn.\1_scale"),
+    (r"\.([qkv])_scale$", r".attn.\1_scale"),  # default
+)
+
+
+def vllm_remap_kv_scale_name(name: str, params: set[str]) -> str | None:
+    """vLLM's ``maybe_remap_kv_scale_name`` (model_loader/weight_utils.py, the regex version):
+    ``attn_str`` is ``mla_attn.mla_attn`` when any parameter name holds ``mla_attn`` (DeepSeek's
+    ``DeepseekV2MLAAttention.mla_attn`` wrapper → its ``MLAAttention``), else ``attn``; the first
+    matching pattern decides; a remapped name the model does not have is dropped (None, "is not
+    loaded"); other names pass unchanged."""
+    attn = "mla_attn.mla_attn" if any("mla_attn" in p for p in params) else "attn"
+    if not name.endswith((".k_scale", ".v_scale", ".q_scale")):
+        return name
+    for pattern, replacement in VLLM_KV_SCALE_PATTERNS:
+        if re.search(pattern, name):
+            remapped = re.sub(pattern, replacement.replace("{attn}", attn), name)
+            return remapped if remapped in params else None
+    return name
+
+
+def vllm_mla_kv_params(layers: int) -> set[str]:
+    """The KV-scale parameter names of vLLM's DeepseekV2 MLA model when a KV-cache method is
+    attached to its ``MLAAttention`` (``BaseKVCacheMethod.create_weights``: ``k_scale``,
+    ``v_scale``; the module path ``model.layers.N.self_attn`` (DeepseekV2MLAAttention) ``.mla_attn``
+    (MultiHeadLatentAttentionWrapper) ``.mla_attn`` (MLAAttention))."""
+    return {f"model.layers.{i}.self_attn.mla_attn.mla_attn.{k}_scale" for i in range(layers) for k in "kv"}
+
+
 def vllm_kv_load(tensor: torch.Tensor, p: Param) -> torch.Tensor:
     """What lands in the parameter: flattened (attn_head loader) and cast to float32 exactly."""
     flat = tensor.flatten()

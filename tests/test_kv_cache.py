@@ -2,7 +2,7 @@
 scales re-derived independently (the output's own weights in a float model, K and V taken by this
 test's attention function after RoPE, the layers before already caching quantized K/V), the
 servers' loader contracts (vLLM k_scale/v_scale; vLLM-Ascend C8), 2 ranks = 1 rank, and the
-refusals."""
+refusals. Multi-head latent attention (DeepSeek-V3 / Kimi-K2): tests/test_mla_kv_cache.py."""
 from __future__ import annotations
 
 import json
@@ -273,19 +273,3 @@ def test_bad_combinations_refused_in_one_line(env, capsys, extra, match):
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and match in errors[0], errors
     assert not out.exists() and not out.with_name(out.name + ".partial").exists()
-
-
-def test_mla_refused_before_work(tmp_path, capsys):
-    from tiny import corpus_text
-    from tiny_deepseek import make_tiny_deepseek
-
-    model = make_tiny_deepseek(tmp_path / "ds", layers=2, experts=4, mtp=0)
-    calib = tmp_path / "calib.txt"
-    calib.write_text(corpus_text(20_000))
-    out = tmp_path / "out"
-    argv = [f"model.path={model}", f"calib.path={calib}", *CALIB, f"output.dir={out}", f"runtime.run_dir={out}.run",
-            "quant=rtn_w4a16", "quant.group_size=-1", "quant.kv_cache=fp8"]
-    assert main(argv) == 2
-    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "multi-head latent attention" in errors[0], errors
-    assert not out.exists()

@@ -129,15 +129,21 @@ def test_transformers_dynamic_activations_differ_from_the_kernels():
     (job(sym=False, moe=True), "Only symmetric quantization is supported for MoE"),
     (job(scheme="W8A16", group=-1, sym=False, moe=True), "Only symmetric"),
     (job("ascend", "W8A16", -1, moe=True), "no W8A16 MoE scheme"),
-    (Job("compressed-tensors", "W4A16", 128, True, "bfloat16", "deepseek_v3", True, kv_cache="fp8"),
-     "multi-head latent attention"),
+    (Job("compressed-tensors", "W4A16", 128, True, "bfloat16", "deepseek_v3", True, kv_cache="fp8",
+         kv_strategy="head", kv_layout="mla"), "quant.kv_cache='fp8' with quant.kv_cache_strategy='head'"),
+    (Job("ascend", "W8A8_DYNAMIC", -1, True, "bfloat16", "deepseek_v3", True, kv_cache="int8", kv_layout="mla"),
+     "quant.kv_cache='int8' with output.format='ascend'"),
 ])
 def test_refusals(j, match):
     with pytest.raises(ConfigError, match=match):
         refuse(j)
 
 
-@pytest.mark.parametrize("j", [job(moe=True), job(sym=False), job("ascend", "W8A8_DYNAMIC", -1, moe=True)])
+@pytest.mark.parametrize("j", [job(moe=True), job(sym=False), job("ascend", "W8A8_DYNAMIC", -1, moe=True),
+                               Job("compressed-tensors", "W4A16", 128, True, "bfloat16", "deepseek_v3", True,
+                                   kv_cache="fp8", kv_layout="mla"),
+                               Job("ascend", "W8A8_DYNAMIC", -1, True, "bfloat16", "llama", kv_cache="int8",
+                                   kv_strategy="head")])
 def test_no_refusal_where_a_server_loads_it(j):
     refuse(j)
 

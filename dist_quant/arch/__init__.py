@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..kv_layout import MHA, KVLayout
 from . import dense
 
 
@@ -46,6 +47,9 @@ class ArchSpec:
     """config.json key counting layers stored after the last decoder layer that transformers does
     not build (multi-token-prediction layers: ``num_nextn_predict_layers``); their tensors are
     written through unquantized and listed in the output's ``ignore``."""
+    kv_layout: KVLayout = MHA
+    """What the server's KV cache holds for this attention (dist_quant/kv_layout.py): K and V per
+    KV head, or MLA's one latent per token."""
 
     moe = None  # MoE architectures: a dist_quant.arch.moe.MoeSpec (see MoeArchSpec)
 

@@ -16,6 +16,9 @@ Stages (each linear's input in the one-pass order; the layer program is dist_qua
 * dense layers: ``mlp_in`` / ``mlp_out``; MoE layers: ``moe_in`` (router, shared experts'
   gate/up), ``shared_out``, ``expert_in`` / ``expert_out`` per routed expert.
 
+KV cache (``quant.kv_cache=fp8``): the ``mla`` layout of dist_quant/kv_layout.py (the latent
+``kv_a_layernorm(kv_c) ‖ k_pe`` after RoPE, one scale; dist_quant/kvcache_mla.py).
+
 Kimi-K2's config says ``model_type: kimi_k2`` with ``architectures: [DeepseekV3ForCausalLM]``
 and an ``auto_map`` to its own code: it is mapped to this spec and to transformers'
 ``DeepseekV3Config`` explicitly (dist_quant/hf_config.py); no checkpoint code runs.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..kv_layout import MLA
 from . import DENSE_STAGES, Stage, UnsupportedModel
 from .mla import program as mla_program
 from .moe import MOE_STAGE_NAMES, MoeArchSpec, MoeSpec
@@ -79,5 +83,5 @@ _ORDER = (Stage("attn_in", (ATTN + "q_a_proj", ATTN + "q_proj", ATTN + "kv_a_pro
           Stage("attn_out", (ATTN + "o_proj",))) + DENSE_STAGES[2:] + tuple(Stage(n, ()) for n in MOE_STAGE_NAMES)
 
 DEEPSEEK_ARCHS = {name: DeepseekArchSpec(name=name, stages=_ORDER, moe=_DEEPSEEK, program=mla_program,
-                                         extra_layers_key="num_nextn_predict_layers")
+                                         extra_layers_key="num_nextn_predict_layers", kv_layout=MLA)
                   for name in ("deepseek_v3", "kimi_k2")}

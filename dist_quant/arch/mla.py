@@ -11,7 +11,8 @@ before it already quantized::
     attn_in   q_a_proj, kv_a_proj_with_mqa  (or q_proj, kv_a_proj_with_mqa)  ← h
     q_b       q_b_proj                       ← q_a_layernorm(q_a_proj(h))
     kv_b      kv_b_proj                      ← kv_a_layernorm(kv_a_proj_with_mqa(h)[..., :kv_lora_rank])
-    attn_out  o_proj                         ← attention(q, k, v)
+    (quant.kv_cache: the latent's scale, kvcache.calibrate with the MLA layout, kv_layout.py)
+    attn_out  o_proj                         ← attention(q, k, v), the latent fake-quantized
     x ← x + o_proj(·)
 
 The attention itself is transformers' ``DeepseekV3Attention`` (rotary layout, YaRN softmax
@@ -19,6 +20,12 @@ scale, head split), run with ``o_proj`` replaced by identity. Inside it, ``q_b_p
 ``kv_b_proj`` see their inputs through ``ctx.act`` (forward pre-hooks: int8 fake-quantized in
 W8A8 jobs), as a W8A8 kernel quantizes its own input; ``q_a_proj`` / ``kv_a_proj_with_mqa`` get
 ``attn_in``'s inputs as ``ctx.quantize`` returns them (already as they see them).
+
+With ``quant.kv_cache=fp8`` the cached latent ``kv_a_layernorm(kv_c) ‖ k_pe`` (after RoPE) is
+measured once ``kv_a_proj_with_mqa`` is quantized (after the ``kv_b`` stage, which reads the
+float latent as vLLM's prefill does), and ``o_proj``'s input is then computed with the latent
+fake-quantized by its one scale before ``kv_b_proj`` expands it (the decode path: vLLM reads the
+fp8 latent back from the cache, dist_quant/kvcache_mla.py).
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import contextlib
 
 import torch
 
+from .. import kvcache
 from . import dense, moe_block
 
 INNER = ("q_b_proj", "kv_b_proj")  # linears called inside the attention module on computed inputs
@@ -53,15 +61,17 @@ def attention(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     attn = ctx.module("self_attn")
     norm = ctx.module("input_layernorm")
     rank = attn.kv_lora_rank
+    kv = None  # the latent's KV-cache scales once calibrated (quant.kv_cache)
 
-    def core(h):  # attention up to o_proj's input
-        with _inputs_as_seen(ctx, attn):
+    def core(h):  # attention up to o_proj's input (the latent as the quantized cache returns it)
+        with _inputs_as_seen(ctx, attn), kvcache.applied(attn, kv, ctx.job.kv, ctx.arch.kv_layout.handling):
             return ctx.input_of(attn, "o_proj", hidden_states=h, position_embeddings=ctx.pos_emb, attention_mask=None)
 
     hs = ctx.quantize("attn_in", lambda: [norm(x) for x in xs])
     if attn.q_lora_rank is not None:
         ctx.quantize("q_b", lambda: [attn.q_a_layernorm(attn.q_a_proj(h)) for h in hs])
     ctx.quantize("kv_b", lambda: [attn.kv_a_layernorm(attn.kv_a_proj_with_mqa(h)[..., :rank]) for h in hs])
+    kv = kvcache.calibrate(ctx, attn, hs, None)
     return dense.residual_stage(ctx, xs, hs, core, "attn_out", attn.o_proj)
 
 

@@ -11,6 +11,9 @@ compressed-tensors (vLLM; ``quant.kv_cache=fp8``):
   LLM-Compressor saves; vLLM's ``_tp_aware_loader`` flattens it to its ``[num_kv_heads]``
   parameter). vLLM's loaders rename ``self_attn.k_scale`` to the attention layer's
   ``self_attn.attn.k_scale`` (``maybe_remap_kv_scale_name``) and keep it in float32.
+  Multi-head latent attention (DeepSeek-V3, Kimi-K2): one latent scale, written as equal
+  ``self_attn.k_proj.k_scale`` / ``self_attn.v_proj.v_scale``, the names vLLM maps to
+  ``self_attn.mla_attn.mla_attn.{k,v}_scale`` (the names are the layout's: dist_quant/kv_layout.py).
 
 Ascend (msModelSlim C8; vLLM-Ascend ``AscendModelSlimConfig`` with ``kv_cache_type: C8``,
 ``get_cache_scale_mapper``, ``AscendC8KVCacheAttentionMethod``; ``quant.kv_cache=int8``):
@@ -47,15 +50,16 @@ def _ct_shape(args: KVCacheArgs, kv_heads: int) -> tuple[int, ...]:
     return (kv_heads, 1, 1) if args.per_head else (1,)
 
 
-def ct_specs(attn: str, kv_heads: int, head_dim: int, args: KVCacheArgs) -> list[TensorSpec]:
+def ct_specs(names: tuple[str, str], kv_heads: int, args: KVCacheArgs) -> list[TensorSpec]:
+    """``names``: the K and V scale names (the layout's, dist_quant/kv_layout.py)."""
     shape = _ct_shape(args, kv_heads)
-    return [TensorSpec(f"{attn}.{k}_scale", "F32", shape) for k in ("k", "v")]
+    return [TensorSpec(name, "F32", shape) for name in names]
 
 
-def ct_tensors(attn: str, k_scale: torch.Tensor, v_scale: torch.Tensor, head_dim: int,
+def ct_tensors(names: tuple[str, str], k_scale: torch.Tensor, v_scale: torch.Tensor,
                args: KVCacheArgs) -> dict[str, torch.Tensor]:
     shape = _ct_shape(args, k_scale.numel())
-    return {f"{attn}.{k}_scale": s.float().reshape(shape).contiguous() for k, s in (("k", k_scale), ("v", v_scale))}
+    return {name: s.float().reshape(shape).contiguous() for name, s in zip(names, (k_scale, v_scale))}
 
 
 def _asc_len(args: KVCacheArgs, kv_heads: int, head_dim: int) -> int:

@@ -26,6 +26,7 @@ from . import compressed_tensors as ct
 from . import compressed_tensors_fp8 as ctf
 from . import compressed_tensors_w8a8 as ct8
 from . import kv_cache
+from ..kv_layout import KVLayout
 from ..kvcache import KVCacheArgs
 from .serving import with_serving_dtype
 
@@ -47,12 +48,14 @@ class OutputFormat:
     def args_of(self, name: str) -> QuantArgs:
         return self.linear_args.get(name, self.args)
 
-    def kv_specs(self, attn: str, kv_heads: int, head_dim: int) -> list[TensorSpec]:
-        """The KV-cache scale tensors of attention module ``attn`` (full name)."""
-        return kv_cache.ct_specs(attn, kv_heads, head_dim, self.kv)
+    def kv_specs(self, attn: str, layout: KVLayout, config: dict) -> list[TensorSpec]:
+        """The KV-cache scale tensors of attention module ``attn`` (full name) whose cache is
+        ``layout`` (dist_quant/kv_layout.py), for the checkpoint's ``config``."""
+        return kv_cache.ct_specs(layout.ct_names(attn), layout.dims(config)[0], self.kv)
 
-    def pack_kv(self, attn: str, k_scale: torch.Tensor, v_scale: torch.Tensor, head_dim: int) -> dict[str, torch.Tensor]:
-        return kv_cache.ct_tensors(attn, k_scale, v_scale, head_dim, self.kv)
+    def pack_kv(self, attn: str, layout: KVLayout, k_scale: torch.Tensor, v_scale: torch.Tensor,
+                config: dict) -> dict[str, torch.Tensor]:
+        return kv_cache.ct_tensors(layout.ct_names(attn), k_scale, v_scale, self.kv)
 
     def linear_specs(self, name: str, out_features: int, in_features: int,
                      bias: TensorSpec | None) -> list[TensorSpec]:
@@ -130,6 +133,14 @@ class CompressedTensorsW4AFP8(OutputFormat):
         return ctf.quantization_config(self.args, self.act, ignore)
 
 
+def _c8_dims(layout: KVLayout, config: dict) -> tuple[int, int]:
+    """(KV heads, head_dim) of a C8 cache: msModelSlim's names are per K/V projection (MHA only;
+    other layouts are refused before any work, dist_quant/servability.py)."""
+    if "ascend" not in layout.formats:
+        raise ValueError(f"the {layout.name} KV layout has no Ascend C8 form")
+    return layout.dims(config)
+
+
 class Ascend(OutputFormat):
     """msModelSlim description format."""
 
@@ -151,11 +162,11 @@ class Ascend(OutputFormat):
     def pack_linear(self, name, result, bias, act_params):
         return ascend.pack_linear(name, result, self.args_of(name), self.act_of(name), act_params, bias)
 
-    def kv_specs(self, attn, kv_heads, head_dim):
-        return kv_cache.ascend_specs(attn, kv_heads, head_dim, self.kv)
+    def kv_specs(self, attn, layout, config):
+        return kv_cache.ascend_specs(attn, *_c8_dims(layout, config), self.kv)
 
-    def pack_kv(self, attn, k_scale, v_scale, head_dim):
-        return kv_cache.ascend_tensors(attn, k_scale, v_scale, head_dim, self.kv)
+    def pack_kv(self, attn, layout, k_scale, v_scale, config):
+        return kv_cache.ascend_tensors(attn, k_scale, v_scale, _c8_dims(layout, config)[1], self.kv)
 
     def finish(self, directory, parts, weight_map, config, ignore, quantized):
         write_index(directory, parts, weight_map, name=self.index_name)

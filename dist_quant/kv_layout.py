@@ -1,0 +1,68 @@
+"""What the server's KV cache holds for an attention, as data (``ArchSpec.kv_layout``): where
+dist_quant takes it in the model's forward, which maximum makes its scales, who writes them
+under which names, and which ``quant.kv_cache_strategy`` / ``output.format`` the servers read
+for it (the others are refused before any work: dist_quant/servability.py builds one refusal
+per entry from :data:`KV_LAYOUTS`).
+
+* ``mha``: K after RoPE and V per KV head (Llama, Qwen, Mistral and the MoE families;
+  dist_quant/kvcache.py). compressed-tensors names ``<attn>.k_scale`` / ``<attn>.v_scale``
+  (vLLM ``maybe_remap_kv_scale_name``: ``.{k,v}_scale`` → ``.attn.{k,v}_scale``); Ascend C8.
+* ``mla``: the latent ``kv_a_layernorm(kv_c) ‖ k_pe`` (after RoPE), one row per token and one
+  scale (DeepSeek-V3, Kimi-K2; dist_quant/kvcache_mla.py), written as equal
+  ``<attn>.k_proj.k_scale`` / ``<attn>.v_proj.v_scale``: the only names vLLM's
+  ``maybe_remap_kv_scale_name`` sends to the MLA attention
+  (``\\.self_attn\\.([kv])_proj\\.([kv])_scale$`` → ``.self_attn.mla_attn.mla_attn.\\2_scale``
+  when the model has ``mla_attn`` parameters; the default ``.{k,v}_scale`` → ``.attn.{k,v}_scale``
+  names no MLA parameter, so ``self_attn.k_scale`` would be dropped with "k_scale is not loaded").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from . import kvcache, kvcache_mla
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    name: str
+    owner: str  # the linear (relative to the attention) whose owner rank writes the scales
+    ct_leaves: tuple[str, str]  # compressed-tensors K and V scale names, relative to the attention
+    dims: Callable[[dict], tuple[int, int]]  # config.json → (scale heads, channels per head)
+    handling: Callable  # context manager (attn, handler(a, b) -> (a, b)): the cached pair in the forward
+    measure: Callable  # (a, b, mask) -> (K max |x| [heads], V max |x| [heads]), float32
+    strategies: tuple[str, ...]  # quant.kv_cache_strategy values the servers read
+    formats: tuple[str, ...]  # output.format values that can carry it
+    refusal: str = ""  # why the other strategies / formats are refused (one line)
+    source: str = ""  # the server code that says so
+
+    def ct_names(self, attn: str) -> tuple[str, str]:
+        return tuple(f"{attn}.{leaf}" for leaf in self.ct_leaves)
+
+    def accepts(self, strategy: str, fmt: str) -> bool:
+        return strategy in self.strategies and fmt in self.formats
+
+
+def _head_amax(key, value, mask):
+    return kvcache.masked_head_amax(key, mask), kvcache.masked_head_amax(value, mask)
+
+
+MHA = KVLayout(
+    name="mha", owner="k_proj", ct_leaves=("k_scale", "v_scale"), dims=kvcache.head_dims,
+    handling=kvcache.handling, measure=_head_amax, strategies=kvcache.STRATEGIES,
+    formats=("compressed-tensors", "ascend"))
+
+MLA = KVLayout(
+    name="mla", owner="kv_a_proj_with_mqa", ct_leaves=("k_proj.k_scale", "v_proj.v_scale"),
+    dims=kvcache_mla.latent_dims, handling=kvcache_mla.handling, measure=kvcache_mla.latent_amax,
+    strategies=("tensor",), formats=("compressed-tensors",),
+    refusal="multi-head latent attention (DeepSeek-V3, Kimi-K2) caches one latent per token "
+            "(kv_a_layernorm output ‖ rotated k_pe, no heads) with one k_scale, written for vLLM only: use "
+            "quant.kv_cache=fp8, quant.kv_cache_strategy=tensor, output.format=compressed-tensors (there are no "
+            "heads to scale one by one; vLLM-Ascend's MLA cache quantization is FAKQuant fa_q/fa_k/fa_v, not C8, "
+            "and dist_quant does not write it)",
+    source="vLLM MLA backends' do_kv_cache_update: ops.concat_and_cache_mla(kv_c_normed, k_pe, kv_cache, "
+           "slot_mapping, kv_cache_dtype, scale=k_scale); vllm_ascend/quantization/methods/kv_c8.py, "
+           "AscendFAQuantAttentionMethod")
+
+KV_LAYOUTS: dict[str, KVLayout] = {layout.name: layout for layout in (MHA, MLA)}
