@@ -7,7 +7,7 @@ import math
 
 import compressed_tensors
 import torch
-from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.compressors.pack_quantized.base import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
 from ..quant.qparams import QuantArgs, QuantResult
@@ -51,14 +51,17 @@ def config_entry(one_scheme: QuantizationScheme, fmt: str, ignore: list[str],
 
 
 def compress_linear(name: str, result: QuantResult, args: QuantArgs) -> dict[str, torch.Tensor]:
-    """Packed tensors of one linear, named ``{name}.weight_packed`` etc."""
+    """Packed tensors of one linear, named ``{name}.weight_packed`` etc.: the solver's integers
+    packed by the library's own ``pack_to_int32`` (as ``PackedQuantizationCompressor.compress``
+    packs the integers it gets by re-quantizing the dequantized weight with these scales; the
+    integers are the same, so they are packed directly), the zero points packed along the
+    output dim for asymmetric schemes (``PACK_ZP_STRATS``)."""
     in_features = result.q.shape[1]
-    w_hat = result.dequantize(args)
-    state = {"weight": w_hat, "weight_scale": result.scale}
+    packed = {"weight_packed": pack_to_int32(result.q, args.bits),
+              "weight_shape": torch.tensor(result.q.shape),
+              "weight_scale": result.scale.to(args.scale_dtype)}
     if not args.symmetric:
-        state["weight_zero_point"] = result.zero
-    packed = PackedQuantizationCompressor.compress(state, scheme(args))
-    packed["weight_scale"] = result.scale.to(args.scale_dtype)
+        packed["weight_zero_point"] = pack_to_int32(result.zero, args.bits, packed_dim=0)
     assert packed["weight_packed"].shape[1] == math.ceil(in_features * args.bits / 32)
     return {f"{name}.{key}": value.contiguous() for key, value in packed.items()}
 
