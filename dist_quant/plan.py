@@ -151,7 +151,8 @@ def absorbed_weight_only(quant) -> bool:
     1.0 may lead to over/underflows"): NVFP4 inputs turn each 1.0 into ``6 · e4m3(gs/6) / gs`` (off
     by the E4M3 rounding of the global scale ``gs``, saturated when ``gs/6 > 448``), so W_UK / W_UV
     would not be the written weights, and prefill (which runs kv_b_proj on quantized inputs) and
-    decode would compute different models. Dynamic per-token int8 / FP8 scales map 1.0 exactly."""
+    decode would compute different models. Dynamic per-token int8 / FP8 scales map 1.0 to itself
+    (up to float32 rounding of 1/127, 1/448)."""
     if getattr(quant, "act_bits", None) is None:
         return False
     return getattr(quant, "act_type", "int") == "nvfp4" or not quant.act_dynamic

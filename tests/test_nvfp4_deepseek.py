@@ -141,6 +141,21 @@ def test_kv_b_proj_is_weight_only_in_w4a4_jobs(env):
     assert not any(k.startswith(f"model.layers.{LAYERS}.") and "weight_packed" in k for k in t)  # MTP: float
 
 
+def test_kimi_k2_plan_marks_kv_b_proj_too(tmp_path):
+    from dist_quant.checkpoint import Checkpoint
+    from dist_quant.config import QuantConfig
+    from dist_quant.plan import inspect_model, weight_only_targets
+
+    kimi = make_tiny_deepseek(tmp_path / "kimi", layers=2, experts=4, mtp=0, n_group=1, topk_group=1,
+                              fp8_block=(16, 16), kimi=True)
+    plan = inspect_model(Checkpoint(kimi), QuantConfig(name="nvfp4", weight_type="nvfp4", bits=4, group_size=16,
+                                                       act_bits=4, act_type="nvfp4", act_dynamic=False))
+    assert plan.arch.name == "kimi_k2"
+    assert [lin.name for lin in plan.linears if lin.weight_only] == [f"model.layers.{i}.self_attn.kv_b_proj"
+                                                                      for i in range(2)]
+    assert weight_only_targets(plan) == [KV_B_TARGET]
+
+
 # -- the weights by an independent reader, fused scales, the vLLM tables ---------------------------------
 @pytest.mark.parametrize("preset,solver", [("nvfp4", "rtn"), ("nvfp4a16", "rtn"), ("nvfp4", "gptq")])
 def test_weights_by_an_independent_reader_and_the_vllm_tables(env, preset, solver):

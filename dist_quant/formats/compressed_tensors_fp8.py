@@ -128,7 +128,7 @@ def nvfp4_quantization_config(act: ActQuantArgs | None, ignore: list[str], weigh
     NVFP4A16 in a W4A4 job (MLA ``kv_b_proj``, dist_quant/plan.py ``absorbed_weight_only``), a second
     group with no ``input_activations``: vLLM's ``_get_scheme_from_parts`` then builds
     ``CompressedTensorsW4A4Fp4(use_a16=True)`` for them (compressed_tensors.py)."""
-    more = [preset_name_to_scheme("NVFP4A16", list(weight_only))] if weight_only and act is not None else []
+    more = [preset_name_to_scheme("NVFP4A16", list(weight_only))] if weight_only else []
     return config_entry(preset_name_to_scheme(nvfp4_preset(act), ["Linear"]), NVFP4_FORMAT, ignore, more)
 
 

@@ -132,7 +132,7 @@ class CompressedTensorsNVFP4(CompressedTensorsFP8):
         return ctf.compress_nvfp4(name, result, self.args, self.act_of(name), act_params)
 
     def quantization_config(self, ignore):
-        return ctf.nvfp4_quantization_config(self.act, ignore, self.weight_only_targets if self.weight_only else [])
+        return ctf.nvfp4_quantization_config(self.act, ignore, self.weight_only_targets)
 
 
 class CompressedTensorsW4AFP8(OutputFormat):
