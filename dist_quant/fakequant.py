@@ -23,6 +23,7 @@ the reference the tests compare transformers' own compressed-tensors loader agai
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -111,15 +112,26 @@ def _linear_plan_w4afp8(tensors, qc: dict):
     return plan
 
 
+def _group_of(qc: dict, mod: str) -> dict:
+    """The config group of module ``mod``: the first whose ``re:`` / name target matches its name
+    (vLLM's ``find_matched_target`` tries layer names before class names), else ``group_0``."""
+    for group in qc["config_groups"].values():
+        for target in group.get("targets", ()):
+            if target == mod or (target.startswith("re:") and re.match(target[3:], mod)):
+                return group
+    return qc["config_groups"]["group_0"]
+
+
 def _linear_plan_nvfp4(tensors, qc: dict):
     """``nvfp4-pack-quantized``: ``e2m1(weight_packed) · weight_scale / weight_global_scale`` per
-    group of 16; W4A4 inputs: NVFP4 with ``input_global_scale`` (local scales at run time)."""
-    inputs = qc["config_groups"]["group_0"].get("input_activations")
+    group of 16; W4A4 inputs: NVFP4 with ``input_global_scale`` (local scales at run time), except for
+    modules of a config group without ``input_activations`` (NVFP4A16: MLA ``kv_b_proj``)."""
     plan = {}
     for key, t in tensors.items():
         if not key.endswith(".weight_packed"):
             continue
         mod = key[: -len(".weight_packed")]
+        inputs = _group_of(qc, mod).get("input_activations")
         w = fg.nvfp4_dequantize(fg.unpack_e2m1(t), tensors[mod + ".weight_scale"], tensors[mod + ".weight_global_scale"])
         act = ("none", None, 0.0) if inputs is None else (
             "nvfp4", StaticActParams(tensors[mod + ".input_global_scale"].float().reshape(1), torch.zeros(1)), 0.0)

@@ -4,6 +4,7 @@ tensors each rank will write. Deterministic (sorted inputs, stable tie-breaks) s
 communication is needed to agree on it."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .algorithms.registry import solver_cost
@@ -23,6 +24,12 @@ class LinearInfo:
     has_bias: bool
     expert: int | None = None  # MoE: routed expert index (None: a dense linear, incl. shared experts)
     fallback: str | None = None  # "w8": kept at int8 per-channel weights (dist_quant/fallback.py)
+    weight_only: bool = False  # an absorbed linear (ArchSpec.absorbed) in a static-activation job: float inputs
+
+    @property
+    def float_input(self) -> bool:
+        """Its input is not quantized in an activation-quantized job (w8 fallback, weight-only)."""
+        return self.fallback is not None or self.weight_only
 
     def solve_cost(self, method: str, pieces: int = 1) -> float:
         """Work of one owner's solve when the rows are split into ``pieces`` (GPTQ: every owner
@@ -78,6 +85,7 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig, kept: dict[str, Fallback
                               f"but config.json hidden_size={hidden}")
 
     nvfp4_act = getattr(quant, "act_type", "int") == "nvfp4"  # static input global scales: arch/moe_block.py
+    absorbed = set(arch.absorbed) if absorbed_weight_only(quant) else set()
     if arch.moe is not None and getattr(quant, "act_bits", None) is not None and not quant.act_dynamic and not nvfp4_act:
         raise ConfigError(f"quant.act_dynamic=false with the MoE model_type={model_type!r}: routed experts "
                           "support dynamic per-token activations only (set quant.act_dynamic=true)")
@@ -110,13 +118,13 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig, kept: dict[str, Fallback
                 has_bias = fqn + ".bias" in ckpt
                 if has_bias:
                     owned.add(fqn + ".bias")
-                if getattr(quant, "weight_type", "int") == "fp8":
-                    pass  # FP8 blocks: formats/compressed_tensors_fp8.check_float_shapes, after the plan
+                if getattr(quant, "weight_type", "int") in ("fp8", "nvfp4"):
+                    pass  # FP8 blocks, NVFP4 groups of 16: formats/compressed_tensors_fp8.check_float_shapes
                 elif quant.group_size != -1 and shape[1] % quant.group_size:
                     raise ConfigError(f"quant.group_size={quant.group_size} does not divide the "
                                       f"{shape[1]} input features of {fqn!r}; use a divisor or -1")
                 linears.append(LinearInfo(fqn, i, stage.name, shape[0], shape[1], has_bias, stage.expert,
-                                          keep.get(fqn)))
+                                          keep.get(fqn), rel in absorbed))
         others = sorted(n for n in ckpt.tensors if n.startswith(prefix) and n not in owned)
         layer_tensors.append(tuple(others))
 
@@ -133,6 +141,29 @@ def inspect_model(ckpt: Checkpoint, quant: QuantConfig, kept: dict[str, Fallback
     ignored += [_layer_pattern(arch, i) for i in extra if any(n.startswith(arch.layer_prefix(i)) for n in ckpt.tensors)]
     return ModelPlan(arch, num_layers, tuple(linears), tuple(layer_tensors), global_tensors, tied, tuple(ignored),
                      tuple(kept[n] for n in sorted(kept)))
+
+
+def absorbed_weight_only(quant) -> bool:
+    """Whether the architecture's absorbed linears (``ArchSpec.absorbed``) are written weight-only:
+    when the job's input scales are calibrated statically. vLLM dequantizes an absorbed linear by
+    running its quantized method on the identity matrix (``get_and_maybe_dequant_weights``, generic
+    case: "must be used with extra care when dealing with static activation quantization: quantizing
+    1.0 may lead to over/underflows"): NVFP4 inputs turn each 1.0 into ``6 · e4m3(gs/6) / gs`` (off
+    by the E4M3 rounding of the global scale ``gs``, saturated when ``gs/6 > 448``), so W_UK / W_UV
+    would not be the written weights, and prefill (which runs kv_b_proj on quantized inputs) and
+    decode would compute different models. Dynamic per-token int8 / FP8 scales map 1.0 to itself
+    (up to float32 rounding of 1/127, 1/448)."""
+    if getattr(quant, "act_bits", None) is None:
+        return False
+    return getattr(quant, "act_type", "int") == "nvfp4" or not quant.act_dynamic
+
+
+def weight_only_targets(plan: "ModelPlan") -> list[str]:
+    """compressed-tensors targets of the plan's weight-only linears: one anchored regex per layer-relative
+    name (``re:.*\\.self_attn\\.kv_b_proj$``), which vLLM's ``find_matched_target`` tries before
+    group_0's class target ``Linear`` (layer names first, compressed_tensors/utils.py)."""
+    rels = {lin.name[len(plan.arch.layer_prefix(lin.layer)):] for lin in plan.linears if lin.weight_only}
+    return ["re:.*\\." + re.escape(rel) + "$" for rel in sorted(rels)]
 
 
 def extra_layers(arch: ArchSpec, config: dict, num_layers: int) -> range:

@@ -322,10 +322,11 @@ class StageContext:
         """What linear ``name`` sees of its input ``x``: int8 / FP8 / NVFP4 fake-quantized in jobs
         with activation quantization
         (per token for dynamic activations; static ones need ``quantize`` to have calibrated
-        that linear), ``x`` for float linears and weight-only jobs."""
+        that linear), ``x`` for float linears, weight-only jobs and linears with float inputs
+        (w8 fallback, weight-only absorbed linears: ``LinearInfo.float_input``)."""
         act = self.job.act
         fqn = self.fqn(name)
-        if act is None or fqn not in self._linears or self._linears[fqn].fallback is not None:
+        if act is None or fqn not in self._linears or self._linears[fqn].float_input:
             return x
         if act.dynamic:
             self.job.act_params[fqn] = None

@@ -182,6 +182,47 @@ def e2m1_table_decode(packed: torch.Tensor) -> torch.Tensor:
     return torch.where(codes >= 8, -mag, mag)
 
 
+def nvfp4_decode(t: dict[str, torch.Tensor], mod: str) -> torch.Tensor:
+    """An NVFP4 reader: E2M1 by the table, two codes a byte (even column low), times
+    weight_scale / weight_global_scale per group of 16 (compressed-tensors' ``dequantize``)."""
+    packed = t[mod + ".weight_packed"]
+    assert packed.dtype == torch.uint8
+    scale = t[mod + ".weight_scale"].float() / t[mod + ".weight_global_scale"].float()
+    return e2m1_table_decode(packed) * scale.repeat_interleave(16, dim=1)
+
+
+def e2m1_nearest(r: torch.Tensor) -> torch.Tensor:
+    """The nearest signed E2M1 value of ``r`` (clamped to ±6), exact ties to the even code."""
+    grid = torch.tensor(E2M1 + [-e for e in E2M1])
+    dist = (r.clamp(-6, 6)[..., None] - grid).abs()
+    near = grid[dist.argmin(-1)]
+    two = dist.topk(2, largest=False)
+    tie = two.values[..., 0] == two.values[..., 1]
+    if bool(tie.any()):
+        idx = torch.tensor(list(range(8)) * 2)[two.indices]
+        pick = torch.where(idx[..., 0] % 2 == 0, grid[two.indices[..., 0]], grid[two.indices[..., 1]])
+        near = torch.where(tie, pick, near)
+    return near
+
+
+def nvfp4_rtn_reference(w: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+    """The published NVFP4 weight rule with the stored global scale ``gs`` (≈ 448·6/amax, checked
+    apart): group scale fp8(max|group|/6·gs), the nearest E2M1 value of w / (group scale / gs)."""
+    gs = gs.float().reshape(())
+    g = w.float().reshape(w.shape[0], -1, 16)
+    s = fp8_cast(g.abs().amax(-1, keepdim=True) / 6 * gs) / gs
+    return (e2m1_nearest(g / torch.where(s > 0, s, torch.ones_like(s))) * s).reshape(w.shape)
+
+
+def nvfp4_input_reference(x: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+    """NVFP4 input activations with the stored ``input_global_scale`` ``gs``: per token and group of
+    16 the local scale fp8(max|group|/6·gs), the nearest E2M1 value of x / (local / gs)."""
+    v = x.float().reshape(*x.shape[:-1], -1, 16)
+    gs = float(gs)
+    eff = fp8_cast(v.abs().amax(-1, keepdim=True) / 6 * gs) / gs
+    return (e2m1_nearest(v / torch.where(eff > 0, eff, torch.ones_like(eff))) * eff).reshape(x.shape).to(x.dtype)
+
+
 def relative_weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     return float((w.double() - w_hat.double()).norm() / w.double().norm())
 

@@ -280,6 +280,51 @@ def layer_modules(config: dict, index: int, linear, moe, has_bias: bool, pd: tor
     return mods
 
 
+def mla_layer_modules(config: dict, index: int, linear, moe) -> list[Module]:
+    """The quantized modules of DeepSeek-V3 / Kimi-K2 decoder layer ``index`` as vLLM's
+    ``DeepseekV2ForCausalLM`` builds them (models/deepseek_v2.py): ``self_attn.fused_qkv_a_proj``
+    (DeepSeekV2FusedQkvAProjLinear, a MergedColumnParallelLinear: mla_params_mapping q_a_proj → shard 0,
+    kv_a_proj_with_mqa → 1) when ``q_lora_rank`` is set, else ``q_proj`` and ``kv_a_proj_with_mqa``
+    apart; ``q_b_proj``, ``kv_b_proj`` (ColumnParallelLinear), ``o_proj``; the first
+    ``first_k_dense_replace`` layers a dense ``mlp.gate_up_proj`` + ``mlp.down_proj``, the others
+    ``mlp.experts`` (FusedMoE) and ``mlp.shared_experts`` (DeepseekV2MLP: gate_up_proj, down_proj; the
+    router ``mlp.gate`` stays float). ``linear(name, out, in)`` gives each module's parameter table."""
+    p, h = f"model.layers.{index}.", config["hidden_size"]
+    a = p + "self_attn."
+    heads, rank, rope = config["num_attention_heads"], config["kv_lora_rank"], config["qk_rope_head_dim"]
+    qk = config["qk_nope_head_dim"] + rope
+    kv_b_out = heads * (config["qk_nope_head_dim"] + config["v_head_dim"])
+
+    def one(name: str, out: int, inp: int) -> Module:
+        return Module(name, "linear", linear(name, out, inp), [(name, out)])
+
+    mods = []
+    if config.get("q_lora_rank") is not None:
+        q = config["q_lora_rank"]
+        name = a + "fused_qkv_a_proj"
+        mods += [Module(name, "linear", linear(name, q + rank + rope, h),
+                        [(a + "q_a_proj", q), (a + "kv_a_proj_with_mqa", rank + rope)]),
+                 one(a + "q_b_proj", heads * qk, q)]
+    else:
+        mods += [one(a + "q_proj", heads * qk, h), one(a + "kv_a_proj_with_mqa", rank + rope, h)]
+    mods += [one(a + "kv_b_proj", kv_b_out, rank), one(a + "o_proj", h, heads * config["v_head_dim"])]
+
+    def mlp(prefix: str, inter: int) -> list[Module]:
+        name = prefix + "gate_up_proj"
+        return [Module(name, "linear", linear(name, 2 * inter, h), [(prefix + "gate_proj", inter),
+                                                                  (prefix + "up_proj", inter)]),
+                one(prefix + "down_proj", h, inter)]
+
+    if index < config.get("first_k_dense_replace", 0):
+        return mods + mlp(p + "mlp.", config["intermediate_size"])
+    e, i = config["n_routed_experts"], config["moe_intermediate_size"]
+    block = p + "mlp.experts"
+    experts = [{"w1": f"{block}.{x}.gate_proj", "w2": f"{block}.{x}.down_proj", "w3": f"{block}.{x}.up_proj"}
+               for x in range(e)]
+    mods.append(Module(block, "moe", moe(e, h, i), experts=experts))
+    return mods + mlp(p + "mlp.shared_experts.", i * config["n_shared_experts"])
+
+
 # -- placement (the weight loaders) -----------------------------------------------------------------
 
 class LoadError(AssertionError):

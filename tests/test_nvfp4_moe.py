@@ -2,7 +2,7 @@
 written as compressed-tensors ``nvfp4-pack-quantized`` per-expert tensors that vLLM's
 ``CompressedTensorsW4A4Nvfp4MoEMethod`` loads (tests/server_loaders.py, ``vllm_nvfp4_moe``):
 
-* this file's own reader (no dist_quant code) decodes every expert's ``weight_packed`` (E2M1 codes,
+* the reader of tests/reference.py (``nvfp4_decode``, no dist_quant code) decodes every expert's ``weight_packed`` (E2M1 codes,
   two a byte, the even column in the low nibble, bit 3 the sign) times ``weight_scale / weight_global_scale``
   per group of 16 — compressed-tensors' NVFP4 rule (``dequantize``: ``scale / global_scale``), as
   tests/test_float_formats.py reads the dense NVFP4 linears — and matches the fake-quant weights; RTN
@@ -10,8 +10,9 @@ written as compressed-tensors ``nvfp4-pack-quantized`` per-expert tensors that v
   scale ``448 · 6 / max(|gate|, |up|)``);
 * the vLLM fused-MoE table is filled exactly (names, dtypes, shapes), gate/up global scales agree per
   expert, and the input global scales (W4A4) are one value per layer for gate/up and one for down;
-* 2 gloo ranks write the same tensors as 1 (the MAX-reduced input global scales, GPTQ solves);
-* DeepSeek-V3 stays refused with one line.
+* 2 gloo ranks write the same tensors as 1 (the MAX-reduced input global scales, GPTQ solves).
+
+DeepSeek-V3 / Kimi-K2 (MLA, kv_b_proj weight-only): tests/test_nvfp4_deepseek.py.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import pytest
 import torch
 
 from helpers import free_port, run_main
-from reference import E2M1, F8, e2m1_table_decode, fp8_cast, read_tensors
+from reference import F8, nvfp4_decode, nvfp4_rtn_reference, read_tensors
 from server_loaders import check_complete, layer_modules, load, vllm_nvfp4, vllm_nvfp4_moe
 from tiny import corpus_text
 from tiny_moe import MOE_ARCHS, make_tiny_moe
@@ -58,36 +59,6 @@ def quantize(env, arch: str, name: str, *extra: str) -> Path:
         code, _, err = run_main(argv(env, arch, out, *extra))
         assert code == 0, err[-3000:]
     return out
-
-
-def decode(t: dict[str, torch.Tensor], mod: str) -> torch.Tensor:
-    """This file's NVFP4 reader: E2M1 by the table, two codes a byte (even column low), times
-    weight_scale / weight_global_scale per group of 16."""
-    packed = t[mod + ".weight_packed"]
-    assert packed.dtype == torch.uint8
-    vals = e2m1_table_decode(packed)
-    scale = t[mod + ".weight_scale"].float() / t[mod + ".weight_global_scale"].float()
-    return vals * scale.repeat_interleave(16, dim=1)
-
-
-def rtn_reference(w: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
-    """The published NVFP4 rule with the stored global scale ``gs`` (≈ 448·6/amax, checked apart): group
-    scale fp8(max|group|/6·gs), the nearest E2M1 value of w / (group scale / gs), ties to even."""
-    gs = gs.float().reshape(())
-    g = w.float().reshape(w.shape[0], -1, 16)
-    s = fp8_cast(g.abs().amax(-1, keepdim=True) / 6 * gs) / gs
-    r = g / torch.where(s > 0, s, torch.ones_like(s))
-    grid = torch.tensor(E2M1 + [-e for e in E2M1])
-    dist = (r.clamp(-6, 6)[..., None] - grid).abs()
-    near = grid[dist.argmin(-1)]
-    # exact ties between two grid values: round half to even (the even code: magnitude index even)
-    two = dist.topk(2, largest=False)
-    tie = two.values[..., 0] == two.values[..., 1]
-    if bool(tie.any()):
-        idx = torch.tensor(list(range(8)) * 2)[two.indices]
-        pick = torch.where(idx[..., 0] % 2 == 0, grid[two.indices[..., 0]], grid[two.indices[..., 1]])
-        near = torch.where(tie, pick, near)
-    return (near * s).reshape(w.shape)
 
 
 def experts(config: dict, layer: int):
@@ -126,7 +97,7 @@ def test_nvfp4_experts_by_an_independent_reader_and_the_vllm_table(env, arch, pr
             for mod in (gate, up, down):
                 assert t[mod + ".weight_global_scale"].dtype == torch.float32
                 assert t[mod + ".weight_scale"].dtype == F8
-                w_hat = decode(t, mod)
+                w_hat = nvfp4_decode(t, mod)
                 assert torch.equal(plan[mod][0].float(), w_hat), mod
             # gate and up: one global scale per expert (vLLM keeps w13_weight_global_scale[:, 0])
             assert torch.equal(t[gate + ".weight_global_scale"], t[up + ".weight_global_scale"])
@@ -136,8 +107,8 @@ def test_nvfp4_experts_by_an_independent_reader_and_the_vllm_table(env, arch, pr
                 a_down = float(src[down + ".weight"].abs().max())
                 assert float(t[down + ".weight_global_scale"]) == pytest.approx(448 * 6 / a_down, rel=1e-6)
                 for mod in (gate, up, down):
-                    ref = rtn_reference(src[mod + ".weight"], t[mod + ".weight_global_scale"])
-                    assert torch.equal(decode(t, mod), ref), mod
+                    ref = nvfp4_rtn_reference(src[mod + ".weight"], t[mod + ".weight_global_scale"])
+                    assert torch.equal(nvfp4_decode(t, mod), ref), mod
             if w4a4:
                 for mod in (gate, up, down):
                     v = t[mod + ".input_global_scale"]
@@ -194,15 +165,3 @@ def test_dry_run_plans_nvfp4_experts(env, tmp_path):
     code, stdout, err = run_main(argv(env, "mixtral", out, "quant=nvfp4", "dry_run=true", "runtime.world_size=2"))
     assert code == 0, err[-2000:]
     assert not out.exists()
-
-
-def test_deepseek_nvfp4_is_refused_in_one_line(env, tmp_path):
-    from tiny_deepseek import make_tiny_deepseek
-
-    model = make_tiny_deepseek(tmp_path / "ds")
-    out = tmp_path / "out-ds"
-    code, _, err = run_main([f"model.path={model}", f"calib.path={env['calib']}", *CALIB, f"output.dir={out}",
-                             f"runtime.run_dir={out}.run", "quant=nvfp4a16"])
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
-    assert code != 0 and len(lines) == 1 and "DeepSeek-V3" in lines[0], err[-2000:]
-    assert not out.exists() and not Path(f"{out}.partial").exists()

@@ -178,6 +178,8 @@ ROWS = {  # table row label → the job it describes (Marlin-friendly shapes, so
     "compressed-tensors W4AFP8, dense and MoE": job(scheme="W4AFP8", group=128, moe=True),
     "compressed-tensors NVFP4A16 / NVFP4, dense": job(scheme="NVFP4", group=16),
     "compressed-tensors NVFP4A16 / NVFP4, MoE": job(scheme="NVFP4", group=16, moe=True),
+    "compressed-tensors NVFP4A16 / NVFP4, DeepSeek-V3 / Kimi-K2 (MLA)":
+        Job("compressed-tensors", "NVFP4", 16, True, "bfloat16", "deepseek_v3", True),
     "ascend W8A8, dense": job("ascend", "W8A8", -1),
     "ascend W8A8_DYNAMIC, dense and MoE": job("ascend", "W8A8_DYNAMIC", -1, moe=True),
     "ascend W8A16, dense": job("ascend", "W8A16", -1, sym=False),

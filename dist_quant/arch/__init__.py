@@ -51,6 +51,13 @@ class ArchSpec:
     """What the server's KV cache holds for this attention (dist_quant/kv_layout.py): K and V per
     KV head, or MLA's one latent per token."""
 
+    absorbed: tuple[str, ...] = ()
+    """Linears (relative to the layer) the server dequantizes at load and folds into other
+    weights instead of running them on their quantized input: vLLM's MLA attention builds
+    ``W_UK`` / ``W_UV`` from ``kv_b_proj`` (``split_kv_b_proj`` → ``get_and_maybe_dequant_weights``,
+    vllm/model_executor/layers/attention/mla_attention.py). With statically calibrated inputs
+    they are written weight-only (dist_quant/plan.py, ``LinearInfo.weight_only``)."""
+
     moe = None  # MoE architectures: a dist_quant.arch.moe.MoeSpec (see MoeArchSpec)
 
     def layer_prefix(self, index: int) -> str:

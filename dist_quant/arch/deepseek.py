@@ -82,6 +82,8 @@ _ORDER = (Stage("attn_in", (ATTN + "q_a_proj", ATTN + "q_proj", ATTN + "kv_a_pro
           Stage("q_b", (ATTN + "q_b_proj",)), Stage("kv_b", (ATTN + "kv_b_proj",)),
           Stage("attn_out", (ATTN + "o_proj",))) + DENSE_STAGES[2:] + tuple(Stage(n, ()) for n in MOE_STAGE_NAMES)
 
+# kv_b_proj: vLLM dequantizes it at load into W_UK / W_UV (absorbed into the decode attention)
 DEEPSEEK_ARCHS = {name: DeepseekArchSpec(name=name, stages=_ORDER, moe=_DEEPSEEK, program=mla_program,
-                                         extra_layers_key="num_nextn_predict_layers", kv_layout=MLA)
+                                         extra_layers_key="num_nextn_predict_layers", kv_layout=MLA,
+                                         absorbed=(ATTN + "kv_b_proj",))
                   for name in ("deepseek_v3", "kimi_k2")}

@@ -18,7 +18,8 @@ before it already quantized::
 The attention itself is transformers' ``DeepseekV3Attention`` (rotary layout, YaRN softmax
 scale, head split), run with ``o_proj`` replaced by identity. Inside it, ``q_b_proj`` and
 ``kv_b_proj`` see their inputs through ``ctx.act`` (forward pre-hooks: int8 fake-quantized in
-W8A8 jobs), as a W8A8 kernel quantizes its own input; ``q_a_proj`` / ``kv_a_proj_with_mqa`` get
+W8A8 jobs), as a W8A8 kernel quantizes its own input (``kv_b_proj`` unquantized where the plan makes it
+weight-only: ``ArchSpec.absorbed``, NVFP4 W4A4); ``q_a_proj`` / ``kv_a_proj_with_mqa`` get
 ``attn_in``'s inputs as ``ctx.quantize`` returns them (already as they see them).
 
 With ``quant.kv_cache=fp8`` the cached latent ``kv_a_layernorm(kv_c) ‖ k_pe`` (after RoPE) is

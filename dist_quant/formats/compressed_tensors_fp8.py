@@ -47,7 +47,7 @@ def scheme(args: QuantArgs, act: ActQuantArgs) -> QuantizationScheme:
 
 def quantization_config(args: QuantArgs, act: ActQuantArgs | None, ignore: list[str]) -> dict:
     if args.grid == "nvfp4":
-        return config_entry(preset_name_to_scheme(nvfp4_preset(act), ["Linear"]), NVFP4_FORMAT, ignore)
+        return nvfp4_quantization_config(act, ignore)
     fmt = FORMAT if args.grid == "fp8" else "pack-quantized"
     return config_entry(scheme(args, act), fmt, ignore)
 
@@ -93,25 +93,17 @@ def linear_specs(name: str, out_features: int, in_features: int, args: QuantArgs
     return specs
 
 
-# NVFP4 routed experts follow vLLM's CompressedTensorsW4A4Nvfp4MoEMethod (qwen2_moe, qwen3_moe, mixtral,
-# glm4_moe: docs/float_formats.md); the MLA families are not checked against vLLM's loader
-NVFP4_MOE_UNCHECKED = ("deepseek_v3", "kimi_k2")
-
-
 def check_float_shapes(cfg, plan) -> None:
-    """NVFP4: inputs in groups of 16 (not for the MLA MoE families yet). Block FP8: vLLM's ``validate_fp8_block_shape`` (fp8_utils.py) needs every fused part's
+    """NVFP4: inputs in groups of 16. Block FP8: vLLM's ``validate_fp8_block_shape`` (fp8_utils.py) needs every fused part's
     output size (q/k/v, gate/up: the checkpoint's linears) and the input size to be multiples of
     the 128×128 block; refused up front, one line, naming the first linear that fails."""
     q = cfg.quant
-    if q.weight_type == "nvfp4" and plan.arch.moe is not None and plan.arch.name in NVFP4_MOE_UNCHECKED:
-        raise ConfigError(f"quant={q.name} (NVFP4) with model_type={plan.arch.name!r}: NVFP4 for DeepSeek-V3 / "
-                          "Kimi-K2 (MLA attention) is not checked against vLLM's loader yet; use quant=fp8_block or "
-                          "a W4A16 preset")
     if q.weight_type == "nvfp4":  # groups of 16 along the input
         bad = [lin for lin in plan.linears if lin.in_features % fg.NVFP4_GROUP]
         if bad:
             raise ConfigError(f"quant.weight_type='nvfp4': {bad[0].name} has {bad[0].in_features} input features, "
-                              f"not a multiple of the NVFP4 group of {fg.NVFP4_GROUP}")
+                              f"not a multiple of the NVFP4 group of {fg.NVFP4_GROUP} ({len(bad)} linear(s)); "
+                              "leave them in float with quant.ignore or use a W4A16 preset")
         return
     if q.weight_type != "fp8" or q.weight_strategy != "block":
         return
@@ -129,6 +121,15 @@ NVFP4_FORMAT = "nvfp4-pack-quantized"
 
 def nvfp4_preset(act: ActQuantArgs | None) -> str:
     return "NVFP4" if act is not None else "NVFP4A16"
+
+
+def nvfp4_quantization_config(act: ActQuantArgs | None, ignore: list[str], weight_only: list[str] = ()) -> dict:
+    """group_0: the job's preset for every ``Linear``; ``weight_only``: targets of the linears written
+    NVFP4A16 in a W4A4 job (MLA ``kv_b_proj``, dist_quant/plan.py ``absorbed_weight_only``), a second
+    group with no ``input_activations``: vLLM's ``_get_scheme_from_parts`` then builds
+    ``CompressedTensorsW4A4Fp4(use_a16=True)`` for them (compressed_tensors.py)."""
+    more = [preset_name_to_scheme("NVFP4A16", list(weight_only))] if weight_only else []
+    return config_entry(preset_name_to_scheme(nvfp4_preset(act), ["Linear"]), NVFP4_FORMAT, ignore, more)
 
 
 def compress_nvfp4(name: str, result: QuantResult, args: QuantArgs, act: ActQuantArgs | None,

@@ -39,11 +39,14 @@ class OutputFormat:
     index_name = "model.safetensors.index.json"
 
     kv: KVCacheArgs | None = None  # quant.kv_cache (set by make_format)
+    takes_weight_only = False  # writes linears of an activation-quantized job without input quantization
 
     def __init__(self, args: QuantArgs, act: ActQuantArgs | None = None):
         self.args, self.act = args, act
         self.linear_args: dict[str, QuantArgs] = {}  # linears kept at other weights (fallback w8)
         self.groups: tuple[tuple[list[str], QuantArgs], ...] = ()  # their config groups (targets, args)
+        self.weight_only: frozenset[str] = frozenset()  # linears written without input quantization (plan)
+        self.weight_only_targets: list[str] = []  # their config group's targets (plan.weight_only_targets)
 
     def args_of(self, name: str) -> QuantArgs:
         return self.linear_args.get(name, self.args)
@@ -117,13 +120,22 @@ class CompressedTensorsFP8(OutputFormat):
 
 
 class CompressedTensorsNVFP4(CompressedTensorsFP8):
-    """compressed-tensors ``nvfp4-pack-quantized``: NVFP4 weights, NVFP4 or float activations."""
+    """compressed-tensors ``nvfp4-pack-quantized``: NVFP4 weights, NVFP4 or float activations; in W4A4
+    jobs the plan's weight-only linears (MLA ``kv_b_proj``) are NVFP4A16, a config group of their own."""
+
+    takes_weight_only = True
+
+    def act_of(self, name: str) -> ActQuantArgs | None:
+        return None if name in self.weight_only else self.act
 
     def weight_specs(self, name, out_features, in_features):
-        return ctf.nvfp4_specs(name, out_features, in_features, self.act)
+        return ctf.nvfp4_specs(name, out_features, in_features, self.act_of(name))
 
     def compress(self, name, result, act_params):
-        return ctf.compress_nvfp4(name, result, self.args, self.act, act_params)
+        return ctf.compress_nvfp4(name, result, self.args, self.act_of(name), act_params)
+
+    def quantization_config(self, ignore):
+        return ctf.nvfp4_quantization_config(self.act, ignore, self.weight_only_targets)
 
 
 class CompressedTensorsW4AFP8(OutputFormat):
@@ -280,7 +292,14 @@ def make_format(cfg: JobConfig, args: QuantArgs, plan=None) -> OutputFormat:
     fmt = FORMATS[cfg.output.format](cfg, args, act_args(cfg, args))
     if plan is not None:
         from ..fallback import w8_groups
+        from ..plan import weight_only_targets
 
         fmt.linear_args, fmt.groups = w8_groups(plan, args)
+        names = frozenset(lin.name for lin in plan.linears if lin.weight_only)
+        if names and not fmt.takes_weight_only:
+            raise ConfigError(f"quant={cfg.quant.name} with model_type={plan.arch.name!r}: {sorted(names)[0]} is "
+                              f"absorbed by the server at load (ArchSpec.absorbed) and must be written weight-only, "
+                              f"which output.format={cfg.output.format!r} with this preset does not do")
+        fmt.weight_only, fmt.weight_only_targets = names, weight_only_targets(plan)
     fmt.kv = kv_args(cfg, args)
     return fmt
