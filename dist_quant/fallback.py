@@ -13,6 +13,14 @@ job's solver), and how the output declares them.
   SUM all-reduced into one vector (each entry has one nonzero contribution, so every rank
   holds the same numbers) and rank 0 decides (:meth:`Comm.decide`): the N largest (ties by
   name), plus every one above τ.
+* Routed MoE experts are never candidates: vLLM builds one ``FusedMoE`` layer from all the
+  experts of a layer and ``CompressedTensorsMoEMethod.get_moe_method``
+  (vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors_moe.py) takes
+  one scheme for it, looked up from expert 0's names (``<experts>.0.gate_proj`` …) and required
+  equal for gate/up/down; SGLang's copy does the same. One expert kept in higher precision
+  could not be served. The pre-pass still runs the MoE blocks (router, dispatch, the float
+  experts, combine: :class:`ProbeContext`) so that the attention, shared-expert and dense-MLP
+  linears of later layers are measured on the float model's inputs.
 * Fused partners: vLLM and SGLang fuse q/k/v (``qkv_proj``), gate/up (``gate_up_proj``) and
   MLA's q_a/kv_a (``fused_qkv_a_proj``) into one layer with one scheme (a mixed one is refused,
   ``should_ignore_layer``), so a chosen linear brings every linear of its stage (those that share
@@ -148,9 +156,29 @@ def linear_args(job_args: QuantArgs, lin: LinearInfo) -> QuantArgs:
 
 # -- the sensitivity pre-pass ----------------------------------------------------------------------
 
+class FloatWeights:
+    """What :meth:`ProbeContext.solve` returns for a routed expert: its float weight, which
+    ``dequantize`` gives back unchanged (so the MoE block propagates the float expert)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+    def dequantize(self, args=None) -> torch.Tensor:
+        return self.weight
+
+
 class ProbeContext(StageContext):
     """The stage API without solving or writing: each stage's owners measure the RTN error of
-    their linears on the float model's inputs; the module weights stay float."""
+    their linears on the float model's inputs; the module weights stay float.
+
+    MoE layers (dist_quant/arch/moe_block.py): the router, the shared experts and the dense
+    stages go through ``quantize`` like any stage (measured); the routed experts are solved by
+    the block itself through ``ctx.solve``, which here solves nothing and hands back the float
+    weights, and their statistics are not captured (``expert_statistics``): dispatch, the
+    experts' float outputs and combine still run, so later layers see the float model's inputs.
+    """
+
+    expert_statistics = False
 
     def _quantize(self, linears, inputs, masks) -> None:
         job, rank = self.job, self.comm.rank
@@ -169,6 +197,16 @@ class ProbeContext(StageContext):
                 num, den = quantized_output_error(w, result, self.args, hessian)
                 self.record.modules[lin.name] = {"rel_output_error": error_ratio(num, den)}
 
+    def solve(self, linears, hessian, tokens, weights=None, method=None, **_) -> dict:
+        """Routed experts: not candidates (one fused-MoE scheme per layer), nothing solved."""
+        if weights is None:
+            weights = [self.weight(lin.name) for lin in linears]
+        out = {}
+        for lin, w in zip(linears, weights):
+            self.record.modules[lin.name] = {}  # the block adds its per-expert fields
+            out[lin.name] = FloatWeights(w)
+        return out
+
     def write(self, lin, result, bias=None) -> None:
         pass
 
@@ -176,18 +214,20 @@ class ProbeContext(StageContext):
         pass
 
 
+def candidates(plan: ModelPlan) -> list[str]:
+    """The linears the pre-pass ranks, in plan order: every quantized linear except the routed
+    experts (see the module docstring)."""
+    return [lin.name for lin in plan.linears if lin.expert is None]
+
+
 def probe_errors(cfg, comm, ckpt, plan, owners, args, device, calib) -> dict[str, float]:
     """Pre-pass relative output errors of the plan's non-expert linears (the same on every rank)."""
     from .pipeline import LayerwiseQuantizer
 
-    if plan.arch.moe is not None:
-        raise ConfigError(f"quant.fallback.max_linears={cfg.quant.fallback.max_linears}, threshold="
-                          f"{cfg.quant.fallback.threshold}: the sensitivity pre-pass does not support MoE models "
-                          "yet; name the linears with quant.disable_names instead")
     records = LayerwiseQuantizer(cfg, comm, ckpt, plan, owners, args, device, None,
                                  context=ProbeContext).run(calib)
-    names = [lin.name for lin in plan.linears]
-    mine = {name: m["rel_output_error"] for r in records for name, m in r.modules.items()}
+    names = candidates(plan)
+    mine = {name: m["rel_output_error"] for r in records for name, m in r.modules.items() if "rel_output_error" in m}
     vec = torch.tensor([mine.get(n, 0.0) for n in names], dtype=torch.float64)
     comm.all_reduce(vec)
     return dict(zip(names, vec.tolist()))

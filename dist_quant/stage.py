@@ -198,6 +198,10 @@ def _shares_amax(args) -> bool:
 class StageContext:
     """One decoder layer of one job, as seen by its layer program (see the module docstring)."""
 
+    # routed experts' Hessians are captured for their solves (False in the fallback pre-pass,
+    # dist_quant/fallback.py, which solves no expert)
+    expert_statistics = True
+
     def __init__(self, job: Job, layer: nn.Module, index: int, masks: list[torch.Tensor], record, phase=None):
         self.job, self.layer, self.index, self.masks, self.record = job, layer, index, masks, record
         self.phase = phase if phase is not None else _NoPhase()

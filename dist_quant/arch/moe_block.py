@@ -320,10 +320,10 @@ def _gate_up(ctx, store, job_e, recv_h, all_h) -> _ExpertState:
         w_gate, w_up = store.load(e, (gate.name, up.name))
     x_e, x_stat = _expert_inputs(ctx, job_e, recv_h, all_h, gate.name, stats_all)
     with phase("capture"):
-        h_in, n_in = hessian_of(x_stat, ctx.device)
+        h_in, n_in = hessian_of(x_stat, ctx.device) if ctx.expert_statistics else (None, 0)
     del x_e, x_stat
     with phase("solve"):
-        if h_in is None:
+        if h_in is None and ctx.expert_statistics:
             h_in, basis = torch.eye(gate.in_features, dtype=torch.float64, device=ctx.device), "weights"
         # one solve: gate and up share their NVFP4 global scale / FP8 per-tensor scale (max|w| of both)
         res = ctx.solve([gate, up], h_in, n_in, weights=[w_gate, w_up], method=method)
@@ -357,10 +357,10 @@ def _down(ctx, store, state: _ExpertState, recv_h, all_h, act, out_rows) -> None
             lambda x: ctx.act(down.name, act(F.linear(x, g_hat)) * F.linear(x, u_hat)), x_stat)
     del x_stat
     with phase("capture"):
-        h_out, n_out = hessian_of(a_stat, ctx.device)
+        h_out, n_out = hessian_of(a_stat, ctx.device) if ctx.expert_statistics else (None, 0)
     del a_stat
     with phase("solve"):
-        if h_out is None:
+        if h_out is None and ctx.expert_statistics:
             h_out = torch.eye(down.in_features, dtype=torch.float64, device=ctx.device)
         res_down = ctx.solve([down], h_out, n_out, weights=[w_down], method=state.method)
     del h_out
