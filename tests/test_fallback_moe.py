@@ -13,7 +13,8 @@ shared expert and routed experts).
   matching rules, emulated, resolve every server module (``fused_qkv_a_proj``,
   ``shared_experts.gate_up_proj``, ...) to its shards' decision and the fused MoE layer
   (``CompressedTensorsMoEMethod.get_moe_method``: expert 0's gate/up/down names) to group_0;
-* 2 ranks take the same decision and write the same tensors as 1 rank.
+* 2 ranks take the same decision and write the same tensors as 1 rank;
+* qwen2_moe (a shared expert with its sigmoid gate, no MLA): ranked the same way.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from helpers import free_port, make_job, run_main  # noqa: E402
 from reference import read_quant_linear, read_tensors, reference_rtn  # noqa: E402
 from tiny import WIKI  # noqa: E402
 from tiny_deepseek import make_tiny_deepseek  # noqa: E402
+from tiny_moe import make_tiny_moe  # noqa: E402
 
 SAMPLES, SEQ, GROUP, LAYERS, EXPERTS = 8, 64, 16, 3, 4
 BASE = ["quant=gptq_w4a16", f"quant.group_size={GROUP}", "quant.observer=minmax"]
@@ -86,7 +88,7 @@ def is_expert(name: str) -> bool:
     return ".mlp.experts." in name
 
 
-def reference_errors(model_dir: Path) -> dict[str, float]:
+def reference_errors(model_dir: Path, group: int = GROUP, skip: tuple[str, ...] = ()) -> dict[str, float]:
     """‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖² of RTN weights on the float model's inputs, every non-expert linear
     of the decoder layers (transformers 5 holds the routed experts fused, not as nn.Linear; the
     router is not an nn.Linear either)."""
@@ -99,7 +101,8 @@ def reference_errors(model_dir: Path) -> dict[str, float]:
     inputs: dict[str, list[torch.Tensor]] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
              for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and ".layers." in n and not is_expert(n)]
+             if isinstance(m, torch.nn.Linear) and ".layers." in n and not is_expert(n)
+             and not n.endswith(skip)]
     with torch.no_grad():
         model(ids)
     for h in hooks:
@@ -108,7 +111,7 @@ def reference_errors(model_dir: Path) -> dict[str, float]:
     for name, xs in inputs.items():
         x = torch.cat(xs).double()
         w = model.get_submodule(name).weight.detach()
-        w_hat = reference_rtn(w, 4, GROUP, True).dequantize().double()
+        w_hat = reference_rtn(w, 4, group, True).dequantize().double()
         errors[name] = float((x @ (w.double() - w_hat).T).pow(2).sum() / (x @ w.double().T).pow(2).sum())
     return errors
 
@@ -248,3 +251,23 @@ def test_two_ranks_take_the_same_decision_and_write_the_same_tensors(jobs):
     a, b = read_tensors(outs["w8"]), read_tensors(outs["two"])
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_qwen2_moe_shared_expert_is_ranked_on_float_inputs(tmp_path):
+    """qwen2_moe: the shared expert (``mlp.shared_expert.*``, behind ``shared_expert_gate``, which
+    stays float with the router: ``quant.moe_ignore``) and the attention are ranked; the errors of
+    layer 1 read layer 0's MoE output."""
+    model = make_tiny_moe(tmp_path / "model", "qwen2_moe", layers=2, experts=4)
+    out = tmp_path / "out"
+    code, _, stderr = run_main(argv(model, out, "quant.fallback.max_linears=1"))
+    assert code == 0, stderr[-3000:]
+    ref = reference_errors(model, skip=("mlp.gate", "shared_expert_gate"))
+    assert any(".mlp.shared_expert.down_proj" in n for n in ref) and len(ref) == 2 * 7
+    got = report(out)["fallback"]
+    assert set(got["probe_errors"]) == set(ref)
+    for name, e in ref.items():
+        assert got["probe_errors"][name] == pytest.approx(e, rel=1e-5), name
+    top = max(ref, key=ref.get)
+    assert {r["name"] for r in got["linears"] if r["reason"] == "top-N"} == {top}
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert closed([top]) <= set(qc["ignore"]) and not any(is_expert(n) for n in qc["ignore"])

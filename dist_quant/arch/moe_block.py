@@ -21,6 +21,9 @@ The sparse MoE block, per layer:
    do not depend on the world size), solve gate/up, ``a = act(x Gᵀ) · (x Uᵀ)`` with the
    quantized weights, Hessian of ``a``, solve down, and the weighted outputs
    ``w · a Dᵀ`` summed per received row (``ctx.solve`` / ``ctx.write``: local, no collective).
+   In the fallback pre-pass (dist_quant/fallback.py, ``ProbeContext``) ``ctx.solve`` hands back
+   the float weights and ``ctx.expert_statistics`` is false: no Hessian, no all-token gather,
+   no expert fallback; the float experts' outputs propagate.
 6. **Combine** (moe_comm.py): the summed rows go back to the ranks that sent them, which
    add them into their tokens' outputs; ``x + (routed + shared)``. Rows are summed in a
    wider type (``moe_comm.accumulation_dtype``), so the result does not depend on how
@@ -154,7 +157,8 @@ def sparse_mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     calib = ctx.cfg.calib
     threshold = max(calib.min_expert_tokens, 1)
     below = [e for e in range(num_experts) if counts[e] < threshold]
-    gather_all = calib.all_experts or (calib.expert_fallback == "all_tokens" and bool(below))
+    # (statistics only: not gathered when the experts' statistics are not captured, the fallback pre-pass)
+    gather_all = ctx.expert_statistics and (calib.all_experts or (calib.expert_fallback == "all_tokens" and bool(below)))
     with phase("reduce"):
         all_h = moe_comm.gather_all_tokens(comm, h_flat, moved) if gather_all else None
         recv = moe_comm.dispatch(comm, h_flat, chosen, weights, owner, moved)
@@ -180,7 +184,7 @@ def sparse_mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     pending = []  # static: (expert state, its down inputs' max) after the gate/up pass
     for e in mine:
         fb = None
-        if e in below:
+        if e in below and ctx.expert_statistics:  # (the pre-pass solves no expert: nothing to fall back)
             fb = calib.expert_fallback
             fallbacks[e] = fb
             action = (f"statistics of all {all_h.shape[0]} calibration tokens" if fb == "all_tokens"
