@@ -168,7 +168,7 @@ def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[
     ckpt, plan, owners, args = prepare(cfg, model_path, world_size)
     from .formats.registry import make_format
 
-    fmt = make_format(cfg, args)
+    fmt = make_format(cfg, args, plan)
     parts = plan_parts(output_specs(plan, owners, ckpt, args, fmt), cfg.output.part_file_bytes,
                        prefix=fmt.part_prefix)
     ranks = estimate(cfg, ckpt, plan, owners, parts, world_size)

@@ -346,7 +346,7 @@ class ActivationQuant:
         self.comm, self.device, self.act = comm, device, act
 
     def before_solve(self, ctx, linears, inputs, make_inputs, downstream):
-        if linears[0].fallback is not None:  # W8A16 fallback linears (dist_quant/fallback.py): float inputs
+        if linears[0].float_inputs:  # W8A16 fallback linears (dist_quant/fallback.py): float inputs
             return inputs
         with ctx.phase("act_calib"):
             params = self._calibrate(inputs, ctx.calib_masks)

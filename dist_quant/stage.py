@@ -325,7 +325,7 @@ class StageContext:
         that linear), ``x`` for float linears and weight-only jobs."""
         act = self.job.act
         fqn = self.fqn(name)
-        if act is None or fqn not in self._linears or self._linears[fqn].fallback is not None:
+        if act is None or fqn not in self._linears or self._linears[fqn].float_inputs:
             return x
         if act.dynamic:
             self.job.act_params[fqn] = None
