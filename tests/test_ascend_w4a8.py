@@ -259,3 +259,20 @@ def test_refused_in_one_line_before_any_work(env, capsys, model, extra, match):
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and match in errors[0], errors
     assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+def test_packing_is_msmodelslims_int8_arithmetic_bit_for_bit():
+    """formats/ascend.pack_int4_pairs against msModelSlim's w4a8_pack_int4 as it computes (int8
+    tensors: transpose, pairs of the last dim, ``bitwise_left_shift(w1, 4) | (w0 & 0x0F)`` with int8
+    wrap-around, transpose back), on every int4 value pair; and our unpacker inverts it."""
+    from dist_quant.formats.ascend import pack_int4_pairs
+
+    vals = torch.arange(-8, 8)
+    pairs = torch.cartesian_prod(vals, vals).T.contiguous()  # [2, 256]: every (even, odd) output pair
+    q = torch.cat([pairs, torch.randint(-8, 8, (6, 256))]).to(torch.int8)  # [out=8, in=256]
+    w = q.transpose(-1, -2).contiguous().reshape(-1, 2)
+    ref = torch.bitwise_or(torch.bitwise_left_shift(w[:, 1:], 4), w[:, :1] & 0b00001111)
+    ref = ref.reshape(q.shape[1], q.shape[0] // 2).transpose(-1, -2).contiguous()
+    got = pack_int4_pairs(q)
+    assert got.dtype == torch.int8 and torch.equal(got, ref)
+    assert torch.equal(unpack_int4_pairs(got), q.long())
