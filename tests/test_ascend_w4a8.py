@@ -248,11 +248,18 @@ def test_two_ranks_write_the_one_rank_output_bit_identically(env):
     ("dense", [], "registers W4A8_DYNAMIC for MoE experts only"),
     ("qwen3_moe", ["quant.group_size=32"], "quant.group_size=32: vLLM-Ascend's W4A8_DYNAMIC MoE method takes "
                                            "per-channel weights only"),
+    ("inter24", [], "down_proj [64x24]: msModelSlim's W4A8_DYNAMIC packs output channels in pairs and splits a "
+                    "down projection's scale_bias into 16 equal input blocks"),
 ])
 def test_refused_in_one_line_before_any_work(env, capsys, model, extra, match):
     from dist_quant.__main__ import main
 
-    path = make_tiny_model(env.root / "dense", arch="qwen2", layers=1) if model == "dense" else env.models[model]
+    if model == "dense":
+        path = make_tiny_model(env.root / "dense", arch="qwen2", layers=1)
+    elif model == "inter24":  # 24 expert input columns do not split into 16 scale_bias blocks
+        path = make_tiny_moe(env.root / "inter24", "qwen3_moe", layers=1, experts=EXPERTS, expert_intermediate=24)
+    else:
+        path = env.models[model]
     out = env.root / f"refused_{model}"
     argv = [f"model.path={path}", *env.args, f"output.dir={out}", f"runtime.run_dir={out}.run", *W4A8, *extra]
     assert main(argv) == 2
