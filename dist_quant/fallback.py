@@ -34,8 +34,8 @@ from .stats import error_ratio, quantized_output_error
 
 log = logging.getLogger("dist_quant")
 
-# shard leaf names → the fused layer vLLM / SGLang build from them (packed_modules_mapping)
 W8_KINDS = ("w8", "w8a8")  # fallbacks with int8 per-channel weights; "w8" keeps float inputs (W8A16)
+# shard leaf names → the fused layer vLLM / SGLang build from them (packed_modules_mapping)
 FUSED_NAMES = {("q_proj", "k_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj",
                ("q_a_proj", "kv_a_proj_with_mqa"): "fused_qkv_a_proj"}
 PROBE_SOLVER = "rtn"

@@ -120,10 +120,10 @@ def prepare(cfg: JobConfig, model_path: str, world_size: int):
     layer_solver(cfg.quant.method).check(plan.arch)  # a layer solver's unsupported architectures: one line
     args = quant_args(cfg, ckpt, plan)
     refuse(job_of(cfg, plan, args.scale_dtype))  # outputs no server could load: one line, before any work
-    plan = format_plan(cfg, ckpt, plan, args)
-    owners = assign_owners(plan, ckpt, world_size, cfg.quant.method)
     check_float_shapes(cfg, plan)  # block FP8: 128-multiples, one line, before any work
     actdtype.check(cfg, plan)  # model.activation_dtype: the programs it is wired for, one line
+    plan = format_plan(cfg, ckpt, plan, args)  # the output format's own per-linear precisions
+    owners = assign_owners(plan, ckpt, world_size, cfg.quant.method)
     return ckpt, plan, owners, args
 
 
