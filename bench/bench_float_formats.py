@@ -3,12 +3,14 @@ shared machine mean nothing): FP, fp8_dynamic and fp8_static, each with RTN and 
 (RTN, GPTQ) and nvfp4 (RTN), with the
 activation quantization applied as vLLM computes it (dist_quant.fakequant; transformers'
 loader gives the same logits, tests/test_float_formats.py). fp8_block and w4afp8 need every
-linear to be a multiple of 128, which SmolLM2 (hidden 576) is not: they are refused up front.
+linear to be a multiple of 128, which SmolLM2 (hidden 576) is not: they are refused up front on
+it; ``--padded`` runs them on its servable-shape twin (bench/pad_model.py, the same function with
+hidden 768 and 12 / 4 heads), with fp8_dynamic on the twin for comparison.
 
 Calibration: the first ``--samples`` x ``--seq-len`` tokens of the data file; held out: its
 second half, ``--windows`` windows of ``--seq-len`` (dist_quant.eval's split).
 
-    python bench/bench_float_formats.py [--samples 32] [--windows 20] [--out bench/out_float]
+    python bench/bench_float_formats.py [--samples 32] [--windows 20] [--out bench/out_float] [--padded]
 """
 from __future__ import annotations
 
@@ -21,10 +23,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 RUNS = [("fp8_dynamic_rtn", "fp8_dynamic", "rtn"), ("fp8_dynamic_gptq", "fp8_dynamic", "gptq"),
         ("fp8_static_rtn", "fp8_static", "rtn"), ("fp8_static_gptq", "fp8_static", "gptq"),
         ("nvfp4a16_rtn", "nvfp4a16", "rtn"), ("nvfp4a16_gptq", "nvfp4a16", "gptq"), ("nvfp4_rtn", "nvfp4", "rtn")]
+# --padded: the servable-shape twin of SmolLM2 (bench/pad_model.py), for the presets that need 128-multiples
+PADDED_RUNS = [("fp8_block_rtn", "fp8_block", "rtn"), ("fp8_block_gptq", "fp8_block", "gptq"),
+               ("w4afp8_rtn", "w4afp8", "rtn"), ("w4afp8_gptq", "w4afp8", "gptq"),
+               ("fp8_dynamic_rtn", "fp8_dynamic", "rtn"), ("fp8_dynamic_gptq", "fp8_dynamic", "gptq")]
 
 
 def quantize(model: Path, out: Path, preset: str, solver: str, args) -> None:
@@ -56,10 +63,13 @@ def main() -> None:
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--out", default=str(ROOT / "bench" / "out_float"))
     p.add_argument("--only", default="", help="comma list of runs (default: all)")
+    p.add_argument("--padded", action="store_true", help="quantize the servable-shape twin of SmolLM2 "
+                   "(bench/pad_model.py: hidden 768, 12 / 4 heads, the same function) with fp8_block, w4afp8 "
+                   "and fp8_dynamic; results in <out>/padded")
     p.add_argument("--peers", default="", help="a folder of llm-compressor outputs, one subfolder per scheme "
                    "(bench/peers/llmcompressor_scheme.py): each is evaluated the same way as llmcompressor_<scheme>")
     args = p.parse_args()
-    out = Path(args.out)
+    out = Path(args.out) / ("padded" if args.padded else "")
     out.mkdir(parents=True, exist_ok=True)
 
     import torch
@@ -71,6 +81,13 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model = ensure_demo_checkpoint()
+    runs = RUNS
+    if args.padded:
+        from pad_model import pad_checkpoint
+
+        if not (out / "model" / "config.json").is_file():
+            pad_checkpoint(model, out / "model")
+        model, runs = out / "model", PADDED_RUNS
     ids = held_out_ids(model, args)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -79,7 +96,7 @@ def main() -> None:
         results["fp"] = perplexity(fp, ids, args.seq_len, args.windows, 4)["ppl"]
         results_path.write_text(json.dumps(results, indent=2))
     only = set(filter(None, args.only.split(",")))
-    for name, preset, solver in RUNS:
+    for name, preset, solver in runs:
         if (only and name not in only) or name in results:
             continue
         qdir = out / name

@@ -6,7 +6,11 @@ Runs (calibration: the first half of the text, --samples x 512 tokens):
 * ``w8a16``: RTN int8 weights, float KV cache (the reference: near-lossless weights, so the
   KV-cache rows measure the cache alone);
 * ``w8a16+kv_fp8_tensor`` / ``w8a16+kv_fp8_head``: the same with ``quant.kv_cache=fp8``;
-* ``w4a16_g64`` / ``w4a8_g64``: RTN int4 weights (group 64) without / with dynamic int8 activations.
+* ``w4a16_g64`` / ``w4a8_g64``: RTN int4 weights (group 64, MSE observer) without / with dynamic
+  int8 activations; ``w4a8_g64_minmax``: RTN with min/max ranges (llm-compressor's
+  ``QuantizationModifier`` rule), ``w4a8_g64_gptq``: the preset's GPTQ;
+* ``--peers DIR``: every subfolder (llm-compressor outputs, bench/peers/llmcompressor_scheme.py
+  ``--scheme W4A8 --group-size 64``) evaluated the same way, as ``llmcompressor_<name>``.
 
 transformers runs the weights (and W4A8's activation quantization) but not the KV cache
 (docs/kv_cache.md), so the stored k_scale / v_scale are applied here by an attention function
@@ -33,6 +37,8 @@ RUNS = {
     "w8a16+kv_fp8_head": ["quant=rtn_w8a16", "quant.kv_cache=fp8", "quant.kv_cache_strategy=head"],
     "w4a16_g64": ["quant=rtn_w4a16", "quant.group_size=64", "quant.observer=mse"],
     "w4a8_g64": ["quant=w4a8", "quant.weight_solver=rtn", "quant.group_size=64"],
+    "w4a8_g64_minmax": ["quant=w4a8", "quant.weight_solver=rtn", "quant.group_size=64", "quant.observer=minmax"],
+    "w4a8_g64_gptq": ["quant=w4a8", "quant.group_size=64"],
 }
 
 
@@ -85,6 +91,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out_kv")
     p.add_argument("--only", default="")
+    p.add_argument("--peers", type=Path, default=None, help="a folder of peer outputs, one subfolder each")
     args = p.parse_args()
     from dist_quant.demo_model import ensure_demo_checkpoint
 
@@ -98,6 +105,10 @@ def main() -> None:
         wall = quantize(model, out, extra, args)
         results[name] = {"ppl": served_ppl(out, args), "wall_s_under_load": round(wall, 1)}
         print(name, results[name], flush=True)
+    for qdir in sorted(args.peers.iterdir()) if args.peers else []:
+        if (qdir / "config.json").is_file():
+            results[f"llmcompressor_{qdir.name}"] = {"ppl": served_ppl(qdir, args)}
+            print(f"llmcompressor_{qdir.name}", results[f"llmcompressor_{qdir.name}"], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 

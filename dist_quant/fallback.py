@@ -42,6 +42,7 @@ from .stats import error_ratio, quantized_output_error
 
 log = logging.getLogger("dist_quant")
 
+W8_KINDS = ("w8", "w8a8")  # fallbacks with int8 per-channel weights; "w8" keeps float inputs (W8A16)
 # shard leaf names → the fused layer vLLM / SGLang build from them (packed_modules_mapping)
 FUSED_NAMES = {("q_proj", "k_proj", "v_proj"): "qkv_proj", ("gate_proj", "up_proj"): "gate_up_proj",
                ("q_a_proj", "kv_a_proj_with_mqa"): "fused_qkv_a_proj"}
@@ -142,8 +143,8 @@ def server_targets(names: list[str]) -> list[str]:
 
 
 def w8_groups(plan: ModelPlan, args: QuantArgs) -> tuple[dict[str, QuantArgs], tuple]:
-    """Per-linear args and the extra config group of the plan's ``w8`` linears."""
-    names = [lin.name for lin in plan.linears if lin.fallback == "w8"]
+    """Per-linear args and the extra config group of the plan's int8 (``w8`` / ``w8a8``) linears."""
+    names = [lin.name for lin in plan.linears if lin.fallback in W8_KINDS]
     if not names:
         return {}, ()
     a8 = w8_args(args)
@@ -151,7 +152,7 @@ def w8_groups(plan: ModelPlan, args: QuantArgs) -> tuple[dict[str, QuantArgs], t
 
 
 def linear_args(job_args: QuantArgs, lin: LinearInfo) -> QuantArgs:
-    return w8_args(job_args) if lin.fallback == "w8" else job_args
+    return w8_args(job_args) if lin.fallback in W8_KINDS else job_args
 
 
 # -- the sensitivity pre-pass ----------------------------------------------------------------------

@@ -23,13 +23,16 @@ class LinearInfo:
     in_features: int
     has_bias: bool
     expert: int | None = None  # MoE: routed expert index (None: a dense linear, incl. shared experts)
-    fallback: str | None = None  # "w8": kept at int8 per-channel weights (dist_quant/fallback.py)
+    fallback: str | None = None  # "w8": int8 per-channel weights, float inputs (W8A16; dist_quant/fallback.py);
+    # "w8a8": int8 per-channel weights with the job's activations (the non-expert linears of an Ascend W4A8 job)
     weight_only: bool = False  # an absorbed linear (ArchSpec.absorbed) in a static-activation job: float inputs
 
     @property
     def float_input(self) -> bool:
-        """Its input is not quantized in an activation-quantized job (w8 fallback, weight-only)."""
-        return self.fallback is not None or self.weight_only
+        """Its input is not quantized in an activation-quantized job: a ``w8`` fallback (W8A16) or
+        a weight-only absorbed linear; ``w8a8`` linears (Ascend W4A8, formats/registry.py) see the
+        job's quantized activations."""
+        return self.fallback == "w8" or self.weight_only
 
     def solve_cost(self, method: str, pieces: int = 1) -> float:
         """Work of one owner's solve when the rows are split into ``pieces`` (GPTQ: every owner
@@ -42,7 +45,7 @@ class Fallback:
     """One linear kept in higher precision (dist_quant/fallback.py)."""
 
     name: str
-    to: str  # float | w8
+    to: str  # float | w8 | w8a8 (set by the output format: OutputFormat.plan_linears)
     reason: str  # disable_names | top-N | threshold | fused with <name>
     probe_error: float | None = None  # pre-pass relative output error (automatic fallback)
 

@@ -118,12 +118,23 @@ def prepare(cfg: JobConfig, model_path: str, world_size: int):
     ckpt = Checkpoint(model_path, allow_pickle=cfg.model.allow_pickle)
     plan = manual_plan(ckpt, cfg.quant)  # quant.disable_names applied (dist_quant/fallback.py)
     layer_solver(cfg.quant.method).check(plan.arch)  # a layer solver's unsupported architectures: one line
-    owners = assign_owners(plan, ckpt, world_size, cfg.quant.method)
     args = quant_args(cfg, ckpt, plan)
     refuse(job_of(cfg, plan, args.scale_dtype))  # outputs no server could load: one line, before any work
     check_float_shapes(cfg, plan)  # block FP8: 128-multiples, one line, before any work
     actdtype.check(cfg, plan)  # model.activation_dtype: the programs it is wired for, one line
+    plan = format_plan(cfg, ckpt, plan, args)  # the output format's own per-linear precisions
+    owners = assign_owners(plan, ckpt, world_size, cfg.quant.method)
     return ckpt, plan, owners, args
+
+
+def format_plan(cfg: JobConfig, ckpt: Checkpoint, plan: ModelPlan, args: QuantArgs) -> ModelPlan:
+    """The plan with the linears the output format writes at another precision
+    (``OutputFormat.plan_linears``: Ascend's float kv_b_proj, W4A8's int8 non-expert linears)."""
+    extra = {n: f for n, f in make_format(cfg, args).plan_linears(plan).items()
+             if n not in {k.name for k in plan.kept}}  # the user's fallbacks (quant.disable_names) win
+    if not extra:
+        return plan
+    return inspect_model(ckpt, cfg.quant, {**{k.name: k for k in plan.kept}, **extra})
 
 
 def log_owner_plan(plan: ModelPlan, owners: OwnerPlan) -> None:

@@ -159,6 +159,12 @@ REFUSALS: tuple[Rule, ...] = (
          "(W8A8_DYNAMIC) for Ascend MoE models",
          "vllm_ascend/quantization/modelslim_config.py, create_scheme_for_layer",
          applies=lambda j: _asc(j) and j.moe, job_fails=lambda j: j.scheme == "W8A16"),
+    Rule("all", "vLLM-Ascend registers W4A8_DYNAMIC for MoE experts only (@register_scheme(\"W4A8_DYNAMIC\", "
+         "\"moe\"); no ('W4A8_DYNAMIC', 'linear') since the W4A8 linear scheme was removed), so a dense model has "
+         "nothing to write at 4 bits: use quant=w8a8 quant.act_dynamic=true (W8A8_DYNAMIC) for Ascend, or "
+         "output.format=compressed-tensors for W4A8",
+         "vllm_ascend/quantization/methods/w4a8.py, AscendW4A8DynamicFusedMoEMethod; methods/registry.py",
+         applies=lambda j: _asc(j) and j.scheme == "W4A8_DYNAMIC", job_fails=lambda j: not j.moe),
 )
 
 RULES: tuple[Rule, ...] = (
@@ -243,6 +249,12 @@ RULES: tuple[Rule, ...] = (
          "schemes/compressed_tensors_w4a8_int.py; kernels/linear/mixed_precision/dynamic_4bit.py, "
          "Dynamic4bitLinearKernel.can_implement",
          applies=lambda j: _ct(j) and j.scheme == "W4A8_DYNAMIC", job_fails=lambda j: True),
+    Rule(ASCEND, "W4A8_DYNAMIC experts: process_weights_after_loading views the packed int8 weights as int32 "
+         "along the transposed output dimension (_pack_to_int32 asserts a multiple of 4 bytes: "
+         "intermediate % 4 == 0 for w13, hidden % 8 == 0 for w2, per tensor-parallel rank)",
+         "vllm_ascend/quantization/methods/w4a8.py, AscendW4A8DynamicFusedMoEMethod._pack_to_int32",
+         applies=lambda j: _asc(j) and j.scheme == "W4A8_DYNAMIC",
+         moe_fails=lambda j, m: m.hidden % 8 != 0 or m.intermediate % 4 != 0),
     Rule(ASCEND, "static W8A8 needs a 16-bit serving dtype: deq_scale exists only for bfloat16 (float32) "
          "and float16 (int64); set output.dtype=bfloat16 or float16",
          "vllm_ascend/quantization/methods/w8a8_static.py, AscendW8A8LinearMethod.get_perchannel_param",

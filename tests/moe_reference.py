@@ -57,19 +57,20 @@ _EXPERT = re.compile(r"^(model\.layers\.\d+)\.(mlp|block_sparse_moe)\.experts\.(
 _ROLE = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
 
 
-def load_fake_quant(model_dir: Path, out_dir: Path, dtype=torch.float32, attn: str = "eager"):
+def load_fake_quant(model_dir: Path, out_dir: Path, dtype=torch.float32, attn: str = "eager",
+                    tensors: dict[str, torch.Tensor] | None = None, qlinears: dict[str, QLinear] | None = None):
     """The float model of ``model_dir`` with every linear quantized in ``out_dir`` replaced by
     its dequantized weight (routed experts into the fused in-memory tensors), and every float
     tensor of ``out_dir`` (norms changed by smoothing, biases, router, ...) copied in: the
-    output checkpoint, dequantized, without transformers' loader."""
+    output checkpoint, dequantized, without transformers' loader. ``tensors`` / ``qlinears``:
+    the output's tensors and quantized linears as a caller read them (another format)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation=attn).eval()
-    bits = weight_bits(out_dir)
     params = dict(model.named_parameters())
     done = set()
-    tensors = read_tensors(out_dir)
-    qlinears = quantized_linears(tensors, bits)
+    tensors = read_tensors(out_dir) if tensors is None else tensors
+    qlinears = quantized_linears(tensors, weight_bits(out_dir)) if qlinears is None else qlinears
     with torch.no_grad():
         for name, t in tensors.items():
             base = name.rsplit(".", 1)[0]

@@ -236,6 +236,23 @@ def ascend_w8a8_dynamic_moe(e: int, h: int, i: int, pd: torch.dtype) -> dict[str
             "w2_weight_offset": Param(pd, (e, h, 1), exact_dtype=True)}
 
 
+def ascend_w4a8_dynamic_moe(e: int, h: int, i: int, pd: torch.dtype) -> dict[str, Param]:
+    """AscendW4A8DynamicFusedMoEMethod, msModelSlim path (methods/w4a8.py: get_weight,
+    get_dynamic_quant_param_modelslim; tensor-parallel size 1): w13_weight int8 [E, I, H] (gate and up
+    [I/2, H] each, two int4 a byte along the output dim), w2_weight int8 [E, H/2, I]; w13_weight_scale /
+    w13_weight_offset float32 [E, 2I, 1], w2_weight_scale / w2_weight_offset float32 [E, H, 1];
+    w13_scale_bias float32 [E, 2I, 1], w2_scale_bias float32 [E, H, 16 // tp] (AscendFusedMoEMethod
+    gives *scale_bias quant_method GROUP: w1/w3 halves of dim 1, w2 whole at TP 1). params_dtype unused."""
+    return {"w13_weight": Param(I8, (e, i, h), exact_dtype=True),
+            "w2_weight": Param(I8, (e, h // 2, i), exact_dtype=True),
+            "w13_weight_scale": Param(F32, (e, 2 * i, 1), exact_dtype=True),
+            "w13_weight_offset": Param(F32, (e, 2 * i, 1), exact_dtype=True),
+            "w2_weight_scale": Param(F32, (e, h, 1), exact_dtype=True),
+            "w2_weight_offset": Param(F32, (e, h, 1), exact_dtype=True),
+            "w13_scale_bias": Param(F32, (e, 2 * i, 1), exact_dtype=True),
+            "w2_scale_bias": Param(F32, (e, h, 16), exact_dtype=True)}
+
+
 # -- the server's layer: which modules, fused how ----------------------------------------------------
 
 def layer_modules(config: dict, index: int, linear, moe, has_bias: bool, pd: torch.dtype) -> list[Module]:

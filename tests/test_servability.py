@@ -112,11 +112,21 @@ def test_mixtral_expert_names_are_fused():
     (job("ascend", "W8A8", -1, dtype="float32"), set()),  # no deq_scale parameter for float32 serving
     (job("ascend", "W8A16", -1, sym=False, dtype="float16"), {ASCEND}),
     (job(scheme="W4A8_DYNAMIC", group=128), {HF}),  # vLLM: CPU kernel only; SGLang / Ascend: MoE only
+    (job("ascend", "W4A8_DYNAMIC", -1, moe=True), {ASCEND}),  # msModelSlim W4A8_DYNAMIC experts
 ])
 def test_which_server_serves_which_scheme(j, servers):
     dense, moe = served_shapes(moe_layer(4096, 1408, 2) if j.moe else dense_layer(4096, 11008, 32, 8))
     found = check(j, dense, moe)
     assert {s for s in SERVERS if not cannot(found, s)} == servers
+
+
+@pytest.mark.parametrize("hidden, inter, fails", [(4096, 1408, False), (4100, 1408, True), (4096, 1410, True)])
+def test_ascend_w4a8_experts_need_int32_views_of_the_packed_bytes(hidden, inter, fails):
+    """_pack_to_int32 on the transposed packed experts: w13 [H, I] bytes (I % 4), w2 [I, H/2] (H % 8)."""
+    dense, moe = served_shapes(moe_layer(hidden, inter, 2))
+    found = [f for f in check(job("ascend", "W4A8_DYNAMIC", -1, moe=True), dense, moe)[ASCEND]
+             if "_pack_to_int32" in f.rule.why]
+    assert bool(found) == fails and all(f.where for f in found)
 
 
 def test_transformers_dynamic_activations_differ_from_the_kernels():
@@ -129,6 +139,7 @@ def test_transformers_dynamic_activations_differ_from_the_kernels():
     (job(sym=False, moe=True), "Only symmetric quantization is supported for MoE"),
     (job(scheme="W8A16", group=-1, sym=False, moe=True), "Only symmetric"),
     (job("ascend", "W8A16", -1, moe=True), "no W8A16 MoE scheme"),
+    (job("ascend", "W4A8_DYNAMIC", -1), "registers W4A8_DYNAMIC for MoE experts only"),
     (Job("compressed-tensors", "W4A16", 128, True, "bfloat16", "deepseek_v3", True, kv_cache="fp8",
          kv_strategy="head", kv_layout="mla"), "quant.kv_cache='fp8' with quant.kv_cache_strategy='head'"),
     (Job("ascend", "W8A8_DYNAMIC", -1, True, "bfloat16", "deepseek_v3", True, kv_cache="int8", kv_layout="mla"),
@@ -143,7 +154,8 @@ def test_refusals(j, match):
                                Job("compressed-tensors", "W4A16", 128, True, "bfloat16", "deepseek_v3", True,
                                    kv_cache="fp8", kv_layout="mla"),
                                Job("ascend", "W8A8_DYNAMIC", -1, True, "bfloat16", "llama", kv_cache="int8",
-                                   kv_strategy="head")])
+                                   kv_strategy="head"),
+                               job("ascend", "W4A8_DYNAMIC", -1, moe=True)])
 def test_no_refusal_where_a_server_loads_it(j):
     refuse(j)
 
@@ -184,6 +196,8 @@ ROWS = {  # table row label → the job it describes (Marlin-friendly shapes, so
     "ascend W8A8_DYNAMIC, dense and MoE": job("ascend", "W8A8_DYNAMIC", -1, moe=True),
     "ascend W8A16, dense": job("ascend", "W8A16", -1, sym=False),
     "compressed-tensors W4A8 dynamic, dense": job(scheme="W4A8_DYNAMIC", group=-1),
+    "ascend W4A8_DYNAMIC (`quant=w4a8 output.format=ascend quant.group_size=-1`), MoE":
+        job("ascend", "W4A8_DYNAMIC", -1, moe=True),
 }
 
 

@@ -180,6 +180,22 @@ def test_workers_give_the_same_bits(workers, group_size, monkeypatch):
     assert torch.equal(many.q, rq[:, torch.argsort(perm)].to(torch.int8)) and torch.equal(many.scale, rs)
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("group_size", [64, -1])
+def test_mse_search_rows_over_workers_give_the_same_bits(workers, group_size):
+    """Too few rows to split the column loop (389 < 2 x 1024): the workers take the rows of each
+    group's MSE search instead (gptq._qparams) -- the same integers, scales and zeros."""
+    import dist_quant.algorithms.gptq as gptq_mod
+
+    assert 389 < 2 * gptq_mod.MIN_CHUNK_ROWS and 389 // gptq_mod.MIN_SEARCH_ROWS >= workers
+    args = QuantArgs(bits=4, group_size=group_size, symmetric=False, scale_dtype=torch.bfloat16, mse=True)
+    W, H = weights(389, 256, 31, offset=0.01), hessian(256, 32)
+    one = gptq_quantize(W, H, args, GPTQParams(block_size=64))
+    many = gptq_quantize(W, H, args, GPTQParams(block_size=64, workers=workers))
+    assert torch.equal(one.q, many.q) and torch.equal(one.scale, many.scale) and torch.equal(one.zero, many.zero)
+    assert torch.equal(one.err_rows, many.err_rows)
+
+
 @pytest.mark.parametrize("threads,rank,local,solvers,expected", [
     (1, 0, 2, {0, 1}, 1),  # 2 ranks on 2 cores, both solving: one core each
     (1, 0, 2, {0}, 2),  # the other rank waits for our broadcast: its core is ours

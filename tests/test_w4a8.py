@@ -115,7 +115,7 @@ def test_transformers_runs_the_w4a8_output_and_vllm_contract(env, group):
     (["quant.symmetric=false"], "W4A8 needs symmetric int4 weights"),
     (["quant.act_dynamic=false"], "W4A8 needs symmetric int4 weights and dynamic per-token activations"),
     (["quant.smooth=smoothquant"], "quant.smooth='smoothquant': smoothing is written for W8A8"),
-    (["output.format=ascend", "quant.group_size=-1"], "msModelSlim's W4A8_DYNAMIC"),
+    (["output.format=ascend", "quant.group_size=-1"], "registers W4A8_DYNAMIC for MoE experts only"),
 ])
 def test_bad_combinations_refused_in_one_line(env, capsys, extra, match):
     out = env["base"] / "out" / "refused"

@@ -4,6 +4,7 @@ same SmolLM2 checkpoint, the same calibration rows (bench/peers/_job.py; NVFP4's
 global scales are calibrated on them), ``lm_head`` left in float as dist_quant does.
 
     VENV/bin/python bench/peers/llmcompressor_scheme.py MODEL_DIR DATA OUT_DIR --scheme FP8_DYNAMIC [--samples 32]
+    VENV/bin/python bench/peers/llmcompressor_scheme.py MODEL_DIR DATA OUT_DIR --scheme W4A8 --group-size 64
 
 Prints one JSON line: the scheme, wall seconds (load to saved), peak RSS. The output is
 compressed-tensors as llm-compressor writes it; bench/bench_float_formats.py --peers reads it
@@ -22,17 +23,24 @@ from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 
 
-def main(a, scheme: str) -> None:
+def main(a, scheme: str, group_size: int | None = None) -> None:
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(a.model)
     rows = calibration_rows(tok, a.data, a.samples, a.seq_len).tolist()
     ds = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * a.seq_len] * a.samples})
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=a.torch_dtype)
-    recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
+    if group_size is None:
+        recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
+    else:  # the preset with another weight group size (W4A8's 128 does not divide SmolLM2's 576)
+        from compressed_tensors.quantization import preset_name_to_scheme
+
+        preset = preset_name_to_scheme(scheme, ["Linear"])
+        preset.weights = preset.weights.model_copy(update={"group_size": group_size})
+        recipe = QuantizationModifier(config_groups={"group_0": preset}, ignore=["lm_head"])
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=a.seq_len, num_calibration_samples=a.samples)
     model.save_pretrained(a.out, save_compressed=True)
     tok.save_pretrained(a.out)
-    print(json.dumps({"tool": "llmcompressor", "scheme": scheme, "dtype": a.dtype, "wall_s": time.time() - t0,
+    print(json.dumps({"tool": "llmcompressor", "scheme": scheme, "group_size": group_size, "dtype": a.dtype, "wall_s": time.time() - t0,
                       "peak_rss_gb": peak_rss_bytes() / 2**30}))
 
 
@@ -42,4 +50,9 @@ if __name__ == "__main__":
     i = sys.argv.index("--scheme")
     scheme = sys.argv[i + 1]
     del sys.argv[i:i + 2]
-    main(parse(__doc__), scheme)
+    group = None
+    if "--group-size" in sys.argv:
+        j = sys.argv.index("--group-size")
+        group = int(sys.argv[j + 1])
+        del sys.argv[j:j + 2]
+    main(parse(__doc__), scheme, group)

@@ -31,6 +31,32 @@ MoE: vLLM-Ascend's ``AscendModelSlimConfig.get_quant_method`` looks the fused ex
 as ``<prefix>.experts.weight`` unless the model type's ``packed_modules_model_mapping`` entry
 (``modelslim_config.py``) lists ``experts`` (qwen3_moe does; qwen2_moe and mixtral do not), so
 the description also types that fused key for those models.
+
+W4A8_DYNAMIC (MoE models only; ``quant=w4a8 quant.group_size=-1``): the routed experts are
+msModelSlim's ``W4A8_DYNAMIC`` (``AscendW4A8DynamicFusedMoEMethod``, ``methods/w4a8.py``, the
+msModelSlim path of ``get_weight`` / ``get_dynamic_quant_param_modelslim`` /
+``process_weights_after_loading_modelslim``), every other quantized linear ``W8A8_DYNAMIC``
+(formats/registry.py ``AscendW4A8``). Per routed expert linear ``X`` [out, in]:
+
+* ``X.weight`` int8 [out / 2, in]: two int4 values a byte, packed along the output dimension,
+  output channel 2r in the low nibble and 2r + 1 in the high one (msModelSlim
+  ``save/utils/pack.py``, ``w4a8_pack_int4``: transpose, ``_pack_int4`` pairs neighbours of the
+  last dimension, ``(q[2r+1] << 4) | (q[2r] & 0x0F)``, transpose back);
+* ``X.weight_scale`` float32 [out, 1] (``w = q · scale``) and ``X.weight_offset`` float32 zeros
+  [out, 1] (``save/ascendv1.py``, ``AscendV1Saver.on_w4a8_dynamic``);
+* ``X.scale_bias`` float32 = ``8 · Σ_k q[o, k] · scale[o]`` (``process_scale(prefix, q · scale, 16)``):
+  [out, 1] for gate/up; [out, 16] for down, column j summing input columns
+  [j · in/16, (j+1) · in/16), so that a tensor-parallel rank's ``16 // tp`` columns
+  (``w2_scale_bias [E, H, 16 // tp_size]``, loaded as a GROUP scale sharded along the input
+  dimension) are the partial sum of its own input columns; the loader sums them
+  (``transpose(1, 2).sum(axis=1)``).
+
+The description holds ``group_size: 0`` (per channel: the method raises for ``group_size > 0``)
+and ``model_quant_type: W8A8_DYNAMIC`` (msModelSlim's ``QUANT_TYPE_PRIORITY`` hides W4A8_DYNAMIC
+from the model type); config.json gets what the DeepSeek-V3 adapter writes
+(``model/deepseek_v3/model_adapter.py``, ``ascendv1_save_postprocess``): ``quantize:
+w8a8_dynamic``, ``moe_quantize: w4a8_dynamic`` and, for MLA models, ``mla_quantize``
+(``w8a8_dynamic``; ``w8a8`` with a C8 KV cache). No ``mtp_quantize``: our MTP layers stay float.
 """
 from __future__ import annotations
 
@@ -46,6 +72,9 @@ PREFIX = "quant_model_weights"
 INDEX = "quant_model_weights.safetensors.index.json"
 DESCRIPTION = "quant_model_description.json"
 VERSION = "1.0.0"
+W4A8 = "W4A8_DYNAMIC"
+SCALE_BIAS_SPLITS = 16  # msModelSlim process_scale(prefix, bias, 16): down projections' scale_bias columns
+DOWN_LEAVES = ("down_proj", "w2")  # the expert's second projection (msModelSlim process_scale's name test)
 
 # model types whose vLLM-Ascend packed-modules mapping has an "experts" entry (modelslim_config.py,
 # packed_modules_model_mapping): their fused experts are looked up by the per-expert shard keys
@@ -137,13 +166,74 @@ def fused_expert_keys(quantized: dict[str, str], model_type: str) -> dict[str, s
 
 
 def description(weight_map: dict[str, str], quantized: dict[str, str], quant_kind: str,
-                model_type: str = "") -> dict:
+                model_type: str = "", extra: dict | None = None) -> dict:
     """Every tensor typed: a quantized linear's tensors get its type (its bias stays FLOAT),
-    everything else FLOAT; plus the fused expert keys vLLM-Ascend looks up (see the module doc)."""
-    desc: dict[str, str] = {"model_quant_type": quant_kind, "version": VERSION}
+    everything else FLOAT; plus the fused expert keys vLLM-Ascend looks up (see the module doc)
+    and ``extra`` top-level keys (W4A8: ``group_size``)."""
+    desc: dict = {"model_quant_type": quant_kind, "version": VERSION, **(extra or {})}
     for tensor in sorted(weight_map):
         module, _, leaf = tensor.rpartition(".")
         desc[tensor] = quantized[module] if module in quantized and leaf != "bias" else "FLOAT"
     for key, kind in sorted(fused_expert_keys(quantized, model_type).items()):
         desc.setdefault(key, kind)
     return desc
+
+
+# -- W4A8_DYNAMIC routed experts (see the module doc) ------------------------------------------------
+
+def pack_int4_pairs(q: torch.Tensor) -> torch.Tensor:
+    """int4 values [out, in] → int8 [out / 2, in]: output channel 2r in the low nibble of row r,
+    2r + 1 in the high nibble (msModelSlim ``w4a8_pack_int4``)."""
+    if q.shape[0] % 2:
+        raise AssertionError(f"W4A8_DYNAMIC packs output channels in pairs; got {q.shape[0]} rows")
+    v = q.to(torch.int32)
+    byte = ((v[1::2] & 0x0F) << 4) | (v[0::2] & 0x0F)  # 0 … 255
+    return byte.to(torch.uint8).view(torch.int8)
+
+
+def scale_bias(q: torch.Tensor, scale: torch.Tensor, down: bool) -> torch.Tensor:
+    """``8 · Σ_k q[o, k] · scale[o]`` float32: [out, 1], or for a down projection [out, 16] with
+    column j over input columns [j · in/16, (j+1) · in/16) (msModelSlim ``process_scale``). The
+    integer sums are exact; one rounding to float32."""
+    out, n = q.shape
+    splits = SCALE_BIAS_SPLITS if down else 1
+    if n % splits:
+        raise AssertionError(f"W4A8_DYNAMIC scale_bias splits {n} input columns into {splits}")
+    sums = q.to(torch.int64).reshape(out, splits, n // splits).sum(dim=2)
+    return (8.0 * sums.double() * scale.double().reshape(out, 1)).to(torch.float32)
+
+
+def is_down(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in DOWN_LEAVES
+
+
+def w4a8_pack(name: str, result: QuantResult) -> dict[str, torch.Tensor]:
+    if result.scale.shape[1] != 1:
+        raise AssertionError(f"{name}: W4A8_DYNAMIC has one scale per output channel")
+    scale = result.scale.to(torch.float32)
+    out = {"weight": pack_int4_pairs(result.q),
+           "weight_scale": scale,
+           "weight_offset": weight_offset(result).to(torch.float32),
+           "scale_bias": scale_bias(result.q, scale, is_down(name))}
+    return {f"{name}.{key}": value.contiguous() for key, value in out.items()}
+
+
+def w4a8_specs(name: str, out_features: int, in_features: int) -> list[TensorSpec]:
+    splits = SCALE_BIAS_SPLITS if is_down(name) else 1
+    return [TensorSpec(f"{name}.weight", "I8", (out_features // 2, in_features)),
+            TensorSpec(f"{name}.weight_scale", "F32", (out_features, 1)),
+            TensorSpec(f"{name}.weight_offset", "F32", (out_features, 1)),
+            TensorSpec(f"{name}.scale_bias", "F32", (out_features, splits))]
+
+
+def is_expert(name: str) -> bool:
+    return _EXPERT.match(name) is not None
+
+
+def w4a8_config(mla: bool, c8: bool) -> dict[str, str]:
+    """config.json keys of a W4A8 output (msModelSlim DeepSeek-V3 adapter, ``ascendv1_save_postprocess``;
+    vLLM-Ascend reads ``moe_quantize`` / ``quantize`` in ``AscendConfig._is_megamoe_supported_by_config``)."""
+    keys = {"quantize": "w8a8_dynamic", "moe_quantize": "w4a8_dynamic"}
+    if mla:
+        keys["mla_quantize"] = "w8a8" if c8 else "w8a8_dynamic"
+    return keys

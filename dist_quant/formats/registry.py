@@ -5,7 +5,8 @@ quantized linear becomes, and what the finished directory holds besides the part
 * compressed-tensors, W8A8: ``int-quantized`` (formats/compressed_tensors_w8a8.py);
 * compressed-tensors, FP8 / W4AFP8: ``float-quantized`` / ``pack-quantized`` with FP8 activations
   (formats/compressed_tensors_fp8.py);
-* ascend: the msModelSlim description format (formats/ascend.py);
+* ascend: the msModelSlim description format (formats/ascend.py): W8A8 / W8A8_DYNAMIC / W8A16, and
+  W4A8_DYNAMIC routed experts with every other linear W8A8_DYNAMIC (MoE models);
 * awq: the AutoAWQ GEMM layout, 4-bit weights only (formats/awq.py).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import FP8_BLOCK, ConfigError, JobConfig
+from ..plan import Fallback, ModelPlan
 from ..quant.activations import TOKEN_DIVISOR, ActQuantArgs, StaticActParams
 from ..quant.qparams import QuantArgs, QuantResult
 from ..tensorspec import TensorSpec
@@ -47,6 +49,13 @@ class OutputFormat:
         self.groups: tuple[tuple[list[str], QuantArgs], ...] = ()  # their config groups (targets, args)
         self.weight_only: frozenset[str] = frozenset()  # linears written without input quantization (plan)
         self.weight_only_targets: list[str] = []  # their config group's targets (plan.weight_only_targets)
+        self.w8a16: frozenset[str] = frozenset()  # w8 fallbacks: float inputs in a job with activations
+
+    def plan_linears(self, plan: ModelPlan) -> dict[str, Fallback]:
+        """Linears this format writes at another precision than the job's, FQN → :class:`Fallback`
+        (``float``, ``w8``, ``w8a8``): applied to the plan before any work (run.prepare), like the
+        fallback of sensitive linears (dist_quant/fallback.py). None by default."""
+        return {}
 
     def args_of(self, name: str) -> QuantArgs:
         return self.linear_args.get(name, self.args)
@@ -166,7 +175,26 @@ class Ascend(OutputFormat):
 
     def act_of(self, name: str) -> ActQuantArgs | None:
         """The activation quantizer of ``name``: none for W8A16 fallback linears (fallback.py)."""
-        return None if name in self.linear_args else self.act
+        return None if name in self.w8a16 else self.act
+
+    def plan_linears(self, plan):
+        """MLA models: ``kv_b_proj`` stays FLOAT. vLLM-Ascend's MLA attention asserts it unquantized
+        (``vllm_ascend/attention/mla_v1.py`` and ``sfa_v1.py``, ``process_weights_after_loading``:
+        ``assert isinstance(self.kv_b_proj.quant_method, UnquantizedLinearMethod)``; it splits the
+        float weight into W_UK / W_UV), and msModelSlim's DeepSeek examples disable it
+        (``example/DeepSeek/quant_deepseek_w4a8.py``, ``disable_names``)."""
+        return {lin.name: Fallback(lin.name, "float", KV_B_REASON) for lin in plan.linears
+                if lin.name.endswith(".self_attn.kv_b_proj")}
+
+    def type_of(self, name: str) -> str:
+        """The description type of quantized linear ``name``."""
+        return ascend.quant_type(self.args_of(name), self.act_of(name))
+
+    def description_extra(self) -> dict:
+        return {}
+
+    def config_keys(self, config: dict) -> dict[str, str]:
+        return {"quantize": self.quant_type.lower()}  # MindIE reads the scheme from config.json
 
     def linear_specs(self, name, out_features, in_features, bias):
         return ascend.linear_specs(name, out_features, in_features, self.args_of(name), self.act_of(name), bias)
@@ -182,15 +210,71 @@ class Ascend(OutputFormat):
 
     def finish(self, directory, parts, weight_map, config, ignore, quantized):
         write_index(directory, parts, weight_map, name=self.index_name)
-        types = {name: ascend.quant_type(self.args_of(name), self.act_of(name)) for name in quantized}
-        desc = ascend.description(weight_map, types, self.quant_type, str(config.get("model_type", "")))
+        types = {name: self.type_of(name) for name in quantized}
+        desc = ascend.description(weight_map, types, self.quant_type, str(config.get("model_type", "")),
+                                  self.description_extra())
         if self.kv is not None:  # msModelSlim C8 (formats/kv_cache.py)
             desc.update({name: kv_cache.C8 for name in weight_map if kv_cache.is_ascend_kv(name)},
                         kv_cache_type=kv_cache.C8, kv_quant_type=kv_cache.C8)
         (Path(directory) / ascend.DESCRIPTION).write_text(json.dumps(desc, indent=2) + "\n")
-        config = with_serving_dtype(config, self.args.scale_dtype)
-        config["quantize"] = self.quant_type.lower()  # MindIE reads the scheme from config.json
+        config = {**with_serving_dtype(config, self.args.scale_dtype), **self.config_keys(config)}
         (Path(directory) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+KV_B_REASON = "output.format=ascend: vLLM-Ascend's MLA attention needs a float kv_b_proj"
+W8A8_REASON = "output.format=ascend W4A8: W8A8_DYNAMIC (vLLM-Ascend's W4A8_DYNAMIC is for routed experts only)"
+
+
+class AscendW4A8(Ascend):
+    """msModelSlim W4A8_DYNAMIC routed experts (two int4 a byte, float32 scales, ``scale_bias``;
+    formats/ascend.py), every other quantized linear W8A8_DYNAMIC: those are planned as ``w8a8``
+    linears (int8 per-channel weights solved with the job's solver, inputs quantized per token as
+    the job's), the experts at the job's 4-bit per-channel args."""
+
+    @property
+    def quant_type(self) -> str:
+        return "W8A8_DYNAMIC"  # msModelSlim hides W4A8_DYNAMIC from model_quant_type (QUANT_TYPE_PRIORITY)
+
+    def plan_linears(self, plan):
+        kept = super().plan_linears(plan)
+        kept.update({lin.name: Fallback(lin.name, "w8a8", W8A8_REASON) for lin in plan.linears
+                     if lin.expert is None and lin.fallback is None and lin.name not in kept})
+        return kept
+
+    def _int4(self, name: str) -> bool:
+        four = self.args_of(name).bits == 4
+        if four != ascend.is_expert(name):
+            raise AssertionError(f"{name}: {'4' if four else '8'}-bit weights; Ascend W4A8 writes routed experts "
+                                 "int4 and every other linear int8 (make_format needs the job's plan)")
+        return four
+
+    def type_of(self, name):
+        return ascend.W4A8 if self._int4(name) else super().type_of(name)
+
+    def linear_specs(self, name, out_features, in_features, bias):
+        if not self._int4(name):
+            return super().linear_specs(name, out_features, in_features, bias)
+        down = ascend.is_down(name)
+        if out_features % 2 or (down and in_features % ascend.SCALE_BIAS_SPLITS):
+            raise ConfigError(f"output.format=ascend quant=w4a8: {name} [{out_features}x{in_features}]: "
+                              "msModelSlim's W4A8_DYNAMIC packs output channels in pairs and splits a down "
+                              f"projection's scale_bias into {ascend.SCALE_BIAS_SPLITS} equal input blocks "
+                              "(save/utils/pack.py, process_scale)")
+        return ascend.w4a8_specs(name, out_features, in_features) + ([bias] if bias else [])
+
+    def pack_linear(self, name, result, bias, act_params):
+        if not self._int4(name):
+            return super().pack_linear(name, result, bias, act_params)
+        out = ascend.w4a8_pack(name, result)
+        if bias is not None:
+            out[f"{name}.bias"] = bias
+        return out
+
+    def description_extra(self):
+        return {"group_size": 0}  # per channel; AscendW4A8DynamicFusedMoEMethod raises for group_size > 0
+
+    def config_keys(self, config):
+        return ascend.w4a8_config(mla="kv_lora_rank" in config, c8=self.kv is not None)
 
 
 class AutoAWQ(OutputFormat):
@@ -255,11 +339,13 @@ def _ascend(cfg: JobConfig, args: QuantArgs, act: ActQuantArgs | None) -> Output
         raise ConfigError(f"output.format='ascend' with quant={cfg.quant.name}: the msModelSlim description "
                           "format has no FP8 / NVFP4 types (Ascend NPUs serve W8A8 / W8A8_DYNAMIC); use "
                           "output.format=compressed-tensors")
-    if cfg.quant.bits != 8 and cfg.quant.act_bits is not None:
-        raise ConfigError(f"output.format='ascend' with quant.bits={cfg.quant.bits}: msModelSlim's W4A8_DYNAMIC "
-                          "(vLLM-Ascend registers it for MoE experts only, two int4 a byte with scale_bias, the "
-                          "other linears W8A8_DYNAMIC) is not written by dist_quant; use output.format="
-                          "compressed-tensors for W4A8 or quant=w8a8 quant.act_dynamic=true for Ascend")
+    if cfg.quant.bits == 4 and cfg.quant.act_bits is not None:
+        if cfg.quant.group_size != -1:
+            raise ConfigError(f"output.format='ascend' quant=w4a8 with quant.group_size={cfg.quant.group_size}: "
+                              "vLLM-Ascend's W4A8_DYNAMIC MoE method takes per-channel weights only "
+                              "(AscendW4A8DynamicFusedMoEMethod.__init__ raises for a description group_size > 0); "
+                              "set quant.group_size=-1")
+        return AscendW4A8(args, act)  # dense models: servability.REFUSALS
     if cfg.quant.bits != 8:
         raise ConfigError(f"output.format='ascend' with quant.bits={cfg.quant.bits}: the Ascend description "
                           "format is written for 8-bit weights (W8A8, W8A8_DYNAMIC, W8A16)")
@@ -301,5 +387,6 @@ def make_format(cfg: JobConfig, args: QuantArgs, plan=None) -> OutputFormat:
                               f"absorbed by the server at load (ArchSpec.absorbed) and must be written weight-only, "
                               f"which output.format={cfg.output.format!r} with this preset does not do")
         fmt.weight_only, fmt.weight_only_targets = names, weight_only_targets(plan)
+        fmt.w8a16 = frozenset(lin.name for lin in plan.linears if lin.float_input)
     fmt.kv = kv_args(cfg, args)
     return fmt

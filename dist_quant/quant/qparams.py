@@ -151,10 +151,15 @@ class QuantResult:
                 zip(self.q.split(rows), self.scale.split(rows), self.zero.split(rows), errs)]
 
     def dequantize(self, args: QuantArgs) -> torch.Tensor:
-        n = self.q.shape[1]
+        """``w_hat`` [out, in] float32: the group's scale (and zero) broadcast over its columns
+        (a [out, groups, cols] view: no expanded copies), the same values as
+        ``dequantize(q, expand_groups(scale), expand_groups(zero))``."""
+        out_f, n = self.q.shape
+        groups = self.scale.shape[1]
         if args.grid != "int":  # q holds E4M3 bit patterns / E2M1 codes; one scale per row and group
             from .floatgrid import GRID_VALUES
 
-            return GRID_VALUES[args.grid](self.q) * expand_groups(self.scale, args, n)
-        return dequantize(self.q.float(), expand_groups(self.scale, args, n),
-                          expand_groups(self.zero.float(), args, n))
+            values = GRID_VALUES[args.grid](self.q).view(out_f, groups, n // groups)
+            return (values * self.scale.float()[:, :, None]).view(out_f, n)
+        q = self.q.float().view(out_f, groups, n // groups)
+        return dequantize(q, self.scale.float()[:, :, None], self.zero.float()[:, :, None]).view(out_f, n)
