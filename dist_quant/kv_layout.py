@@ -44,7 +44,7 @@ class KVLayout:
     scales: Optional[Callable] = None  # (amax [2, heads], KVCacheArgs) -> (K scale, V scale); None: kvcache.scales
     fake_quantized: tuple[bool, bool] = (True, True)  # which of the pair the served cache quantizes
     variants: tuple[tuple[str, "KVLayout"], ...] = ()  # (output.format, the layout that format serves)
-    ascend_form: str = ""  # output.format=ascend's tensors: "C8" (formats/kv_cache.py) | "FAKQuant" (formats/fa_quant.py)
+    ascend_form: str = ""  # output.format=ascend's tensors: "C8" (formats/kv_cache.py), "FAKQuant" (fa_quant.py)
 
     def ct_names(self, attn: str) -> tuple[str, str]:
         return tuple(f"{attn}.{leaf}" for leaf in self.ct_leaves)

@@ -605,8 +605,8 @@ def ascend_fa_load(desc: dict, tensors: dict[str, torch.Tensor], num_heads: int,
     attention scheme (``@register_scheme("FAKQuant", "attention")``); ``AscendFAQuantAttentionMethod.
     create_weights``: ``fa_q.scale`` [num_heads / tp, 1] and ``fa_k`` / ``fa_v.scale`` [num_kv_heads
     = 1, 1] in the default (serving) dtype, offsets int8; ``process_weights_after_loading``:
-    ``fak_descale_float`` = fa_k.scale squeezed, unsqueezed, as float [1] (the decode attention's ``dequant_scale_key`` /
-    ``dequant_scale_value``), ``quant_kscale`` = 1 / fa_k.scale repeated [1, kv_lora_rank] (the
+    ``fak_descale_float`` = fa_k.scale squeezed, unsqueezed, as float [1] (the decode attention's
+    ``dequant_scale_key`` / ``dequant_scale_value``), ``quant_kscale`` = 1 / fa_k.scale repeated [1, kv_lora_rank] (the
     prolog's ``quant_scale_ckv``), ``fak_offset`` (the PD-transfer quantizer's offset)."""
     kind = desc.get("fa_quant_type", "")
     if kind == "":

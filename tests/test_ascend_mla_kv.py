@@ -37,7 +37,8 @@ from tiny_deepseek import make_tiny_deepseek  # noqa: E402
 N, L, B = 8, 32, 4
 LAYERS = 2
 ROPE_BOOST = 6.0  # layer 0's k_pe rows of kv_a_proj_with_mqa, scaled: its k_pe outgrows the latent
-PRESET = ("quant=w8a8", "quant.weight_solver=rtn", "quant.act_dynamic=true", "output.format=ascend", "output.dtype=bfloat16")
+PRESET = ("quant=w8a8", "quant.weight_solver=rtn", "quant.act_dynamic=true", "output.format=ascend",
+          "output.dtype=bfloat16")
 FA = [f"model.layers.{i}.self_attn.{b}.{leaf}" for i in range(LAYERS) for b in ("fa_q", "fa_k", "fa_v")
       for leaf in ("scale", "offset")]
 
@@ -103,7 +104,8 @@ class FAReference:
 
     def __init__(self, model):
         c = model.config
-        self.heads, self.nope, self.qk = c.num_attention_heads, c.qk_nope_head_dim, c.qk_nope_head_dim + c.qk_rope_head_dim
+        self.heads, self.nope = c.num_attention_heads, c.qk_nope_head_dim
+        self.qk = c.qk_nope_head_dim + c.qk_rope_head_dim
         self.scales, self.record, self.mask, self.amax, self.current = {}, None, None, {}, None
         for i, layer in enumerate(model.model.layers):
             attn = layer.self_attn
