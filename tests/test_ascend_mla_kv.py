@@ -264,3 +264,46 @@ def test_refused_in_one_line_before_work(env, capsys, preset, extra, match):
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and match in errors[0], errors
     assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+@pytest.mark.parametrize("q_lora_rank", [48, None])
+def test_fa_capture_on_the_attention_module(q_lora_rank):
+    """kvcache_mla.fa_handling on a bare DeepseekV3Attention (q_b_proj or, without q_lora_rank,
+    q_proj): the absorbed query's per-head maxima and the latent's maximum equal this test's
+    hooks; what the handler returns for the latent is what the attention goes on with."""
+    from tiny_deepseek import deepseek_config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+
+    from dist_quant import kvcache_mla
+
+    torch.manual_seed(0)
+    cfg = deepseek_config(64, layers=1, q_lora_rank=q_lora_rank)
+    attn = DeepseekV3Attention(cfg, 0).eval()
+    h = torch.randn(2, 5, cfg.hidden_size)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    pos = DeepseekV3RotaryEmbedding(cfg)(h, torch.arange(5)[None].expand(2, -1))
+    q_linear = attn.q_b_proj if q_lora_rank is not None else attn.q_proj
+    seen = {}
+    q_linear.register_forward_hook(lambda m, a, out: seen.__setitem__("q", out))
+    attn.kv_a_layernorm.register_forward_hook(lambda m, a, out: seen.__setitem__("latent", out))
+    got = {}
+
+    def record(query, kv_nope):
+        got["q"], got["latent"] = kvcache_mla.fa_amax(query, kv_nope, mask)
+        return query, kv_nope
+
+    with torch.no_grad(), kvcache_mla.fa_handling(attn, record):
+        plain = attn(hidden_states=h, position_embeddings=pos, attention_mask=None)[0]
+    heads, nope = cfg.num_attention_heads, cfg.qk_nope_head_dim
+    q_nope = seen["q"].view(2, 5, heads, -1)[..., :nope]
+    w_uk = attn.kv_b_proj.weight.view(heads, -1, cfg.kv_lora_rank)[:, :nope]
+    absorbed = torch.einsum("blhd,hdr->blhr", q_nope.double(), w_uk.double())
+    torch.testing.assert_close(got["q"], masked_amax(absorbed, mask[:, :, None, None], (0, 1, 3)).float(),
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(got["latent"], masked_amax(seen["latent"], mask[:, :, None], (0, 1, 2)).reshape(1),
+                               rtol=0, atol=0)
+    assert kvcache_mla.SITE not in vars(attn) and len(q_linear._forward_hooks) == 1  # only this test's hook left
+    # what the handler returns for the latent is what kv_b_proj expands
+    with torch.no_grad(), kvcache_mla.fa_handling(attn, lambda q, kv: (q, torch.zeros_like(kv))):
+        zeroed = attn(hidden_states=h, position_embeddings=pos, attention_mask=None)[0]
+    assert not torch.allclose(zeroed, plain)

@@ -306,7 +306,7 @@ class AscendW4A8(Ascend):
         return {"group_size": 0}  # per channel; AscendW4A8DynamicFusedMoEMethod raises for group_size > 0
 
     def config_keys(self, config):
-        return ascend.w4a8_config(mla="kv_lora_rank" in config, c8=self.kv is not None)
+        return ascend.w4a8_config(mla="kv_lora_rank" in config)
 
 
 class AutoAWQ(OutputFormat):
