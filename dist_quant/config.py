@@ -189,7 +189,7 @@ class QuantConfig:
     # -- KV-cache quantization (docs/kv_cache.md; dist_quant/kvcache.py) -----------------------
     kv_cache: Optional[str] = None
     """null (the KV cache stays in the serving dtype), fp8 (E4M3 scales in compressed-tensors'
-    kv_cache_scheme: vLLM) or int8 (msModelSlim C8: output.format=ascend). Static K and
+    kv_cache_scheme: vLLM) or int8 (msModelSlim C8, MLA: FAKQuant; output.format=ascend). Static K and
     V scales calibrated on the attention's K (after RoPE) and V; combines with every preset."""
     kv_cache_strategy: str = "tensor"
     """tensor (one K and one V scale per layer) or head (one per KV head; compressed-tensors

@@ -124,7 +124,7 @@ def calibrate(ctx, attn, hs: list[torch.Tensor], mask) -> tuple[torch.Tensor, to
     args = ctx.job.kv
     if args is None:
         return None
-    layout = ctx.arch.kv_layout
+    layout = layout_of(ctx)
     amax = torch.zeros(2, layout.dims(ctx.config)[0], device=ctx.device)
     for h, m in zip(hs, ctx.masks):
         def record(a, b, m=m):
@@ -136,7 +136,8 @@ def calibrate(ctx, attn, hs: list[torch.Tensor], mask) -> tuple[torch.Tensor, to
             attn(hidden_states=h, position_embeddings=ctx.pos_emb, attention_mask=mask)
     with ctx.phase("reduce"):
         amax = ctx.comm.all_reduce(amax, "max")
-    k_scale, v_scale = scales(amax[0], args), scales(amax[1], args)
+    k_scale, v_scale = (layout.scales(amax, args) if layout.scales is not None
+                        else (scales(amax[0], args), scales(amax[1], args)))
     prefix = ctx.fqn(ctx.arch.attn)
     if owner(ctx.job.owners, prefix, layout.owner) == ctx.comm.rank:
         with ctx.phase("write"):
@@ -145,16 +146,23 @@ def calibrate(ctx, attn, hs: list[torch.Tensor], mask) -> tuple[torch.Tensor, to
     return k_scale, v_scale
 
 
+def layout_of(ctx):
+    """The job's KV layout: the architecture's, as the output format's server caches it
+    (``KVLayout.for_format``: MLA on vLLM-Ascend is FAKQuant, kv_layout.MLA_FA)."""
+    return ctx.arch.kv_layout.for_format(ctx.job.fmt.name)
+
+
 @contextlib.contextmanager
-def applied(attn, kv: tuple[torch.Tensor, torch.Tensor] | None, args: KVCacheArgs | None, site=handling):
+def applied(attn, kv: tuple[torch.Tensor, torch.Tensor] | None, args: KVCacheArgs | None, layout):
     """Forwards of ``attn`` with the cached pair fake-quantized by the calibrated scales ``kv``
-    (``site``: the layout's ``handling``; K and V here, MLA's latent and rotated k_pe with their
-    one scale, kv_layout.py)."""
+    at the ``layout``'s site (K and V here, MLA's latent and rotated k_pe with their one scale,
+    or FAKQuant's latent alone: ``layout.fake_quantized``, kv_layout.py)."""
     if kv is None:
         yield
         return
-    k_scale, v_scale = kv
-    with site(attn, lambda a, b: (fake_quant(a, k_scale, args), fake_quant(b, v_scale, args))):
+    quantized = tuple((lambda x, s=s: fake_quant(x, s, args)) if q else (lambda x: x)
+                      for s, q in zip(kv, layout.fake_quantized))
+    with layout.handling(attn, lambda a, b: (quantized[0](a), quantized[1](b))):
         yield
 
 

@@ -18,14 +18,23 @@ them to ``self.expand_kv(kv_nope, k_rot)`` (``kv_b_proj``, head split) right aft
 update. :func:`handling` replaces ``expand_kv`` on the attention instance for the duration of
 a context: the handler gets ``(kv_nope, k_rot)`` and returns them (fake-quantized, or raises
 to stop a recording forward), then the model's own ``expand_kv`` runs on what it returned.
+
+vLLM-Ascend (FAKQuant, ``output.format=ascend``; dist_quant/formats/fa_quant.py) caches only the
+nope part ``kv_nope`` in int8 with one scale (``k_pe`` stays in the serving dtype), and loads a
+per-head scale of the absorbed query ``q_nope · W_UK`` that msModelSlim calibrates (its
+DeepSeek-V3 adapter, ``inject_fa3_placeholders``). :func:`fa_handling` hands the handler
+``(AbsorbedQuery, kv_nope)`` at the same site: the query is taken from ``q_b_proj`` (or
+``q_proj``) output by a forward hook and only measured (:meth:`AbsorbedQuery.head_amax`, one head
+at a time); ``kv_nope`` comes back as the cache returns it, ``k_rot`` is passed through.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
-from .kvcache import masked_head_amax
+from .kvcache import masked_head_amax, scales
 
 SITE = "expand_kv"  # the DeepseekV3Attention method that receives the cached latents
 
@@ -60,3 +69,58 @@ def latent_amax(kv_nope: torch.Tensor, k_rot: torch.Tensor, mask) -> tuple[torch
 def latent_dims(config: dict) -> tuple[int, int]:
     """(1, kv_lora_rank + qk_rope_head_dim): one cached row per token, no heads."""
     return 1, int(config["kv_lora_rank"]) + int(config["qk_rope_head_dim"])
+
+
+# -- vLLM-Ascend FAKQuant (the ``mla`` layout's ascend variant, kv_layout.MLA_FA) --------------------
+
+class AbsorbedQuery:
+    """The absorbed query of one forward, ``q_nope [B, H, L, nope] @ W_UK[h]`` (``kv_b_proj.weight``
+    viewed ``[H, nope + v, rank]``, first ``nope`` rows), measured without building it whole."""
+
+    def __init__(self, q_nope: torch.Tensor, kv_b_weight: torch.Tensor, nope: int):
+        self.q_nope, self.nope = q_nope, nope
+        self.w_uk = kv_b_weight.view(q_nope.shape[1], -1, kv_b_weight.shape[-1])[:, :nope, :]
+
+    def head_amax(self, mask) -> torch.Tensor:
+        """max |q_nope · W_UK| per head over the real tokens, float32 [H]."""
+        return torch.cat([masked_head_amax(torch.matmul(self.q_nope[:, h:h + 1].float(), self.w_uk[h].float()),
+                                           mask) for h in range(self.q_nope.shape[1])])
+
+
+@contextlib.contextmanager
+def fa_handling(attn, handler):
+    """Run ``attn``'s forwards with ``handler(AbsorbedQuery, kv_nope) -> (_, kv_nope)`` before
+    ``kv_b_proj`` expands the latent (``k_rot`` unchanged: vLLM-Ascend keeps it unquantized)."""
+    q_linear = attn.q_b_proj if attn.q_lora_rank is not None else attn.q_proj
+    seen = {}
+    hook = q_linear.register_forward_hook(lambda mod, args, out: seen.__setitem__("q", out))
+
+    def fa(kv_nope, k_rot):
+        q = seen.pop("q")
+        b, length = q.shape[:2]
+        q_nope = q.view(b, length, attn.num_heads, attn.qk_head_dim)[..., :attn.qk_nope_head_dim].transpose(1, 2)
+        _, kv_nope = handler(AbsorbedQuery(q_nope, attn.kv_b_proj.weight, attn.qk_nope_head_dim), kv_nope)
+        return kv_nope, k_rot
+
+    try:
+        with handling(attn, fa):
+            yield
+    finally:
+        hook.remove()
+
+
+def fa_amax(query: AbsorbedQuery, kv_nope: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max |absorbed query| per head [H], max |kv_nope| [1]), float32."""
+    return query.head_amax(mask), masked_head_amax(kv_nope, mask)
+
+
+def fa_scales(amax: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fa_q scales [H], the latent's one scale [1]) from the reduced maxima [2, H] (row 1: the
+    latent's maximum, broadcast), rounded to ``args.scale_dtype`` as :func:`kvcache.scales`."""
+    return (scales(amax[0], dataclasses.replace(args, per_head=True)),
+            scales(amax[1], dataclasses.replace(args, per_head=False)))
+
+
+def fa_dims(config: dict) -> tuple[int, int]:
+    """(num_attention_heads, kv_lora_rank): the query's heads, the latent's cached channels."""
+    return int(config["num_attention_heads"]), int(config["kv_lora_rank"])

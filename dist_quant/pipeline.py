@@ -53,7 +53,7 @@ def output_specs(plan: ModelPlan, owners: OwnerPlan, ckpt: Checkpoint, args: Qua
 
     for i in range(plan.num_layers):
         if fmt.kv is not None:  # the KV-cache scales, written right after q/k/v are solved
-            attn, layout = plan.arch.layer_prefix(i) + plan.arch.attn, plan.arch.kv_layout
+            attn, layout = plan.arch.layer_prefix(i) + plan.arch.attn, plan.arch.kv_layout.for_format(fmt.name)
             per_rank[kv_owner(owners, attn, layout.owner)].extend(fmt.kv_specs(attn, layout, ckpt.config))
         for lin in plan.layer_linears(i):
             bias = raw(lin.name + ".bias") if lin.has_bias else None

@@ -165,6 +165,15 @@ REFUSALS: tuple[Rule, ...] = (
          "output.format=compressed-tensors for W4A8",
          "vllm_ascend/quantization/methods/w4a8.py, AscendW4A8DynamicFusedMoEMethod; methods/registry.py",
          applies=lambda j: _asc(j) and j.scheme == "W4A8_DYNAMIC", job_fails=lambda j: not j.moe),
+    Rule("all", "vLLM-Ascend's MLA int8 latent cache (FAKQuant, quant.kv_cache=int8) is decoded on A2/A3 by "
+         "npu_mla_prolog_v2 on int8 weights: _process_weights_for_fused_fa_quant reads fused_qkv_a_proj.weight_scale "
+         "and q_proj (q_b_proj).weight_scale and the hidden states are quantized per token, so the attention's "
+         "q_a_proj / kv_a_proj_with_mqa / q_b_proj must be W8A8 (quant=w8a8, static or dynamic; W4A8 writes them "
+         "W8A8_DYNAMIC): use quant=w8a8 for DeepSeek-V3 / Kimi-K2 with quant.kv_cache=int8",
+         "vllm_ascend/attention/mla_v1.py, AscendMLAImpl._process_weights_for_fused_fa_quant; "
+         "vllm_ascend/device/device_op.py, mla_preprocess_only_decode",
+         applies=lambda j: _asc(j) and j.kv_cache is not None and j.kv_layout == "mla",
+         job_fails=lambda j: j.scheme not in ("W8A8", "W8A8_DYNAMIC", "W4A8_DYNAMIC")),
 )
 
 RULES: tuple[Rule, ...] = (

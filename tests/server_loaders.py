@@ -457,7 +457,7 @@ ASCEND_PACKED = {"qwen3_moe": {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate
 VLLM_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 # (quant_type, layer_type) pairs registered by @register_scheme in vllm_ascend/quantization/methods/
 ASCEND_SCHEMES = {("W8A8", "linear"), ("W8A8_DYNAMIC", "linear"), ("W8A8_DYNAMIC", "moe"), ("W8A16", "linear"),
-                  ("W4A16", "moe"), ("W4A8_DYNAMIC", "moe")}
+                  ("W4A16", "moe"), ("W4A8_DYNAMIC", "moe"), ("FAKQuant", "attention")}
 
 
 def ascend_quant_type(desc: dict, prefix: str, model_type: str, layer_type: str) -> str:
@@ -569,4 +569,64 @@ def ascend_c8_load(desc: dict, tensors: dict[str, torch.Tensor], kv_heads: int, 
                 raise LoadError(f"{attn + suffix}: {cast.numel()} values; the C8 backend takes 1 or "
                                 f"{kv_heads * head_dim}")
             out[attn + target] = cast
+    return out
+
+
+# vLLM-Ascend FAKQuant, the MLA int8 latent cache (snapshot 182b75e): AscendModelSlimConfig
+# get_cache_scale_mapper (enable_fa_quant: fa_quant_type non-empty)
+ASCEND_FA_RENAMES = {f".{b}.{leaf}": f".mla_attn.mla_attn.{b}.{leaf}"
+                     for b in ("fa_q", "fa_k", "fa_v") for leaf in ("scale", "offset")}
+
+
+def _fa_quant_weight_loader(param: torch.Tensor, loaded: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """methods/kv_c8.py ``_fa_quant_weight_loader``: a one-value parameter is filled with the
+    one-value tensor's ``item()``; otherwise dim 0 is narrowed to this TP rank's rows and copied
+    (``param.data.copy_``: cast to the parameter's dtype, which must be exact here)."""
+    if param.numel() == 1 and loaded.numel() == 1:
+        part = loaded.reshape(param.shape)
+    else:
+        shard = loaded.shape[0] // tp
+        part = loaded.narrow(0, shard * rank, shard)
+        if part.shape != param.shape:
+            raise LoadError(f"[vllm-ascend/FAKQuant] Attempted to load weight ({tuple(part.shape)}) into parameter "
+                            f"({tuple(param.shape)}) when TP size is {tp} and TP rank is {rank}")
+    cast = part.to(param.dtype)
+    if not torch.equal(cast.to(part.dtype), part):
+        raise LoadError(f"FAKQuant {part.dtype} → {param.dtype} is not exact")
+    return cast
+
+
+def ascend_fa_load(desc: dict, tensors: dict[str, torch.Tensor], num_heads: int, kv_lora_rank: int,
+                   pd: torch.dtype, tp: int = 1, rank: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """What vLLM-Ascend builds from a FAKQuant checkpoint for each quantized MLA layer, keyed by the
+    server's ``<attn>.mla_attn.mla_attn`` prefix. ``_add_kvcache_quant_metadata``: enabled by a
+    non-empty ``fa_quant_type``, the layers are the ids of the keys containing ``fa_k.scale``;
+    ``get_quant_type_for_layer`` (attention) returns ``fa_quant_type``, which must be a registered
+    attention scheme (``@register_scheme("FAKQuant", "attention")``); ``AscendFAQuantAttentionMethod.
+    create_weights``: ``fa_q.scale`` [num_heads / tp, 1] and ``fa_k`` / ``fa_v.scale`` [num_kv_heads
+    = 1, 1] in the default (serving) dtype, offsets int8; ``process_weights_after_loading``:
+    ``fak_descale_float`` = fa_k.scale squeezed, unsqueezed, as float [1] (the decode attention's
+    ``dequant_scale_key`` / ``dequant_scale_value``), ``quant_kscale`` = 1 / fa_k.scale repeated [1, kv_lora_rank] (the
+    prolog's ``quant_scale_ckv``), ``fak_offset`` (the PD-transfer quantizer's offset)."""
+    kind = desc.get("fa_quant_type", "")
+    if kind == "":
+        raise LoadError("fa_quant_type is empty: vLLM-Ascend does not enable FAKQuant")
+    if (kind, "attention") not in ASCEND_SCHEMES:
+        raise LoadError(f"fa_quant_type {kind!r}: vLLM-Ascend has no such attention scheme")
+    layers = sorted({int("".join(re.findall(r"\.(\d+)\.", k))) for k in desc if "fa_k.scale" in k})
+    params = {"fa_q.scale": (num_heads // tp, 1, pd), "fa_k.scale": (1, 1, pd), "fa_v.scale": (1, 1, pd),
+              "fa_q.offset": (num_heads // tp, 1, I8), "fa_k.offset": (1, 1, I8), "fa_v.offset": (1, 1, I8)}
+    out = {}
+    for i in layers:
+        attn = f"model.layers.{i}.self_attn"
+        loaded = {}
+        for suffix, target in ASCEND_FA_RENAMES.items():
+            rows, cols, dt = params[suffix[1:]]
+            loaded[suffix[1:]] = _fa_quant_weight_loader(torch.empty(rows, cols, dtype=dt), tensors[attn + suffix],
+                                                         tp, rank)
+        fa_k_scale = loaded["fa_k.scale"].squeeze().unsqueeze(0)
+        loaded["fak_descale_float"] = fa_k_scale.float()
+        loaded["fak_offset"] = loaded["fa_k.offset"].squeeze().unsqueeze(0).to(fa_k_scale.dtype)
+        loaded["quant_kscale"] = 1.0 / fa_k_scale.repeat(kv_lora_rank).view(1, kv_lora_rank).float()
+        out[attn + ".mla_attn.mla_attn"] = loaded
     return out

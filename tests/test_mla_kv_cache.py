@@ -249,7 +249,7 @@ ASCEND = ("quant=w8a8", "quant.act_dynamic=true", "output.format=ascend", "outpu
 
 @pytest.mark.parametrize("preset, extra, match", [
     (W4, ["quant.kv_cache=fp8", "quant.kv_cache_strategy=head"], "quant.kv_cache_strategy='head'"),
-    (ASCEND, ["quant.kv_cache=int8"], "output.format='ascend'"),
+    (ASCEND, ["quant.kv_cache=int8", "quant.kv_cache_strategy=head"], "quant.kv_cache_strategy='head'"),
     (W4, ["quant.kv_cache=int8"], "quant.kv_cache='int8'"),  # vLLM's cache is fp8 (config check, any model)
 ])
 def test_refused_in_one_line_before_work(env, capsys, preset, extra, match):

@@ -142,8 +142,10 @@ def test_transformers_dynamic_activations_differ_from_the_kernels():
     (job("ascend", "W4A8_DYNAMIC", -1), "registers W4A8_DYNAMIC for MoE experts only"),
     (Job("compressed-tensors", "W4A16", 128, True, "bfloat16", "deepseek_v3", True, kv_cache="fp8",
          kv_strategy="head", kv_layout="mla"), "quant.kv_cache='fp8' with quant.kv_cache_strategy='head'"),
-    (Job("ascend", "W8A8_DYNAMIC", -1, True, "bfloat16", "deepseek_v3", True, kv_cache="int8", kv_layout="mla"),
-     "quant.kv_cache='int8' with output.format='ascend'"),
+    (Job("ascend", "W8A8_DYNAMIC", -1, True, "bfloat16", "deepseek_v3", True, kv_cache="int8", kv_strategy="head",
+         kv_layout="mla"), "quant.kv_cache='int8' with quant.kv_cache_strategy='head'"),
+    (Job("ascend", "W4A16", 128, True, "bfloat16", "deepseek_v3", True, kv_cache="int8", kv_layout="mla"),
+     "npu_mla_prolog_v2"),  # FAKQuant's decode prolog needs int8 (W8A8) attention linears
 ])
 def test_refusals(j, match):
     with pytest.raises(ConfigError, match=match):
@@ -155,7 +157,9 @@ def test_refusals(j, match):
                                    kv_cache="fp8", kv_layout="mla"),
                                Job("ascend", "W8A8_DYNAMIC", -1, True, "bfloat16", "llama", kv_cache="int8",
                                    kv_strategy="head"),
-                               job("ascend", "W4A8_DYNAMIC", -1, moe=True)])
+                               job("ascend", "W4A8_DYNAMIC", -1, moe=True),
+                               *(Job("ascend", scheme, -1, True, "bfloat16", "deepseek_v3", True, kv_cache="int8",
+                                     kv_layout="mla") for scheme in ("W8A8", "W8A8_DYNAMIC", "W4A8_DYNAMIC"))])
 def test_no_refusal_where_a_server_loads_it(j):
     refuse(j)
 

@@ -17,7 +17,9 @@ Stages (each linear's input in the one-pass order; the layer program is dist_qua
   gate/up), ``shared_out``, ``expert_in`` / ``expert_out`` per routed expert.
 
 KV cache (``quant.kv_cache=fp8``): the ``mla`` layout of dist_quant/kv_layout.py (the latent
-``kv_a_layernorm(kv_c) ‖ k_pe`` after RoPE, one scale; dist_quant/kvcache_mla.py).
+``kv_a_layernorm(kv_c) ‖ k_pe`` after RoPE, one scale; dist_quant/kvcache_mla.py); with
+``quant.kv_cache=int8 output.format=ascend`` its ascend variant (vLLM-Ascend FAKQuant: the normed
+latent alone, int8; dist_quant/formats/fa_quant.py).
 
 Kimi-K2's config says ``model_type: kimi_k2`` with ``architectures: [DeepseekV3ForCausalLM]``
 and an ``auto_map`` to its own code: it is mapped to this spec and to transformers'

@@ -27,7 +27,7 @@ def attention(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     kv = None  # the KV-cache scales once calibrated (quant.kv_cache; dist_quant/kvcache.py)
 
     def core(h):  # attention up to o_proj's input (K and V as the quantized cache returns them)
-        with kvcache.applied(attn, kv, ctx.job.kv, arch.kv_layout.handling):
+        with kvcache.applied(attn, kv, ctx.job.kv, kvcache.layout_of(ctx)):
             return ctx.input_of(attn, "o_proj", hidden_states=h, position_embeddings=ctx.pos_emb, attention_mask=mask)
 
     hs = ctx.quantize("attn_in", lambda: [norm(x) for x in xs], downstream=lambda hs: [core(h) for h in hs])

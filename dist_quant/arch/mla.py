@@ -26,7 +26,10 @@ With ``quant.kv_cache=fp8`` the cached latent ``kv_a_layernorm(kv_c) ‖ k_pe`` 
 measured once ``kv_a_proj_with_mqa`` is quantized (after the ``kv_b`` stage, which reads the
 float latent as vLLM's prefill does), and ``o_proj``'s input is then computed with the latent
 fake-quantized by its one scale before ``kv_b_proj`` expands it (the decode path: vLLM reads the
-fp8 latent back from the cache, dist_quant/kvcache_mla.py).
+fp8 latent back from the cache, dist_quant/kvcache_mla.py). With ``quant.kv_cache=int8`` and
+``output.format=ascend`` (vLLM-Ascend FAKQuant, the layout's ascend variant) only the normed latent
+is fake-quantized (int8, one scale; k_pe stays float) and the absorbed query's per-head maxima
+are measured too (``fa_q``, loaded by the server but not read).
 """
 from __future__ import annotations
 
@@ -65,14 +68,15 @@ def attention(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     kv = None  # the latent's KV-cache scales once calibrated (quant.kv_cache)
 
     def core(h):  # attention up to o_proj's input (the latent as the quantized cache returns it)
-        with _inputs_as_seen(ctx, attn), kvcache.applied(attn, kv, ctx.job.kv, ctx.arch.kv_layout.handling):
+        with _inputs_as_seen(ctx, attn), kvcache.applied(attn, kv, ctx.job.kv, kvcache.layout_of(ctx)):
             return ctx.input_of(attn, "o_proj", hidden_states=h, position_embeddings=ctx.pos_emb, attention_mask=None)
 
     hs = ctx.quantize("attn_in", lambda: [norm(x) for x in xs])
     if attn.q_lora_rank is not None:
         ctx.quantize("q_b", lambda: [attn.q_a_layernorm(attn.q_a_proj(h)) for h in hs])
     ctx.quantize("kv_b", lambda: [attn.kv_a_layernorm(attn.kv_a_proj_with_mqa(h)[..., :rank]) for h in hs])
-    kv = kvcache.calibrate(ctx, attn, hs, None)
+    with _inputs_as_seen(ctx, attn):  # q_b_proj's input as its kernel sees it (FAKQuant measures the query)
+        kv = kvcache.calibrate(ctx, attn, hs, None)
     return dense.residual_stage(ctx, xs, hs, core, "attn_out", attn.o_proj)
 
 

@@ -56,7 +56,8 @@ and ``model_quant_type: W8A8_DYNAMIC`` (msModelSlim's ``QUANT_TYPE_PRIORITY`` hi
 from the model type); config.json gets what the DeepSeek-V3 adapter writes
 (``model/deepseek_v3/model_adapter.py``, ``ascendv1_save_postprocess``): ``quantize:
 w8a8_dynamic``, ``moe_quantize: w4a8_dynamic`` and, for MLA models, ``mla_quantize``
-(``w8a8_dynamic``; ``w8a8`` with a C8 KV cache). No ``mtp_quantize``: our MTP layers stay float.
+(``w8a8_dynamic``, the MLA linears' type; msModelSlim says ``w8a8`` for its static-W8A8 attention
+with a KV cache). No ``mtp_quantize``: our MTP layers stay float.
 """
 from __future__ import annotations
 
@@ -230,10 +231,12 @@ def is_expert(name: str) -> bool:
     return _EXPERT.match(name) is not None
 
 
-def w4a8_config(mla: bool, c8: bool) -> dict[str, str]:
+def w4a8_config(mla: bool) -> dict[str, str]:
     """config.json keys of a W4A8 output (msModelSlim DeepSeek-V3 adapter, ``ascendv1_save_postprocess``;
     vLLM-Ascend reads ``moe_quantize`` / ``quantize`` in ``AscendConfig._is_megamoe_supported_by_config``)."""
     keys = {"quantize": "w8a8_dynamic", "moe_quantize": "w4a8_dynamic"}
     if mla:
-        keys["mla_quantize"] = "w8a8" if c8 else "w8a8_dynamic"
+        # the type of the MLA linears written: W8A8_DYNAMIC (msModelSlim's w4a8c8 writes them static
+        # W8A8 and says "w8a8"; dist_quant's are dynamic with a KV cache too)
+        keys["mla_quantize"] = "w8a8_dynamic"
     return keys

@@ -27,7 +27,7 @@ from . import awq
 from . import compressed_tensors as ct
 from . import compressed_tensors_fp8 as ctf
 from . import compressed_tensors_w8a8 as ct8
-from . import kv_cache
+from . import fa_quant, kv_cache
 from ..kv_layout import KVLayout
 from ..kvcache import KVCacheArgs
 from .serving import with_serving_dtype
@@ -154,12 +154,30 @@ class CompressedTensorsW4AFP8(OutputFormat):
         return ctf.quantization_config(self.args, self.act, ignore)
 
 
-def _c8_dims(layout: KVLayout, config: dict) -> tuple[int, int]:
-    """(KV heads, head_dim) of a C8 cache: msModelSlim's names are per K/V projection (MHA only;
-    other layouts are refused before any work, dist_quant/servability.py)."""
-    if "ascend" not in layout.formats:
-        raise ValueError(f"the {layout.name} KV layout has no Ascend C8 form")
-    return layout.dims(config)
+def _c8_specs(attn, layout, config, args):
+    return kv_cache.ascend_specs(attn, *layout.dims(config), args)  # (KV heads, head_dim)
+
+
+def _c8_pack(attn, layout, k_scale, v_scale, config, args):
+    return kv_cache.ascend_tensors(attn, k_scale, v_scale, layout.dims(config)[1], args)
+
+
+def _fa_specs(attn, layout, config, args):
+    return fa_quant.specs(attn, layout.dims(config)[0])
+
+
+def _fa_pack(attn, layout, k_scale, v_scale, config, args):
+    return fa_quant.tensors(attn, k_scale, v_scale)  # MLA_FA: "K" is the absorbed query, "V" the latent
+
+
+# KVLayout.ascend_form → (specs, pack): msModelSlim C8 (MHA) and FAKQuant (MLA, kv_layout.MLA_FA)
+ASCEND_KV = {"C8": (_c8_specs, _c8_pack), "FAKQuant": (_fa_specs, _fa_pack)}
+
+
+def _ascend_kv(layout: KVLayout):
+    if layout.ascend_form not in ASCEND_KV:
+        raise ValueError(f"the {layout.name} KV layout has no Ascend form")
+    return ASCEND_KV[layout.ascend_form]
 
 
 class Ascend(OutputFormat):
@@ -203,22 +221,36 @@ class Ascend(OutputFormat):
         return ascend.pack_linear(name, result, self.args_of(name), self.act_of(name), act_params, bias)
 
     def kv_specs(self, attn, layout, config):
-        return kv_cache.ascend_specs(attn, *_c8_dims(layout, config), self.kv)
+        return _ascend_kv(layout)[0](attn, layout, config, self.kv)
 
     def pack_kv(self, attn, layout, k_scale, v_scale, config):
-        return kv_cache.ascend_tensors(attn, k_scale, v_scale, _c8_dims(layout, config)[1], self.kv)
+        return _ascend_kv(layout)[1](attn, layout, k_scale, v_scale, config, self.kv)
 
     def finish(self, directory, parts, weight_map, config, ignore, quantized):
         write_index(directory, parts, weight_map, name=self.index_name)
         types = {name: self.type_of(name) for name in quantized}
         desc = ascend.description(weight_map, types, self.quant_type, str(config.get("model_type", "")),
                                   self.description_extra())
-        if self.kv is not None:  # msModelSlim C8 (formats/kv_cache.py)
-            desc.update({name: kv_cache.C8 for name in weight_map if kv_cache.is_ascend_kv(name)},
-                        kv_cache_type=kv_cache.C8, kv_quant_type=kv_cache.C8)
+        if self.kv is not None:
+            desc.update(ascend_kv_description(weight_map))
         (Path(directory) / ascend.DESCRIPTION).write_text(json.dumps(desc, indent=2) + "\n")
         config = {**with_serving_dtype(config, self.args.scale_dtype), **self.config_keys(config)}
         (Path(directory) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def ascend_kv_description(weight_map) -> dict[str, str]:
+    """The description entries of the KV-cache tensors in ``weight_map``: msModelSlim C8
+    (formats/kv_cache.py) or FAKQuant (formats/fa_quant.py), told apart by their names."""
+    c8 = [name for name in weight_map if kv_cache.is_ascend_kv(name)]
+    fa = sorted({name.rsplit(".", 2)[0] for name in weight_map if fa_quant.is_fa(name)})
+    desc = {}
+    if c8:
+        desc.update({name: kv_cache.C8 for name in c8}, kv_cache_type=kv_cache.C8, kv_quant_type=kv_cache.C8)
+    for attn in fa:
+        desc.update(fa_quant.description(attn))
+    if fa:
+        desc.update(fa_quant.global_description())
+    return desc
 
 
 KV_B_REASON = "output.format=ascend: vLLM-Ascend's MLA attention needs a float kv_b_proj"
@@ -274,7 +306,7 @@ class AscendW4A8(Ascend):
         return {"group_size": 0}  # per channel; AscendW4A8DynamicFusedMoEMethod raises for group_size > 0
 
     def config_keys(self, config):
-        return ascend.w4a8_config(mla="kv_lora_rank" in config, c8=self.kv is not None)
+        return ascend.w4a8_config(mla="kv_lora_rank" in config)
 
 
 class AutoAWQ(OutputFormat):
