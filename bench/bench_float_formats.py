@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,14 +35,16 @@ PADDED_RUNS = [("fp8_block_rtn", "fp8_block", "rtn"), ("fp8_block_gptq", "fp8_bl
                ("fp8_dynamic_rtn", "fp8_dynamic", "rtn"), ("fp8_dynamic_gptq", "fp8_dynamic", "gptq")]
 
 
-def quantize(model: Path, out: Path, preset: str, solver: str, args) -> None:
+def quantize(model: Path, out: Path, preset: str, solver: str, args) -> float:
     cmd = [sys.executable, "-m", "dist_quant", f"model.path={model}", f"quant={preset}",
            f"quant.weight_solver={solver}", f"calib.path={args.data}", f"calib.num_samples={args.samples}",
            f"calib.seq_len={args.seq_len}", f"output.dir={out}", "output.overwrite=true",
            f"runtime.run_dir={out}.run", f"runtime.threads={args.threads}"]
+    t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
         raise SystemExit(f"quantization failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    return time.time() - t0
 
 
 def held_out_ids(model: Path, args):
@@ -100,7 +103,8 @@ def main() -> None:
         if (only and name not in only) or name in results:
             continue
         qdir = out / name
-        quantize(model, qdir, preset, solver, args)
+        wall = quantize(model, qdir, preset, solver, args)
+        results.setdefault("wall_s", {})[name] = {"wall_s": round(wall, 1), "load_avg": round(os.getloadavg()[0], 1)}
         results[name] = perplexity(load_fake_quant_model(qdir), ids, args.seq_len, args.windows, 4)["ppl"]
         results_path.write_text(json.dumps(results, indent=2))
         print(f"{name}: ppl {results[name]:.4f} (FP {results['fp']:.4f})", flush=True)
