@@ -59,6 +59,7 @@ def served_ppl(model_dir: Path, args) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dist_quant import kvcache
+    from dist_quant.kv_layout import KV_LAYOUTS
     from dist_quant.eval import perplexity, read_text, split_text
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -80,7 +81,8 @@ def served_ppl(model_dir: Path, args) -> float:
         for i, layer in enumerate(model.model.layers):
             p = f"model.layers.{i}.self_attn."
             stack.enter_context(kvcache.applied(layer.self_attn, (scales[p + "k_scale"].flatten(),
-                                                                  scales[p + "v_scale"].flatten()), kv))
+                                                                  scales[p + "v_scale"].flatten()), kv,
+                                                 KV_LAYOUTS["mha"]))
         return perplexity(model, ids, 512, args.windows, 4)["ppl"]
 
 
