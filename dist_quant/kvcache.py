@@ -149,7 +149,8 @@ def calibrate(ctx, attn, hs: list[torch.Tensor], mask) -> tuple[torch.Tensor, to
 def layout_of(ctx):
     """The job's KV layout: the architecture's, as the output format's server caches it
     (``KVLayout.for_format``: MLA on vLLM-Ascend is FAKQuant, kv_layout.MLA_FA)."""
-    return ctx.arch.kv_layout.for_format(ctx.job.fmt.name)
+    fmt = getattr(ctx.job, "fmt", None)  # None: a job without an output format (a float forward)
+    return ctx.arch.kv_layout if fmt is None else ctx.arch.kv_layout.for_format(fmt.name)
 
 
 @contextlib.contextmanager
