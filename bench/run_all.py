@@ -222,6 +222,14 @@ def _rss(r: dict) -> str:
     return f"{v:.2f}" if v is not None else "-"
 
 
+def _process_s(r: dict) -> str:
+    """The whole command, process start to exit, imports included: dist_quant's ``wall_s`` is
+    that already; a peer's ``wall_s`` is its own timer (load to saved), ``wall_s_process`` the
+    command's."""
+    v = r.get("wall_s_process", r.get("wall_s"))
+    return f"{v:.0f}" if v is not None else "-"
+
+
 def table(job_dir: Path, runs: list[Run]) -> str:
     """The Markdown table of one job, from its run files only."""
     records = {r.name: json.loads((job_dir / f"{r.name}.json").read_text()) for r in runs
@@ -231,7 +239,7 @@ def table(job_dir: Path, runs: list[Run]) -> str:
     fp = records.get("fp", {}).get("result", {}).get("ppl")
     any_rec = next(iter(records.values()))
     a = any_rec["args"]
-    heads = ["run", "ranks", "wall s", "start-up s", *PHASE_COLUMNS, "other s", "peak RSS GB", "ppl", "vs FP",
+    heads = ["run", "ranks", "wall s", "process s", "start-up s", *PHASE_COLUMNS, "other s", "peak RSS GB", "ppl", "vs FP",
              "load avg before → after"]
     shown = [p for p in PHASE_COLUMNS if any(p in rec["result"].get("phases", {}).get("slowest_rank", {})
                                             for rec in records.values())]
@@ -246,6 +254,7 @@ def table(job_dir: Path, runs: list[Run]) -> str:
         cells = [run.label + (f" {rec['result'].get('versions', {}).get(run.tool, '')}" if run.peer_script else ""),
                  str(run.ranks) if run.tool != "fp" else "-",
                  f"{r['wall_s']:.0f}" if run.tool != "fp" else "-",
+                 _process_s(r) if run.tool != "fp" else "-",
                  f"{r['wall_s'] - r['job_wall_s']:.0f}" if ph else "-"]
         cells += [f"{ph['slowest_rank'].get(p, 0.0):.1f}" if ph else "-" for p in shown]
         cells += [f"{ph['other']:.1f}" if ph else "-", _rss(r) if run.tool != "fp" else "-", f"{r['ppl']:.3f}",

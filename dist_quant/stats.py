@@ -196,9 +196,11 @@ class ChannelRangeStat:
 def quantized_output_error(w: torch.Tensor, result, args, h: torch.Tensor) -> tuple[float, float]:
     """``(tr(ΔW H ΔWᵀ), tr(W H Wᵀ))`` of a quantized linear (``result``: a ``QuantResult``),
     dequantized block by block so that no float copy of the whole weight is made. When the
-    solver measured ``ΔW H ΔWᵀ`` itself (``result.err_rows``, GPTQ) only ``W H Wᵀ`` is computed."""
+    solver measured ``ΔW H ΔWᵀ`` itself (``result.err_rows``, GPTQ) only ``W H Wᵀ`` is computed
+    (or taken from ``result.den_rows`` when the solver computed it meanwhile)."""
     if result.err_rows is not None:
-        return float(result.err_rows.sum()), float(output_error_rows(w, None, h)[1].sum())
+        den = result.den_rows if result.den_rows is not None else output_error_rows(w, None, h)[1]
+        return float(result.err_rows.sum()), float(den.sum())
     num = den = 0.0
     for a in range(0, w.shape[0], ERROR_ROWS):
         b = min(a + ERROR_ROWS, w.shape[0])

@@ -39,3 +39,23 @@ def test_err_rows_equal_the_output_error_on_the_inputs(grid, group, rank_deficie
     assert den == pytest.approx(float((2.0 / x.shape[0]) * (x64 @ w.double().T).pow(2).sum()), rel=1e-5)
     parts = r.split([40, 56])  # a stacked solve's modules keep their rows' errors
     assert torch.equal(torch.cat([p.err_rows for p in parts]), r.err_rows)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_denominator_computed_during_the_loop_when_a_core_is_idle(workers):
+    """With two workers the denominator ``(W H Wᵀ)_rr`` is computed in a thread while the
+    column loop runs (``den_rows``); it is the output energy of the float weights on the inputs,
+    and the integers do not depend on it."""
+    w, x, h = problem()
+    args = QuantArgs(bits=4, group_size=64, symmetric=True, scale_dtype=torch.bfloat16, mse=True)
+    r = gptq_quantize(w, h, args, GPTQParams(damp=0.01, workers=workers))
+    ref = (2.0 / x.shape[0]) * (x.double() @ w.double().T).pow(2).sum(dim=0)
+    if workers == 1:
+        assert r.den_rows is None
+    else:
+        assert r.den_rows is not None and torch.allclose(r.den_rows, ref, rtol=1e-5)
+        parts = r.split([40, 56])
+        assert torch.equal(torch.cat([p.den_rows for p in parts]), r.den_rows)
+    one = gptq_quantize(w, h, args, GPTQParams(damp=0.01, workers=1))
+    assert torch.equal(r.q, one.q) and torch.equal(r.scale, one.scale)
+    assert quantized_output_error(w, r, args, h)[1] == pytest.approx(float(ref.sum()), rel=1e-5)

@@ -13,13 +13,14 @@ weights, as in the reference implementation.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from ..quant import floatgrid as fg
 from ..quant.qparams import QuantArgs, QuantResult, compute_qparams
+from .factor import inverse_upper_factor_
 from .rtn import rtn_quantize
 
 
@@ -69,24 +70,16 @@ def inverse_cholesky_(h: torch.Tensor, work: torch.Tensor, damp: float,
     """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``UᵀU``), raising λ tenfold on failure.
 
     ``h`` is left as it was; the factor is computed in ``work`` (a buffer of ``h``'s shape
-    and dtype, overwritten): damped copy → Cholesky → inverse → Cholesky, all in place (LAPACK
-    works on the Fortran-ordered view ``work.mT``), so no other ``n × n`` buffer is allocated.
+    and dtype, overwritten) by one Cholesky and one triangular inverse of the reversed matrix,
+    in place (:func:`factor.inverse_upper_factor_`: temporaries of at most a quarter of ``h``).
     Returns ``(U, λ)`` with ``U`` a view of ``work``, or ``(None, λ)`` when every attempt failed."""
-    mean_diag = torch.diag(h).mean()
-    f = work.mT  # Fortran-contiguous: LAPACK's layout, so the out= calls below need no copy
-    info = torch.empty((), dtype=torch.int32, device=h.device)
+    mean_diag = float(torch.diag(h).mean())
     lam = damp
     for attempt in range(retries + 1):
         lam = damp * 10**attempt
-        work.copy_(h)
-        work.diagonal().add_(lam * mean_diag)
-        torch.linalg.cholesky_ex(f, out=(f, info))
-        if int(info) != 0:
-            continue
-        torch.cholesky_inverse(f, out=f)
-        torch.linalg.cholesky_ex(f, upper=True, out=(f, info))
-        if int(info) == 0 and _finite(work):
-            return f, lam
+        upper = inverse_upper_factor_(h, work, lam * mean_diag)
+        if upper is not None and _finite(work):
+            return upper, lam
     return None, lam
 
 
@@ -144,10 +137,31 @@ def gptq_quantize_(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, params: GP
         return result
     W = w.detach().float().index_select(1, perm)  # the one working copy, in solve order
     W[:, dead[perm]] = 0.0
+    den = _denominator_meanwhile(w, h, params)
     result, loss = _column_loop(W, upper, perm, args, params, scale, clip)
     mean_diag = float((diag.sum() + dead.sum()) / n)  # of the Hessian factorized (dead inputs set to 1)
     result.err_rows = _undamped_error(loss, w, dead, result, args, lam * mean_diag)
+    if den is not None:
+        result.den_rows = den.result()
     return result
+
+
+def _denominator_meanwhile(w: torch.Tensor, h: torch.Tensor, params: GPTQParams) -> Future | None:
+    """``(W H Wᵀ)_rr`` (the report's output-error denominator, ``stats.output_error_rows``) in a
+    thread while the column loop runs, when the solve has more than one worker: the loop is a
+    long chain of small ops that keeps one core busy (the MSE search's row parts excepted), the
+    denominator one GEMM per row block that needs only ``w`` and ``h``, which nothing changes
+    from here on (``h`` is back in input order, ``w`` is read only). None: one worker, the
+    caller computes it afterwards."""
+    if params.workers < 2:
+        return None
+    from ..stats import output_error_rows
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="gptq-den")
+    try:
+        return pool.submit(lambda: output_error_rows(w, None, h)[1])
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _undamped_error(loss: torch.Tensor, w: torch.Tensor, dead: torch.Tensor, result: QuantResult,

@@ -143,12 +143,17 @@ class QuantResult:
     # float64 [out]: ``(ΔW H ΔWᵀ)_rr`` per row, when the solver knows it without a GEMM (GPTQ:
     # the sum of its squared column errors, algorithms/gptq.py); None: computed from H (stats.py)
     err_rows: torch.Tensor | None = None
+    # float64 [out]: ``(W H Wᵀ)_rr`` per row, when the solver computed it (GPTQ, on an idle core
+    # while its column loop runs); None: computed from H afterwards (stats.py)
+    den_rows: torch.Tensor | None = None
 
     def split(self, rows: list[int]) -> list["QuantResult"]:
         """Per-module results of a row-stacked solve."""
-        errs = self.err_rows.split(rows) if self.err_rows is not None else [None] * len(rows)
-        return [QuantResult(q, s, z, self.fallback, err_rows=e) for q, s, z, e in
-                zip(self.q.split(rows), self.scale.split(rows), self.zero.split(rows), errs)]
+        def parts(t):
+            return t.split(rows) if t is not None else [None] * len(rows)
+        return [QuantResult(q, s, z, self.fallback, err_rows=e, den_rows=d) for q, s, z, e, d in
+                zip(self.q.split(rows), self.scale.split(rows), self.zero.split(rows),
+                    parts(self.err_rows), parts(self.den_rows))]
 
     def dequantize(self, args: QuantArgs) -> torch.Tensor:
         """``w_hat`` [out, in] float32: the group's scale (and zero) broadcast over its columns
