@@ -183,6 +183,8 @@ class LayerwiseQuantizer:
                 resume.layer_done(i, xs, records)
             if progress is not None:
                 progress.update(1)
+        if resume is not None:
+            resume.flush()  # the last layer's state, complete before the output is finished
         with torch.no_grad():
             for name in self.plan.global_tensors if self.writer is not None else ():
                 if self.owners.owner[name] == self.comm.rank:
