@@ -4,7 +4,6 @@ and on two real ranks (gloo), and config keys following the registries."""
 from __future__ import annotations
 
 import os
-
 import sys
 from pathlib import Path
 
