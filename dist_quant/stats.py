@@ -73,7 +73,9 @@ class HessianStat:
         for t in range(0, x.shape[0], TOKEN_CHUNK):
             xc = x[t:t + TOKEN_CHUNK]
             if keep is not None:
-                xc = xc[keep[t:t + TOKEN_CHUNK]]
+                kc = keep[t:t + TOKEN_CHUNK]
+                if not bool(kc.all()):  # a padded chunk: gather its real tokens (a copy)
+                    xc = xc[kc]
             xc = xc.float()
             for a in range(0, n, HESSIAN_ROW_BLOCK):
                 b = min(a + HESSIAN_ROW_BLOCK, n)

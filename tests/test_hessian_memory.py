@@ -46,6 +46,38 @@ def test_sums_do_not_depend_on_the_split_and_match_float64(monkeypatch):
     assert torch.allclose(one.sum, ref, rtol=1e-6, atol=1e-3)
 
 
+def test_chunks_without_padding_are_not_gathered_and_sum_the_same(monkeypatch):
+    """A chunk whose tokens are all real is used as it is (no gather copy); the sums are the
+    same bits as with no mask, and a partly padded batch still counts only its real tokens."""
+    import dist_quant.stats as stats
+
+    monkeypatch.setattr(stats, "TOKEN_CHUNK", 100)
+    xs, _ = _batches(n_batches=2, tokens=300)
+    full = torch.ones(300, dtype=torch.bool)
+    part = full.clone()
+    part[250:] = False  # the last chunk padded, the first two not
+    masked, plain, padded = (HessianStat(96, torch.device("cpu")) for _ in range(3))
+    for x in xs:
+        masked.add(x, full)
+        plain.add(x, None)
+    padded.add(xs[0], part)
+    assert torch.equal(masked.packed(), plain.packed())
+    real = xs[0][:250].double()
+    assert padded.tokens() == 250
+    assert torch.allclose(padded.sum, real.T @ real, rtol=1e-6, atol=1e-3)
+    gathered = []
+    real_getitem = torch.Tensor.__getitem__
+
+    def spy(self, key):
+        if isinstance(key, torch.Tensor) and key.dtype == torch.bool:
+            gathered.append(int(key.sum()))
+        return real_getitem(self, key)
+
+    monkeypatch.setattr(torch.Tensor, "__getitem__", spy)
+    HessianStat(96, torch.device("cpu")).add(xs[0], part)
+    assert gathered == [50]  # only the padded chunk was gathered
+
+
 def test_take_converts_in_place_and_hands_out_the_other_half():
     xs, masks = _batches(features=200)
     stat = HessianStat(200, torch.device("cpu"))
