@@ -111,7 +111,7 @@ def write_header_only(directory: Path, cfg: dict, dtype: str = "BF16", elem: int
     return total
 
 
-def plan(model: Path, world: int, samples: int, seq_len: int) -> tuple[list[str], object]:
+def plan(model: Path, world: int, samples: int, seq_len: int, extra: tuple[str, ...] = ()) -> tuple[list[str], object]:
     from dist_quant.dry_run import estimate
     from dist_quant.formats.registry import make_format
     from dist_quant.pipeline import output_specs
@@ -121,7 +121,7 @@ def plan(model: Path, world: int, samples: int, seq_len: int) -> tuple[list[str]
 
     cfg = load_config([f"model.path={model}", "quant=gptq_w4a16", "model.dtype=bfloat16",
                        f"calib.num_samples={samples}", f"calib.seq_len={seq_len}", "dry_run=true",
-                       f"runtime.world_size={world}", "runtime.device=cuda"])
+                       f"runtime.world_size={world}", "runtime.device=cuda", *extra])
     ckpt, mplan, owners, args = prepare(cfg, str(model), world)
     fmt = make_format(cfg, args)
     parts = plan_parts(output_specs(mplan, owners, ckpt, args, fmt), cfg.output.part_file_bytes,
@@ -136,13 +136,14 @@ def main() -> None:
     p.add_argument("--world-size", type=int, default=8)
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--set", nargs="*", default=[], help="more overrides, e.g. runtime.activation_budget=4GB")
     a = p.parse_args()
     rows = []
     for key in a.models.split(","):
         d = Path(a.out) / key
         claimed = write_header_only(d, CONFIGS[key])
         on_disk = sum(f.stat().st_blocks * 512 for f in d.iterdir())
-        ranks, owners, mplan = plan(d, a.world_size, a.samples, a.seq_len)
+        ranks, owners, mplan = plan(d, a.world_size, a.samples, a.seq_len, tuple(a.set))
         worst = max(ranks, key=lambda e: e.peak_bytes)
         m = worst.memory
         split = [lin for lin in mplan.linears if lin.name in owners.rows]

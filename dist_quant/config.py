@@ -506,6 +506,12 @@ class RuntimeConfig:
     then with the solved weights) instead of holding all of the rank's samples. Same output bits.
     Empty: never stream."""
 
+    offload: str = "auto"
+    """Where a rank's calibration activations live on an accelerator (dist_quant/offload.py): auto
+    (pinned host memory, streamed to the device one batch at a time, when the residual stream
+    exceeds runtime.activation_budget; never on CPU or without a budget), host (always; on CPU a
+    plain copy, for testing), none (on the device)."""
+
     @property
     def activation_budget_bytes(self) -> Optional[int]:
         if self.activation_budget is None:
@@ -515,6 +521,8 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.activation_budget is not None:
             parse_size(self.activation_budget, "runtime.activation_budget")
+        _check(self.offload in ("auto", "host", "none"), "runtime.offload", self.offload,
+               "expected auto, host or none")
         _check(self.device in ("auto", "cpu", "cuda", "npu"), "runtime.device", self.device,
                "expected auto, cpu, cuda or npu")
         _check(self.backend in ("auto", "gloo", "nccl", "hccl"), "runtime.backend", self.backend,

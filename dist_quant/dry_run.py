@@ -101,9 +101,15 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
         my_parts = [p for p in parts if p.rank == r]
         held = DTYPE_SIZE[cfg.model.activation_dtype or cfg.model.dtype]  # activations as held (model.activation_dtype)
         shape = mem.Shape(tokens, b * seq, seq, hidden, heads, c, held)
+        host = None  # runtime.offload: the activations as held in host memory; the device has two batches
+        if _offloads(cfg, plan, tokens * hidden * held):
+            host = max(_stage_memory(cfg, ckpt, plan, owners, shape, r, key, lins, world_size,
+                                     stream=False)[1]["activations"] for key, lins in stage_groups.items())
+            shape = mem.Shape(min(tokens, 2 * b * seq), b * seq, seq, hidden, heads, c, held)
         stage_peak, stage_parts, worst = 0, {"activations": 0, "hessians": 0, "solve_weight": 0}, ""
         for key, lins in stage_groups.items():
-            total, parts_ = _stage_memory(cfg, ckpt, plan, owners, shape, r, key, lins, world_size)
+            total, parts_ = _stage_memory(cfg, ckpt, plan, owners, shape, r, key, lins, world_size,
+                                          stream=host is None)  # offloading never streams (stage.streams)
             if total > stage_peak:
                 stage_peak, stage_parts, worst = total, parts_, f"layer {key[0]} {key[1]}"
         tune = layer_solver(cfg.quant.method).memory  # a layer solver's own peak (AutoRound's tuning)
@@ -119,13 +125,16 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
             # device=auto: the overhead of an accelerator process (the larger one)
             "process": PROCESS_OVERHEAD.get(cfg.runtime.device, PROCESS_OVERHEAD["cuda"]),
         }
+        if host is not None:  # not part of the (device) peak
+            memory["host_activations"] = host
         out.append(RankEstimate(r, samples, len(mine), owners.solve_cost[r] if owners.solve_cost else 0.0,
                                 reads, sum(p.nbytes for p in my_parts), [p.file for p in my_parts], memory,
                                 worst))
     return out
 
 
-def _stage_memory(cfg, ckpt, plan, owners, shape, rank, key, lins, world_size) -> tuple[int, dict]:
+def _stage_memory(cfg, ckpt, plan, owners, shape, rank, key, lins, world_size, stream: bool = True
+                  ) -> tuple[int, dict]:
     """Peak of one stage (``key`` = (layer, stage)) on ``rank``; see dist_quant/estimate.py."""
     layer, stage = key
     if stage == "moe_mlp":
@@ -148,7 +157,18 @@ def _stage_memory(cfg, ckpt, plan, owners, shape, rank, key, lins, world_size) -
         extra = 3 * b * n * c
     elif stage == "attn_out":  # one batch's attention scores (an upper bound for SDPA)
         extra = (b // shape.seq_len) * shape.heads * shape.seq_len ** 2 * c
-    return mem.stage_total(shape, n, extra, solve, received, streamed=_streamed(cfg, stage, n, shape))
+    return mem.stage_total(shape, n, extra, solve, received, streamed=stream and _streamed(cfg, stage, n, shape))
+
+
+def _offloads(cfg, plan, residual_bytes: int) -> bool:
+    """The rule of ``LayerwiseQuantizer._offload`` (runtime.offload; device auto: an accelerator)."""
+    from types import SimpleNamespace
+
+    from . import offload
+
+    device = SimpleNamespace(type="cuda" if cfg.runtime.device == "auto" else cfg.runtime.device)
+    return (offload.wanted(cfg.runtime.offload, device, residual_bytes, cfg.runtime.activation_budget_bytes)
+            and offload.unsupported(cfg, plan) is None)
 
 
 def _streamed(cfg, stage: str, n: int, shape) -> bool:
@@ -214,7 +234,11 @@ def plan_report(cfg: JobConfig, model_path: str, world_size: int) -> tuple[list[
     worst = max(ranks, key=lambda e: e.peak_bytes)
     m = worst.memory
     lines += ["", f"peak memory of rank {worst.rank} ({_gb(worst.peak_bytes)}, at {worst.worst_stage}): "
-              + ", ".join(f"{k.replace('_', ' ')} {_gb(v)}" for k, v in m.items())]
+              + ", ".join(f"{k.replace('_', ' ')} {_gb(v)}" for k, v in m.items() if k != "host_activations")]
+    if "host_activations" in m:
+        lines.append(f"activations held in pinned host memory (runtime.offload={cfg.runtime.offload}), "
+                     f"not in the device peak: {_gb(m['host_activations'])} on rank {worst.rank}; the device "
+                     f"holds two batches")
     lines += ["", "part files:"]
     for p in parts:
         lines.append(f"  {p.file}  rank {p.rank}  {_gb(p.nbytes)}  {len(p.tensors)} tensors")

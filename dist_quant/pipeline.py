@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import actdtype
+from . import actdtype, offload
 from .algorithms.registry import layer_solver
 from .calibration import CalibrationSet
 from .checkpoint import Checkpoint
@@ -122,6 +122,22 @@ class LayerwiseQuantizer:
         self.ckpt.prefetch([n for n in self.ckpt.tensors if n.startswith(prefix) and (
             ".experts." not in n or self.owners.owner.get(n.rsplit(".", 1)[0], rank) == rank)])
 
+    def _offload(self, tokens_x_hidden: int) -> torch.device | None:
+        """The device whose activations this job holds in host memory (``runtime.offload``), or None."""
+        rt = self.cfg.runtime
+        if not offload.wanted(rt.offload, self.device, tokens_x_hidden * self.storage.itemsize,
+                              rt.activation_budget_bytes):
+            return None
+        problem = offload.unsupported(self.cfg, self.plan)
+        if problem is None:
+            log.info("calibration activations held in %s host memory, streamed to %s batch by batch "
+                     "(runtime.offload=%s)", "pinned" if self.device.type != "cpu" else "plain", self.device,
+                     rt.offload)
+            return self.device
+        offload.check(self.cfg, self.plan)  # runtime.offload=host: refused (run.py refuses it before any work)
+        log.warning("activations exceed runtime.activation_budget but stay on %s: %s", self.device, problem)
+        return None
+
     # -- the loop -------------------------------------------------------------------------
     def run(self, calib: CalibrationSet, progress=None, resume=None,
             smooth: tuple[CalibrationSet, int, int] | None = None) -> list[LayerRecord]:
@@ -138,12 +154,14 @@ class LayerwiseQuantizer:
         masks = [m.to(self.device) for _, m in batches]
         restored = resume.restored if resume is not None else None
         with torch.no_grad():
+            hidden = self.ckpt.tensors[arch.embed].shape[-1]
+            self.job.offload = self._offload(sum(int(ids.numel()) for ids, _ in batches) * hidden)
             if restored is None:
                 embed = self.ckpt.get(arch.embed).to(self.device, self.dtype)
-                xs = [F.embedding(ids.to(self.device), embed).to(self.storage) for ids, _ in batches]
+                xs = self.job.hold_list(F.embedding(ids.to(self.device), embed).to(self.storage) for ids, _ in batches)
                 del embed
             else:
-                xs = [x.to(self.device, self.storage) for x in restored.xs]
+                xs = self.job.hold_list(x.to(self.device, self.storage) for x in restored.xs)
             seq_len = calib.input_ids.shape[1]
             positions = torch.arange(seq_len, device=self.device)[None]
             # the rotary tables in the compute dtype (rotary returns them in its input's dtype)
@@ -180,7 +198,7 @@ class LayerwiseQuantizer:
             trim_heap()  # once per layer: see dist_quant/memory.py for what it costs and saves
             records.append(record)
             if resume is not None:
-                resume.layer_done(i, xs, records)
+                resume.layer_done(i, offload.host_tensors(xs), records)
             if progress is not None:
                 progress.update(1)
         if resume is not None:

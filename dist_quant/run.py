@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import actdtype
+from . import actdtype, offload
 from .algorithms.registry import layer_solver
 from .calibration import CalibrationError, CalibrationSet, rank_rows
 from .calib_sources import load_calibration, load_smooth_calibration
@@ -122,6 +122,7 @@ def prepare(cfg: JobConfig, model_path: str, world_size: int):
     refuse(job_of(cfg, plan, args.scale_dtype))  # outputs no server could load: one line, before any work
     check_float_shapes(cfg, plan)  # block FP8: 128-multiples, one line, before any work
     actdtype.check(cfg, plan)  # model.activation_dtype: the programs it is wired for, one line
+    offload.check(cfg, plan)  # runtime.offload=host: the same programs, one line
     plan = format_plan(cfg, ckpt, plan, args)  # the output format's own per-linear precisions
     owners = assign_owners(plan, ckpt, world_size, cfg.quant.method)
     return ckpt, plan, owners, args

@@ -59,6 +59,7 @@ from torch import nn
 
 from .algorithms.gptq import GPTQParams
 from .algorithms.registry import get_solver, solver_params
+from . import offload
 from .numerics import check_result, check_weight
 from .plan import LinearInfo
 from .quant import floatgrid as fg
@@ -120,7 +121,12 @@ class Job:
     clip: Callable | None = None  # AWQ clipping search: (linears, weights, H, args) -> ratios or None (awq.py)
     lanes: Lanes | None = None  # calib.smooth_path: the smoothing set's batches follow the calibration set's
     cast: Any = None  # actdtype.StorageCast when activations are held in another dtype than computed in
+    offload: torch.device | None = None  # the device whose batches are held in host memory (offload.py)
     _params: dict = field(default_factory=dict, repr=False)  # solver name → its frozen params
+
+    def hold_list(self, batches) -> list[torch.Tensor]:
+        """Per-batch tensors as this job holds them (a list, or host-held: offload.py)."""
+        return offload.hold(batches, self.offload)
 
     @property
     def act(self) -> ActQuantArgs | None:
@@ -340,18 +346,25 @@ class StageContext:
                                "this linear was not quantized through it")
         return fake_quant(x, act, self.job.act_params[fqn])
 
+    def hold(self, batches) -> list[torch.Tensor]:
+        """A program's list of per-batch tensors: a list, or host-held batches when the job
+        offloads its activations (``runtime.offload``, dist_quant/offload.py). ``batches``
+        may be a generator: each batch is stored as soon as it is computed."""
+        return self.job.hold_list(batches)
+
     def streams(self, stage: str, branch_inputs: list[torch.Tensor]) -> bool:
         """Whether ``stage`` (a closing stage whose inputs are computed from ``branch_inputs``)
         streams its inputs: this rank's inputs exceed ``runtime.activation_budget``, they are
         wider than ``branch_inputs`` (otherwise holding those instead saves nothing), and no
-        stage hook needs them as a list (W8A8 smoothing / activation calibration)."""
+        stage hook needs them as a list (W8A8 smoothing / activation calibration). Never when the
+        job offloads its activations to host memory (the inputs are then held there instead)."""
         budget = self.cfg.runtime.activation_budget_bytes if self.cfg is not None else None
         lins = self.linears(stage)
-        if budget is None or not lins or self.job.hooks or not branch_inputs:
+        if budget is None or not lins or self.job.hooks or not branch_inputs or self.job.offload is not None:
             return False
         n, width = lins[0].in_features, branch_inputs[0].shape[-1]
-        tokens = sum(h.numel() // width for h in branch_inputs)
-        need = tokens * n * branch_inputs[0].element_size()
+        tokens = sum(s.numel() // width for s in offload.shapes(branch_inputs))
+        need = tokens * n * offload.element_size(branch_inputs)
         if n <= width or need <= budget:
             return False
         if self.once(f"stream {stage}"):
@@ -393,7 +406,7 @@ class StageContext:
                 self._quantize(lins, make(), masks if masks is not None else self.masks)
             return None
         with self.phase("propagate"):
-            values = list(make()) if make is not None else list(inputs)
+            values = self.hold(make() if make is not None else inputs)
         lins = self.select(linears)
         if not lins:
             return values

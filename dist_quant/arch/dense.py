@@ -30,7 +30,7 @@ def attention(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         with kvcache.applied(attn, kv, ctx.job.kv, kvcache.layout_of(ctx)):
             return ctx.input_of(attn, "o_proj", hidden_states=h, position_embeddings=ctx.pos_emb, attention_mask=mask)
 
-    hs = ctx.quantize("attn_in", lambda: [norm(x) for x in xs], downstream=lambda hs: [core(h) for h in hs])
+    hs = ctx.quantize("attn_in", lambda: (norm(x) for x in xs), downstream=lambda hs: [core(h) for h in hs])
     kv = kvcache.calibrate(ctx, attn, hs, mask)
     return residual_stage(ctx, xs, hs, core, "attn_out", attn.o_proj)
 
@@ -52,7 +52,7 @@ def residual_stage(ctx, xs: list[torch.Tensor], hs: list[torch.Tensor], core, st
         hs.clear()
         return xs
     with ctx.phase("propagate"):
-        a = [core(h) for h in hs]
+        a = ctx.hold(core(h) for h in hs)  # host-held batch by batch when the job offloads (offload.py)
     hs.clear()
     a = ctx.quantize(stage, a)
     with ctx.phase("propagate"):
@@ -83,7 +83,7 @@ def mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     def core(h):  # act(gate(h)) · up(h): down_proj's input
         return ctx.input_of(block, "down_proj", h)
 
-    hs = ctx.quantize("mlp_in", lambda: [norm(x) for x in xs], downstream=lambda hs: [core(h) for h in hs])
+    hs = ctx.quantize("mlp_in", lambda: (norm(x) for x in xs), downstream=lambda hs: [core(h) for h in hs])
     return residual_stage(ctx, xs, hs, core, "mlp_out", block.down_proj)
 
 
