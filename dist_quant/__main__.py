@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         # passes, most of them during the imports, cost 0.94 s
         gc.freeze()
         gc.enable()
+        if cfg.runtime.heap == "keep":  # freed activations stay in the heap for the next stage (memory.py)
+            from .memory import keep_heap
+
+            keep_heap()
 
         # any rank's failure stops every rank, with its error shown; SIGTERM/SIGUSR1 stop every
         # rank after the last completed layer

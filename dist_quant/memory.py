@@ -1,24 +1,33 @@
-"""Host-memory hygiene for the layer loop.
+"""Host-memory hygiene for the layer loop: keep the heap, do not trim it.
 
-The calibration activations are lists of per-batch tensors of a few to a few tens of MB.
-glibc serves allocations below its (dynamic, up to 32 MB) mmap threshold from the heap, and
-after a stage frees them the pages stay resident, fragmented between live blocks, so the
-peak RSS of a run creeps up layer after layer. ``trim_heap()`` (glibc ``malloc_trim(0)``)
-hands the free pages back to the kernel. On other C libraries it does nothing.
+The calibration activations are lists of per-batch tensors of a few to a few tens of MB,
+allocated and freed at every stage. Whatever memory the process hands back to the kernel
+has to be faulted in again (zeroed pages, and in a virtual machine whose free pages are
+reported to the host — virtio-balloon free page reporting, as on this project's machines —
+each fault is a trip to the hypervisor: 0.75 s per GiB of fresh pages measured here).
+:func:`keep_heap` therefore tells glibc, once per process (``python -m dist_quant`` calls it
+before any work):
 
-What it costs is mostly not the call (~25-70 ms of CPU for a heap of a few hundred MB) but
-the page faults when the released pages are used again. Measured on SmolLM2's first 4
-layers, 32 x 512 tokens (bench/README.md, "Solve speed and start-up"): called between
-stages (16 calls) it released 2.25 GB, all faulted in again (961 k minor faults against
-400 k without, sys time 3.35 s against 1.94 s) for a peak RSS of 0.914 GB against 0.945 GB;
-called once per layer (4 calls) 664 k faults, sys 2.32 s, peak 0.919 GB: most of the saving
-for well under half the cost. So the layer loop calls it once per layer.
+* ``M_MMAP_THRESHOLD`` 32 MiB, fixed: allocations below it come from the heap and are
+  reused (a batch's tensors are below it for the usual batch sizes); larger ones (weights,
+  Hessians) are mapped and unmapped as before, so they never pin heap memory;
+* ``M_TRIM_THRESHOLD`` 2 GiB: ``free`` does not give the top of the heap back.
+
+``runtime.heap=trim`` instead calls ``malloc_trim(0)`` once per layer (:func:`trim_heap`; the
+default until 2026-12-03), for the lowest peak RSS when page faults are cheap.
+Measured on the SmolLM2 32 x 512 GPTQ job, 1 rank, back to back (bench/README.md): trim per
+layer 83.6 s, 3.59 M minor faults, 12.3 s system time, peak RSS 1.05 GB; :func:`keep_heap`
+77.3 s, 0.42 M faults, 4.3 s, 1.36 GB (the same thresholds from the environment: 0.41 M,
+1.34 GB; neither trim nor thresholds: 0.80 M faults, 1.21 GB). ``MALLOC_MMAP_THRESHOLD_`` /
+``MALLOC_TRIM_THRESHOLD_`` in the environment take precedence (nothing is changed then).
+On other C libraries both functions do nothing.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
+import os
 
 
 @functools.lru_cache(maxsize=1)
@@ -29,6 +38,29 @@ def _malloc_trim():
         return libc.malloc_trim if libc is not None else None
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
         return None
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+MMAP_THRESHOLD = 32 << 20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
+TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int: 2 GiB
+
+
+@functools.lru_cache(maxsize=1)
+def _mallopt():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def keep_heap() -> bool:
+    """Keep freed memory in the process (see the module docstring); True if glibc took it."""
+    fn = _mallopt()
+    if fn is None or "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(fn(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(fn(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def trim_heap() -> bool:

@@ -21,8 +21,8 @@ from .checkpoint import Checkpoint
 from .config import JobConfig
 from .formats.registry import OutputFormat, make_format
 from .kvcache import owner as kv_owner
-from .layer_forward import build_skeleton, load_layer, unload_layer
 from .memory import trim_heap
+from .layer_forward import build_skeleton, load_layer, unload_layer
 from .plan import ModelPlan, OwnerPlan
 from .quant.qparams import QuantArgs
 from .runtime import Comm
@@ -195,7 +195,8 @@ class LayerwiseQuantizer:
                 unload_layer(layer)
                 del ctx
                 self.ckpt.release()  # the layer's checkpoint pages leave the RSS with the handles
-            trim_heap()  # once per layer: see dist_quant/memory.py for what it costs and saves
+            if self.cfg.runtime.heap == "trim":
+                trim_heap()  # runtime.heap=trim: once per layer (dist_quant/memory.py)
             records.append(record)
             if resume is not None:
                 resume.layer_done(i, offload.host_tensors(xs), records)
