@@ -167,8 +167,8 @@ def _offloads(cfg, plan, residual_bytes: int) -> bool:
     from . import offload
 
     device = SimpleNamespace(type="cuda" if cfg.runtime.device == "auto" else cfg.runtime.device)
-    return (offload.wanted(cfg.runtime.offload, device, residual_bytes, cfg.runtime.activation_budget_bytes)
-            and offload.unsupported(cfg, plan) is None)
+    asked, problem = offload.applies(cfg, plan, device, residual_bytes)
+    return asked and problem is None
 
 
 def _streamed(cfg, stage: str, n: int, shape) -> bool:

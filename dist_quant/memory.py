@@ -30,28 +30,27 @@ import functools
 import os
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
+@functools.lru_cache(maxsize=None)
+def _glibc(symbol: str):
+    """The C library's ``symbol``, or None where it has none (musl, macOS: nothing to tune or trim)."""
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        return libc.malloc_trim if libc is not None else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return getattr(ctypes.CDLL(name), symbol) if name else None
+    except (OSError, AttributeError):
         return None
+
+
+def _malloc_trim():
+    return _glibc("malloc_trim")
+
+
+def _mallopt():
+    return _glibc("mallopt")
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
 MMAP_THRESHOLD = 32 << 20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
 TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int: 2 GiB
-
-
-@functools.lru_cache(maxsize=1)
-def _mallopt():
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        return None
 
 
 def keep_heap() -> bool:

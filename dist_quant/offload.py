@@ -29,9 +29,6 @@ from typing import Iterator
 
 import torch
 
-MODES = ("auto", "host", "none")
-
-
 def _accelerator(device: torch.device) -> bool:
     return device.type != "cpu"  # cuda, npu (torch_npu), ...
 
@@ -100,17 +97,6 @@ def host_tensors(batches) -> list[torch.Tensor]:
     return batches.host() if isinstance(batches, HostBatches) else list(batches)
 
 
-def shapes(batches) -> list[torch.Size]:
-    """Batch shapes without moving anything to the device."""
-    return batches.shapes if isinstance(batches, HostBatches) else [t.shape for t in batches]
-
-
-def element_size(batches) -> int:
-    """Bytes per element of the held batches (the first batch's dtype)."""
-    first = batches._host[0] if isinstance(batches, HostBatches) else batches[0]
-    return first.element_size()
-
-
 def wanted(mode: str, device: torch.device, residual_bytes: int, budget: int | None) -> bool:
     """Whether a job offloads (``runtime.offload``, see the module docstring)."""
     if mode == "host":
@@ -129,6 +115,14 @@ def unsupported(cfg, plan) -> str | None:
     if cfg.quant.method == "autoround":
         return "quant.method=autoround is not supported with it yet"
     return None
+
+
+def applies(cfg, plan, device, residual_bytes: int) -> tuple[bool, str | None]:
+    """(whether ``runtime.offload`` asks for host memory here, why the job cannot; None: it can):
+    the one rule of the layer loop (``LayerwiseQuantizer._offload``) and the dry run."""
+    if not wanted(cfg.runtime.offload, device, residual_bytes, cfg.runtime.activation_budget_bytes):
+        return False, None
+    return True, unsupported(cfg, plan)
 
 
 def check(cfg, plan) -> None:

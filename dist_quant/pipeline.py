@@ -21,8 +21,8 @@ from .checkpoint import Checkpoint
 from .config import JobConfig
 from .formats.registry import OutputFormat, make_format
 from .kvcache import owner as kv_owner
-from .memory import trim_heap
 from .layer_forward import build_skeleton, load_layer, unload_layer
+from .memory import trim_heap
 from .plan import ModelPlan, OwnerPlan
 from .quant.qparams import QuantArgs
 from .runtime import Comm
@@ -125,10 +125,9 @@ class LayerwiseQuantizer:
     def _offload(self, tokens_x_hidden: int) -> torch.device | None:
         """The device whose activations this job holds in host memory (``runtime.offload``), or None."""
         rt = self.cfg.runtime
-        if not offload.wanted(rt.offload, self.device, tokens_x_hidden * self.storage.itemsize,
-                              rt.activation_budget_bytes):
+        asked, problem = offload.applies(self.cfg, self.plan, self.device, tokens_x_hidden * self.storage.itemsize)
+        if not asked:
             return None
-        problem = offload.unsupported(self.cfg, self.plan)
         if problem is None:
             log.info("calibration activations held in %s host memory, streamed to %s batch by batch "
                      "(runtime.offload=%s)", "pinned" if self.device.type != "cpu" else "plain", self.device,
@@ -158,10 +157,11 @@ class LayerwiseQuantizer:
             self.job.offload = self._offload(sum(int(ids.numel()) for ids, _ in batches) * hidden)
             if restored is None:
                 embed = self.ckpt.get(arch.embed).to(self.device, self.dtype)
-                xs = self.job.hold_list(F.embedding(ids.to(self.device), embed).to(self.storage) for ids, _ in batches)
+                xs = offload.hold((F.embedding(ids.to(self.device), embed).to(self.storage) for ids, _ in batches),
+                                  self.job.offload)
                 del embed
             else:
-                xs = self.job.hold_list(x.to(self.device, self.storage) for x in restored.xs)
+                xs = offload.hold((x.to(self.device, self.storage) for x in restored.xs), self.job.offload)
             seq_len = calib.input_ids.shape[1]
             positions = torch.arange(seq_len, device=self.device)[None]
             # the rotary tables in the compute dtype (rotary returns them in its input's dtype)

@@ -124,10 +124,6 @@ class Job:
     offload: torch.device | None = None  # the device whose batches are held in host memory (offload.py)
     _params: dict = field(default_factory=dict, repr=False)  # solver name → its frozen params
 
-    def hold_list(self, batches) -> list[torch.Tensor]:
-        """Per-batch tensors as this job holds them (a list, or host-held: offload.py)."""
-        return offload.hold(batches, self.offload)
-
     @property
     def act(self) -> ActQuantArgs | None:
         return getattr(self.fmt, "act", None)
@@ -350,7 +346,7 @@ class StageContext:
         """A program's list of per-batch tensors: a list, or host-held batches when the job
         offloads its activations (``runtime.offload``, dist_quant/offload.py). ``batches``
         may be a generator: each batch is stored as soon as it is computed."""
-        return self.job.hold_list(batches)
+        return offload.hold(batches, self.job.offload)
 
     def streams(self, stage: str, branch_inputs: list[torch.Tensor]) -> bool:
         """Whether ``stage`` (a closing stage whose inputs are computed from ``branch_inputs``)
@@ -363,8 +359,8 @@ class StageContext:
         if budget is None or not lins or self.job.hooks or not branch_inputs or self.job.offload is not None:
             return False
         n, width = lins[0].in_features, branch_inputs[0].shape[-1]
-        tokens = sum(s.numel() // width for s in offload.shapes(branch_inputs))
-        need = tokens * n * offload.element_size(branch_inputs)
+        tokens = sum(h.numel() // width for h in branch_inputs)
+        need = tokens * n * branch_inputs[0].element_size()
         if n <= width or need <= budget:
             return False
         if self.once(f"stream {stage}"):
