@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def _value(name: str, shape, seed: int):
 
 def write(directory: Path, layers: int) -> dict:
     """Shards of whole layers (≤ 5 GB), written tensor by tensor (one tensor in memory at a time)."""
+    import torch
     from tiny import make_tokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -62,7 +64,7 @@ def write(directory: Path, layers: int) -> dict:
     tensors += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (vocab, HIDDEN))]
     shards, cur, size = [], [], 0
     for name, shape in tensors:
-        b = 2 * int(__import__("math").prod(shape))
+        b = 2 * math.prod(shape)
         if cur and size + b > SHARD_BYTES:
             shards.append(cur)
             cur, size = [], 0
@@ -83,7 +85,7 @@ def write(directory: Path, layers: int) -> dict:
         with open(tmp, "wb") as f:
             f.write(len(raw).to_bytes(8, "little") + raw)
             for j, (name, shape, _) in enumerate(shard):
-                f.write(_value(name, shape, seed=1000 * k + j).view(__import__("torch").uint8).numpy().tobytes())
+                f.write(_value(name, shape, seed=1000 * k + j).view(torch.uint8).numpy().tobytes())
         tmp.rename(directory / fname)
         total += off
         print(f"  {fname}: {off / 1e9:.2f} GB ({time.time() - t0:.0f} s)", flush=True)
