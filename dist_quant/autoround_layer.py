@@ -32,8 +32,11 @@ all but pathological exponent spreads, so the reduced gradient does not depend o
 rank held which sample; the signs, hence the parameters and integers, are those of one
 rank (tests/test_autoround.py checks it with real gloo processes).
 
-Dense layers only (llama, qwen2, qwen3, mistral: ``ArchSpec.program`` is the dense one);
-MoE and MLA architectures are refused before any work (:func:`check_supported`).
+Dense layers run the layer's own forward (llama, qwen2, qwen3, mistral, the dense layers of
+the MoE families and of DeepSeek-V3 / Kimi-K2 with MLA attention); the sparse layers of MoE
+models are three blocks (attention and shared expert data-parallel, routed experts on their
+owners): dist_quant/autoround_moe.py. :func:`check_supported` refuses, before any work, what is
+not covered (other programs; GPTQ initialization or a quantized router with MoE).
 """
 from __future__ import annotations
 
@@ -46,18 +49,29 @@ from torch.func import functional_call
 
 from .algorithms import autoround as ar
 from .arch import ArchSpec, UnsupportedModel, dense
+from .arch.deepseek import DEEPSEEK_ARCHS
 from .quant.qparams import QuantResult
 from .stage import StageContext
 from .stats import error_ratio
 
 log = logging.getLogger("dist_quant")
 
+_MLA_DENSE = frozenset(DEEPSEEK_ARCHS)  # MLA attention: its dense layers run the layer's own forward
 
-def check_supported(arch: ArchSpec) -> None:
-    """One line, before any work, for architectures the layer-level tuning does not cover."""
-    if arch.moe is not None or arch.program is not dense.program:
+
+def check_supported(arch: ArchSpec, q=None) -> None:
+    """One line, before any work, for what the layer-level tuning does not cover (``q``: the
+    job's QuantConfig)."""
+    if arch.moe is None and arch.program is not dense.program and arch.name not in _MLA_DENSE:
         raise UnsupportedModel(f"quant.method=autoround: model_type={arch.name!r} is not supported yet "
-                               "(dense llama-style layers only: llama, qwen2, qwen3, mistral); use gptq or rtn")
+                               "(llama-style, MoE and MLA layers only); use gptq or rtn")
+    if arch.moe is not None and q is not None:
+        if q.autoround.init == "gptq":
+            raise UnsupportedModel(f"quant.autoround.init='gptq' is not supported for model_type={arch.name!r} "
+                                   "(MoE) yet; use quant.autoround.init=rtn")
+        if arch.moe.router not in set(q.moe_ignore) | set(q.ignore):
+            raise UnsupportedModel(f"quant.method=autoround keeps the MoE router float: quant.moe_ignore="
+                                   f"{list(q.moe_ignore)!r} must list {arch.moe.router!r}")
 
 
 def params(q) -> ar.AutoRoundParams:
@@ -78,6 +92,7 @@ class _Linear:
     v: torch.Tensor
     s_min: torch.Tensor
     s_max: torch.Tensor
+    result: QuantResult | None = None  # once tuned
 
 
 def layer_forward(ctx: StageContext, seq_len: int):
@@ -95,50 +110,80 @@ def layer_forward(ctx: StageContext, seq_len: int):
 
 
 def program(ctx: StageContext, xs: list[torch.Tensor], fxs: list[torch.Tensor]):
-    """Tune, write and propagate one decoder layer; returns ``(xs, fxs)`` for the next layer."""
-    job, comm = ctx.job, ctx.comm
+    """Tune, write and propagate one decoder layer; returns ``(xs, fxs)`` for the next layer.
+    The sparse layers of MoE models go to dist_quant/autoround_moe.py."""
+    job = ctx.job
     p = job.solver_params("autoround")
+    if ctx.arch.moe is not None and ctx.arch.moe.is_sparse(ctx.index, ctx.config):
+        from . import autoround_moe
+
+        return autoround_moe.program(ctx, xs, fxs, p)
     seq_len = xs[0].shape[1] if xs else 0
     f = layer_forward(ctx, seq_len)
     lins = ctx.linears()
     t0 = time.perf_counter()
     with ctx.phase("propagate"):  # 1. float targets = the float chain's next inputs
-        targets = []
-        for j in range(len(fxs)):
-            targets.append(f(fxs[j]))
-            fxs[j] = None
-        fxs.clear()
+        targets = floats(f, fxs)
+    first = _offset(ctx.comm, sum(x.shape[0] for x in xs))
+    state, info = tune_group(ctx, f, lins, xs, targets, first, p, gptq_init=True)
+    seconds = time.perf_counter() - t0
+    with ctx.phase("propagate"):
+        errors = _propagate(ctx, f, xs, state, first)
+    finish_group(ctx, state, errors, info, seconds)
+    return xs, targets
+
+
+def floats(f, fxs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``f`` (a float block) on each float-chain batch; the inputs are freed as their outputs appear."""
+    out = []
+    for j in range(len(fxs)):
+        out.append(f(fxs[j]))
+        fxs[j] = None
+    fxs.clear()
+    return out
+
+
+def tune_group(ctx: StageContext, f, lins, xs: list[torch.Tensor], targets: list[torch.Tensor], first: int,
+               p: ar.AutoRoundParams, gptq_init: bool = False) -> tuple[list["_Linear"], dict]:
+    """Tune the linears ``lins`` of the block ``f`` data-parallel (every rank on its samples of
+    ``xs`` against ``targets``), then load their tuned weights ``Ŵ`` into the layer: every rank
+    holds the same parameters. Returns the tuned state and the tuning's summary."""
     state = [_init(ctx, lin, p) for lin in lins]
-    if p.init == "gptq" and lins:
+    if gptq_init and p.init == "gptq" and lins:
         with ctx.phase("solve"):
             _gptq_init(ctx, xs, state)
     samples, masks, tsamples = _samples(xs), _samples(ctx.masks), _samples(targets)
-    first = _offset(comm, len(samples))
     with ctx.phase("solve"):
         info = _tune(ctx, f, state, samples, masks, tsamples, first, p) if lins else {}
     del tsamples
-    seconds = time.perf_counter() - t0
-    results = {}
     with ctx.phase("broadcast"):  # nothing travels: every rank holds the parameters; load Ŵ
         for s in state:
-            results[s.name] = ar.result(s.w, s.v, s.s_min, s.s_max, s.lo, s.hi, ctx.args)
-            ctx.module(s.name).weight.data.copy_(results[s.name].dequantize(ctx.args))
-    with ctx.phase("propagate"):
-        errors = _propagate(ctx, f, xs, state, first)
+            s.result = ar.result(s.w, s.v, s.s_min, s.s_max, s.lo, s.hi, ctx.args)
+            ctx.module(s.name).weight.data.copy_(s.result.dequantize(ctx.args))
+    return state, info
+
+
+def finish_group(ctx: StageContext, state: list["_Linear"], errors: dict, info: dict, seconds: float) -> None:
+    """The report entries of the tuned linears and their writes (each by its owner)."""
+    job, comm = ctx.job, ctx.comm
     for s in state:
         lin = ctx.linear(s.name)
         if job.owners.owner[lin.name] == comm.rank:
-            num, den = errors[s.name]
-            ctx.record.modules[lin.name] = {
-                "rank": comm.rank, "seconds": seconds / len(state), "fallback": None,
-                "tokens": info.get("tokens", 0), "rel_output_error": error_ratio(num, den),
-                "autoround": {k: info[k] for k in ("loss_init", "loss_best", "best_step", "steps")}}
+            ctx.record.modules[lin.name] = record(s, errors[s.name], info, seconds / max(len(state), 1), comm.rank)
             bias = ctx.tensor(lin.name + ".bias") if lin.has_bias else None
-            ctx.write(lin, results[s.name], bias)
+            ctx.write(lin, s.result, bias)
     if info:
-        comm.rank0(log.info, "layer %d: autoround loss %.4g -> %.4g (best at step %d of %d)", ctx.index,
-                   info["loss_init"], info["loss_best"], info["best_step"], info["steps"])
-    return xs, targets
+        comm.rank0(log.info, "layer %d: autoround loss %.4g -> %.4g (best at step %d of %d)%s", ctx.index,
+                   info["loss_init"], info["loss_best"], info["best_step"], info["steps"],
+                   f" [{info['part']}]" if info.get("part") else "")
+
+
+def record(s: "_Linear", error: tuple[float, float], info: dict, seconds: float, rank: int) -> dict:
+    """One tuned linear's entry of the report."""
+    num, den = error
+    return {"rank": rank, "seconds": seconds, "fallback": None, "tokens": info.get("tokens", 0),
+            "rel_output_error": error_ratio(num, den),
+            "autoround": {k: info.get(k, 0) for k in ("loss_init", "loss_best", "best_step", "steps")}}
 
 
 def _init(ctx: StageContext, lin, p: ar.AutoRoundParams) -> _Linear:
@@ -197,11 +242,18 @@ def _n_global(comm, n_local: int) -> int:
     return int(comm.all_reduce(t))
 
 
-def _tune(ctx, f, state: list[_Linear], samples, masks, targets, first: int, p: ar.AutoRoundParams) -> dict:
-    comm, args, dtype = ctx.comm, ctx.args, ctx.dtype
+def _tune(ctx, f, state: list[_Linear], samples, masks, targets, first: int, p: ar.AutoRoundParams,
+          comm=None, seed: int | None = None) -> dict:
+    """The signed-gradient loop (module docstring, 3.). ``masks[i]``: per token of sample ``i``,
+    True / False (real / padding) or a float weight (a routed expert's routing weight: the
+    loss is then of the weighted outputs); the loss is the sum over tokens divided by the
+    number of nonzero entries times the hidden size. ``comm``: the ranks the samples are
+    spread over (default the job's; a routed expert is tuned by its owner alone)."""
+    comm = comm if comm is not None else ctx.comm
+    args, dtype = ctx.args, ctx.dtype
     n = _n_global(comm, len(samples))
     batch = min(p.batch_size, n)
-    sampler = ar.IndexSampler(n, batch, p.seed * 1_000_003 + ctx.index)
+    sampler = ar.IndexSampler(n, batch, seed if seed is not None else p.seed * 1_000_003 + ctx.index)
     hidden = targets[0].shape[-1] if targets else 0
     hidden = int(comm.all_reduce(torch.tensor([hidden], dtype=torch.int64), "max"))
     sizes = [s.w.numel() for s in state]
@@ -227,7 +279,7 @@ def _tune(ctx, f, state: list[_Linear], samples, masks, targets, first: int, p: 
             for view, g in zip(views, grads):
                 view.add_(g.reshape(-1).to(torch.float64))
             flat[-2] += float(loss.detach().double())
-            flat[-1] += float(masks[i].sum())
+            flat[-1] += float((masks[i] != 0).sum())
         comm.all_reduce(flat)
         count = float(flat[-1]) * hidden
         loss_mean = float(flat[-2]) / count if count > 0 else 0.0
@@ -266,8 +318,9 @@ linear's relative output error is measured for the report: two extra products pe
 so not on every sample."""
 
 
-def _propagate(ctx, f, xs: list[torch.Tensor], state: list[_Linear], first: int) -> dict[str, tuple[float, float]]:
-    """``xs`` through the quantized layer (in place), with each quantized linear's output
+def _propagate(ctx, f, xs: list[torch.Tensor], state: list[_Linear], first: int,
+               into: list | None = None) -> dict[str, tuple[float, float]]:
+    """``xs`` through the quantized block ``f`` (in place, or appended to ``into``), with each quantized linear's output
     error on its real inputs, ``(Σ ‖x(Ŵ−W)ᵀ‖², Σ ‖xWᵀ‖²)`` over the real tokens of the first
     :data:`ERROR_SAMPLES` samples of the job, SUM-reduced over ranks."""
     sums = torch.zeros(len(state), 2, dtype=torch.float64, device=ctx.device)
@@ -289,7 +342,10 @@ def _propagate(ctx, f, xs: list[torch.Tensor], state: list[_Linear], first: int)
         for j, (x, m) in enumerate(zip(xs, ctx.masks)):
             current["rows"], current["mask"] = max(0, min(x.shape[0], ERROR_SAMPLES - seen)), m
             seen += x.shape[0]
-            xs[j] = f(x)
+            if into is None:
+                xs[j] = f(x)
+            else:
+                into.append(f(x))
     finally:
         for h in handles:
             h.remove()

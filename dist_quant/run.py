@@ -117,7 +117,7 @@ def prepare(cfg: JobConfig, model_path: str, world_size: int):
                           "only built-in architectures are supported")
     ckpt = Checkpoint(model_path, allow_pickle=cfg.model.allow_pickle)
     plan = manual_plan(ckpt, cfg.quant)  # quant.disable_names applied (dist_quant/fallback.py)
-    layer_solver(cfg.quant.method).check(plan.arch)  # a layer solver's unsupported architectures: one line
+    layer_solver(cfg.quant.method).check(plan.arch, cfg.quant)  # a layer solver's unsupported architectures: one line
     args = quant_args(cfg, ckpt, plan)
     refuse(job_of(cfg, plan, args.scale_dtype))  # outputs no server could load: one line, before any work
     check_float_shapes(cfg, plan)  # block FP8: 128-multiples, one line, before any work

@@ -74,7 +74,7 @@ class LayerSolver:
     start: Callable[[list], Any]  # the layer-0 inputs -> what is carried from layer to layer
     params: Callable[[Any], Any]  # QuantConfig -> frozen params
     cost: Callable[[int, int], float]  # (out_features, in_features) -> relative cost (owner plan: writes)
-    check: Callable[[Any], None]  # ArchSpec -> None, or raises UnsupportedModel
+    check: Callable[..., None]  # (ArchSpec, QuantConfig) -> None, or raises UnsupportedModel
     memory: Callable[..., Any] | None = None  # (estimate.Shape, layer weights, inter) -> (bytes, parts)
 
 
@@ -95,7 +95,7 @@ def _autoround_memory(*a):
 
 
 STAGED = LayerSolver("staged", _staged_program, lambda xs: None, lambda q: None, lambda m, n: 0.0,
-                     lambda arch: None)
+                     lambda arch, q=None: None)
 """Every per-linear solver: the architecture's staged program, nothing carried."""
 
 LAYER_SOLVERS: dict[str, LayerSolver] = {
