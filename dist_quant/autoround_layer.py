@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
+from . import offload
 from .algorithms import autoround as ar
 from .arch import ArchSpec, UnsupportedModel, dense
 from .arch.deepseek import DEEPSEEK_ARCHS
@@ -123,8 +124,8 @@ def program(ctx: StageContext, xs: list[torch.Tensor], fxs: list[torch.Tensor]):
     lins = ctx.linears()
     t0 = time.perf_counter()
     with ctx.phase("propagate"):  # 1. float targets = the float chain's next inputs
-        targets = floats(f, fxs)
-    first = _offset(ctx.comm, sum(x.shape[0] for x in xs))
+        targets = floats(ctx, f, fxs)
+    first = _offset(ctx.comm, offload.rows(xs))
     state, info = tune_group(ctx, f, lins, xs, targets, first, p, gptq_init=True)
     seconds = time.perf_counter() - t0
     with ctx.phase("propagate"):
@@ -133,14 +134,25 @@ def program(ctx: StageContext, xs: list[torch.Tensor], fxs: list[torch.Tensor]):
     return xs, targets
 
 
-def floats(f, fxs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``f`` (a float block) on each float-chain batch; the inputs are freed as their outputs appear."""
-    out = []
-    for j in range(len(fxs)):
-        out.append(f(fxs[j]))
-        fxs[j] = None
+def floats(ctx: StageContext, f, fxs) -> list[torch.Tensor]:
+    """``f`` (a float block) on each float-chain batch, held as the job holds activations
+    (``ctx.hold``: host memory when offloading); plain lists free each input as its output appears."""
+    def outputs():
+        for j in range(len(fxs)):
+            x = fxs[j]
+            if isinstance(fxs, list):
+                fxs[j] = None
+            yield f(x)
+            del x
+    out = ctx.hold(outputs())
     fxs.clear()
     return out
+
+
+def start(xs):
+    """What the tuning carries into layer 0: the float chain, the embeddings (a new list of the
+    same batches; host-held ones stay on the host)."""
+    return offload.copy(xs)
 
 
 def tune_group(ctx: StageContext, f, lins, xs: list[torch.Tensor], targets: list[torch.Tensor], first: int,
@@ -152,7 +164,7 @@ def tune_group(ctx: StageContext, f, lins, xs: list[torch.Tensor], targets: list
     if gptq_init and p.init == "gptq" and lins:
         with ctx.phase("solve"):
             _gptq_init(ctx, xs, state)
-    samples, masks, tsamples = _samples(xs), _samples(ctx.masks), _samples(targets)
+    samples, masks, tsamples = offload.samples(xs), offload.samples(ctx.masks), offload.samples(targets)
     with ctx.phase("solve"):
         info = _tune(ctx, f, state, samples, masks, tsamples, first, p) if lins else {}
     del tsamples
@@ -213,7 +225,7 @@ def _gptq_init(ctx: StageContext, xs: list[torch.Tensor], state: list[_Linear]) 
     that reproduce its integers. The program's outputs and the layer's weights it changed are
     discarded (the tuning replaces every quantized weight)."""
     cap = _CaptureContext(ctx)
-    ctx.arch.program(cap, list(xs))
+    ctx.arch.program(cap, offload.copy(xs))
     for s in state:  # the owner captured the whole result; every rank needs it
         res = cap.captured.get(s.name) or ctx._empty_result(ctx.linear(s.name))
         for t in (res.q, res.scale, res.zero):
@@ -223,11 +235,6 @@ def _gptq_init(ctx: StageContext, xs: list[torch.Tensor], state: list[_Linear]) 
     for key in list(ctx.record.modules):  # the GPTQ solve's entries: the tuning reports its own
         if key.split("[")[0] in names:
             del ctx.record.modules[key]
-
-
-def _samples(batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-sample views ``[1, ...]`` of a list of batches (this rank's samples in order)."""
-    return [b[i:i + 1] for b in batches for i in range(b.shape[0])]
 
 
 def _offset(comm, n_local: int) -> int:

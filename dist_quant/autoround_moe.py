@@ -130,7 +130,7 @@ def program(ctx, xs: list[torch.Tensor], fxs: list[torch.Tensor], p: ar.AutoRoun
     t0 = time.perf_counter()  # 1. attention
     f_attn = attention_block(ctx, seq_len)
     with phase("propagate"):
-        hf = al.floats(f_attn, fxs)
+        hf = al.floats(ctx, f_attn, fxs)
     state, info = al.tune_group(ctx, f_attn, attn_lins, xs, hf, first, p)
     with phase("propagate"):
         errors = al._propagate(ctx, f_attn, xs, state, first)  # xs: h, the quantized chain

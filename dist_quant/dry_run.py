@@ -114,8 +114,7 @@ def estimate(cfg: JobConfig, ckpt, plan, owners, parts, world_size: int) -> list
                 stage_peak, stage_parts, worst = total, parts_, f"layer {key[0]} {key[1]}"
         tune = layer_solver(cfg.quant.method).memory  # a layer solver's own peak (AutoRound's tuning)
         for i in range(plan.num_layers if tune is not None else 0):
-            total, parts_ = tune(shape, sum(lin.in_features * lin.out_features for lin in plan.layer_linears(i)),
-                                 inter)
+            total, parts_ = tune(shape, mem.tuned_weights(plan.layer_linears(i)), inter)
             if total > stage_peak:
                 stage_peak, stage_parts, worst = total, parts_, f"layer {i} {cfg.quant.method} tuning"
         memory = {

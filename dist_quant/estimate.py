@@ -117,6 +117,20 @@ offsets, their gradient, the quantizer's saved tensors (about 16 bytes), the flo
 gradient buffer that is all-reduced and its float32 copy."""
 
 
+def tuned_weights(linears) -> int:
+    """Weights of a layer tuned at once by AutoRound: all of a dense layer; in a sparse layer the
+    attention and shared parts (data-parallel) or one routed expert (its owner tunes them one at
+    a time, dist_quant/autoround_moe.py), whichever is larger."""
+    dense, experts = 0, {}
+    for lin in linears:
+        n = lin.in_features * lin.out_features
+        if lin.expert is None:
+            dense += n
+        else:
+            experts[lin.expert] = experts.get(lin.expert, 0) + n
+    return max(dense, max(experts.values(), default=0))
+
+
 def autoround_bytes(s: Shape, weights: int, inter: int) -> tuple[int, dict]:
     """Layer-level tuning (dist_quant/autoround_layer.py): the quantized chain's inputs and the
     float targets (the float chain's next inputs) of this rank's tokens, ``2·T·h·c``; the

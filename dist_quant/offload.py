@@ -19,7 +19,9 @@ lists live in **pinned host memory** and stream through the device one batch at 
 stream alone exceeds ``runtime.activation_budget`` (and never without a budget or on CPU,
 where host and device memory are the same); ``host`` always offloads (on CPU the copies are
 plain copies: the mode exists there to test the path); ``none`` never. Dense (Llama-style)
-layers with weight-only methods (the same programs ``model.activation_dtype`` is wired for).
+layers with weight-only methods (the same programs ``model.activation_dtype`` is wired for),
+AutoRound included: its float chain and tuning targets are host-held like the residual stream,
+and its tuning reads them one sample at a time (:func:`samples`).
 The outputs do not change: the device computes the same batches in the same order.
 """
 from __future__ import annotations
@@ -84,12 +86,55 @@ class HostBatches(MutableSequence):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._host)
 
+    def sample(self, j: int, r: int) -> torch.Tensor:
+        """Row ``r`` of batch ``j`` (``[1, ...]``) on the device: one sample crosses, not its batch."""
+        return self._host[j][r:r + 1].to(self.device, non_blocking=self.pin)
+
+    def copy(self) -> "HostBatches":
+        """Another list of the same host tensors (never written in place, so they can be shared)."""
+        out = HostBatches(self.device)
+        out._host = list(self._host)
+        return out
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
     elif device.type == "npu":  # torch_npu registers torch.npu (imported by the runtime on NPU jobs)
         torch.npu.current_stream(device).synchronize()
+
+
+def copy(batches):
+    """A new list of the same batches (host-held ones stay on the host)."""
+    return batches.copy() if isinstance(batches, HostBatches) else list(batches)
+
+
+def rows(batches) -> int:
+    """Samples in a list of batches (without copying host-held ones to the device)."""
+    shapes = batches.shapes if isinstance(batches, HostBatches) else [b.shape for b in batches]
+    return sum(int(s[0]) for s in shapes)
+
+
+def samples(batches) -> "list[torch.Tensor] | _Samples":
+    """Per-sample ``[1, ...]`` tensors of a list of batches, in order: views of the batches, or
+    (host-held batches) each sample copied to the device when it is read."""
+    if isinstance(batches, HostBatches):
+        return _Samples(batches)
+    return [b[i:i + 1] for b in batches for i in range(b.shape[0])]
+
+
+class _Samples:
+    """The samples of host-held batches, read one at a time (see :func:`samples`)."""
+
+    def __init__(self, batches: HostBatches):
+        self.batches = batches
+        self.index = [(j, r) for j, s in enumerate(batches.shapes) for r in range(int(s[0]))]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.batches.sample(*self.index[i])
 
 
 def host_tensors(batches) -> list[torch.Tensor]:
@@ -112,8 +157,6 @@ def unsupported(cfg, plan) -> str | None:
         return f"only dense (Llama-style) layers are supported so far, not {plan.arch.name}"
     if cfg.quant.smooth != "none" or cfg.quant.act_bits is not None or cfg.quant.kv_cache is not None:
         return "smoothing, activation and KV-cache quantization are not supported with it yet"
-    if cfg.quant.method == "autoround":
-        return "quant.method=autoround is not supported with it yet"
     return None
 
 

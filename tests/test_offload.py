@@ -104,6 +104,37 @@ def test_host_held_job_gives_the_same_bits(model, monkeypatch):
     assert stored.count((BATCH, SEQ, hidden)) >= 2 * 5 * batches  # residual stream and the normed inputs too
 
 
+def test_autoround_holds_its_float_chain_on_the_host_and_gives_the_same_bits(model, monkeypatch):
+    """AutoRound's float chain and tuning targets are host-held like the residual stream; the tuning
+    reads one sample at a time (HostBatches.sample), never a whole batch, and the bits do not change."""
+    path, root = model
+    calib = root / "calib.jsonl"
+    tune = ("quant.method=autoround", "quant.autoround.iters=4")
+    assert call_main(_job(path, calib, root / "ar_device", *tune)) == 0
+    stored, samples = [], []
+    real_store, real_sample = offload._to_host, offload.HostBatches.sample
+
+    def spy_store(t, pin):
+        stored.append(tuple(t.shape))
+        return real_store(t, pin)
+
+    def spy_sample(self, j, r):
+        out = real_sample(self, j, r)
+        samples.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(offload, "_to_host", spy_store)
+    monkeypatch.setattr(offload.HostBatches, "sample", spy_sample)
+    assert call_main(_job(path, calib, root / "ar_host", *tune, "runtime.offload=host")) == 0
+    a, b = read_tensors(root / "ar_device"), read_tensors(root / "ar_host")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    hidden = json.loads((path / "config.json").read_text())["hidden_size"]
+    batches = SAMPLES // BATCH
+    # per layer: the float targets and the propagated quantized chain; the embeddings once
+    assert stored.count((BATCH, SEQ, hidden)) >= 2 * 2 * batches + batches
+    assert samples and set(samples) == {(1, SEQ, hidden)}  # the tuning read single samples
+
+
 def test_host_refused_where_it_is_not_wired(model, tmp_path):
     path, root = model
     code, _, err = run_main(_job(path, root / "calib.jsonl", tmp_path / "kv", "runtime.offload=host",

@@ -99,7 +99,7 @@ STAGED = LayerSolver("staged", _staged_program, lambda xs: None, lambda q: None,
 """Every per-linear solver: the architecture's staged program, nothing carried."""
 
 LAYER_SOLVERS: dict[str, LayerSolver] = {
-    "autoround": LayerSolver("autoround", _autoround("program"), lambda xs: list(xs), _autoround("params"),
+    "autoround": LayerSolver("autoround", _autoround("program"), _autoround("start"), _autoround("params"),
                              lambda m, n: float(m) * n, _autoround("check_supported"), _autoround_memory),
 }
 
