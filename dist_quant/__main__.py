@@ -9,8 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-if __name__ == "__main__":  # the command (not an import): no collections while the imports run
-    gc.disable()  # (they make millions of objects that live as long as the process; see main)
+if __name__ == "__main__":  # the command (not an import):
+    from .memory import huge_pages_or_reexec
+
+    huge_pages_or_reexec()  # restarted once with huge pages for malloc (memory.py), before torch loads
+    gc.disable()  # no collections while the imports run (they make millions of long-lived objects; see main)
 
 from .arch import UnsupportedModel
 from .calibration import CalibrationError
@@ -135,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             write_run_record(run_dir, composed, overrides)
         log.info("dist_quant: world size %d (%s), device %s, backend %s, run dir %s",
                  info.world_size, info.launcher, device, backend, run_dir)
+        from .memory import huge_pages_on
+
+        log.info("host heap: runtime.heap=%s, malloc huge pages %s", cfg.runtime.heap,
+                 "on" if huge_pages_on() else "off")
         from .failure import Watch
         from .run import run_job
 

@@ -506,10 +506,10 @@ class RuntimeConfig:
     then with the solved weights) instead of holding all of the rank's samples. Same output bits.
     Empty: never stream."""
 
-    heap: str = "keep"
-    """Host heap between stages (dist_quant/memory.py): keep (freed batches stay in the process for
-    the next stage: fewer page faults, faster) or trim (malloc_trim once per layer: lower peak RSS,
-    ~8 % slower on the SmolLM2 job)."""
+    heap: str = "trim"
+    """Host heap between stages (dist_quant/memory.py): trim (malloc_trim once per layer: the lowest
+    peak RSS; with the huge pages the command starts with, the pages it grows back are cheap) or
+    keep (freed batches stay in the process for the next stage: fewest page faults, higher RSS)."""
     offload: str = "auto"
     """Where a rank's calibration activations live on an accelerator (dist_quant/offload.py): auto
     (pinned host memory, streamed to the device one batch at a time, when the residual stream
