@@ -1,6 +1,7 @@
 """quant.method=autoround on MoE models (dist_quant/autoround_moe.py): qwen2_moe (shared expert
-with its sigmoid gate), mixtral (``block_sparse_moe`` names) and deepseek_v3 (MLA attention, a
-dense first layer, shared experts, the sigmoid group-limited router), checked against
+with its sigmoid gate), mixtral (``block_sparse_moe`` names), glm4_moe (a dense first layer,
+shared experts without a gate, the sigmoid router with its correction bias) and deepseek_v3 (MLA
+attention, a dense first layer, shared experts, the sigmoid group-limited router), checked against
 independent references:
 
 * the hidden states the quantized chain propagates equal the transformers model carrying the
@@ -32,9 +33,10 @@ from reference import assert_layers_match_model, read_tensors, reference_rtn  # 
 from tiny import corpus_text  # noqa: E402
 from tiny_deepseek import make_tiny_deepseek  # noqa: E402
 from tiny_moe import make_tiny_moe  # noqa: E402
+from test_glm4_moe import make_tiny_glm4_moe  # noqa: E402
 
 NUM_SAMPLES, SEQ_LEN, BATCH, ITERS = 16, 64, 4, 12
-ARCHS = {"qwen2_moe": 32, "mixtral": 32, "deepseek_v3": 16}  # → group size (deepseek: q_b_proj reads 48)
+ARCHS = {"qwen2_moe": 32, "mixtral": 32, "glm4_moe": 32, "deepseek_v3": 16}  # → group size (deepseek: q_b_proj reads 48)
 ATOL = 1e-4
 
 
@@ -45,6 +47,7 @@ def env(tmp_path_factory):
     calib.write_text(corpus_text(40_000), encoding="utf-8")
     models = {"qwen2_moe": make_tiny_moe(root / "m_qwen2_moe", "qwen2_moe", layers=2, experts=4),
               "mixtral": make_tiny_moe(root / "m_mixtral", "mixtral", layers=2, experts=5),
+              "glm4_moe": make_tiny_glm4_moe(root / "m_glm4_moe"),
               "deepseek_v3": make_tiny_deepseek(root / "m_deepseek_v3", layers=3, experts=8)}
     extra = {arch: (f"quant.group_size={g}", f"quant.autoround.iters={ITERS}", f"calib.batch_size={BATCH}")
              for arch, g in ARCHS.items()}
