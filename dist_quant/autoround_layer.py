@@ -50,20 +50,17 @@ from torch.func import functional_call
 from . import offload
 from .algorithms import autoround as ar
 from .arch import ArchSpec, UnsupportedModel, dense
-from .arch.deepseek import DEEPSEEK_ARCHS
 from .quant.qparams import QuantResult
 from .stage import StageContext
 from .stats import error_ratio
 
 log = logging.getLogger("dist_quant")
 
-_MLA_DENSE = frozenset(DEEPSEEK_ARCHS)  # MLA attention: its dense layers run the layer's own forward
-
 
 def check_supported(arch: ArchSpec, q=None) -> None:
     """One line, before any work, for what the layer-level tuning does not cover (``q``: the
     job's QuantConfig)."""
-    if arch.moe is None and arch.program is not dense.program and arch.name not in _MLA_DENSE:
+    if arch.moe is None and arch.program is not dense.program:
         raise UnsupportedModel(f"quant.method=autoround: model_type={arch.name!r} is not supported yet "
                                "(llama-style, MoE and MLA layers only); use gptq or rtn")
     if arch.moe is not None and q is not None:
@@ -143,7 +140,6 @@ def floats(ctx: StageContext, f, fxs) -> list[torch.Tensor]:
             if isinstance(fxs, list):
                 fxs[j] = None
             yield f(x)
-            del x
     out = ctx.hold(outputs())
     fxs.clear()
     return out

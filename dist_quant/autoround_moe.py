@@ -44,7 +44,7 @@ from . import autoround_layer as al
 from . import moe_comm
 from .algorithms import autoround as ar
 from .arch import dense
-from .arch.moe_block import ExpertStore
+from .arch.moe_block import ExpertStore, add_block_output
 from .arch.moe_block import _role as role_of
 from .arch.moe_block import _route as route
 
@@ -151,19 +151,8 @@ def program(ctx, xs: list[torch.Tensor], fxs: list[torch.Tensor], p: ar.AutoRoun
 
     routed_q, routed_f = _routed(ctx, xs, hf, first, experts_of, p)  # 3. the routed experts
     with phase("propagate"):
-        return _add(xs, routed_q, shared_q, ctx.masks), _add(hf, routed_f, shared_f, ctx.masks)
-
-
-def _add(hs, routed: torch.Tensor, shared, masks) -> list[torch.Tensor]:
-    """``h + routed + shared`` per batch (routed rows are the real tokens, in batch order)."""
-    out, offset = [], 0
-    for h, m, s in zip(hs, masks, shared):
-        n = int(m.sum())
-        y = torch.zeros_like(h)
-        y[m] = routed[offset:offset + n]
-        offset += n
-        out.append(h + (y if s is None else y + s))
-    return out
+        return (add_block_output(xs, routed_q, shared_q, ctx.masks),
+                add_block_output(hf, routed_f, shared_f, ctx.masks))
 
 
 def _sample_ids(masks, first: int, device) -> torch.Tensor:
@@ -206,7 +195,7 @@ def _routed(ctx, xs, hf, first: int, experts_of: dict, p: ar.AutoRoundParams):
     store = ExpertStore(ctx.job.ckpt, ctx.device)
     act = block.experts.act_fn
     mine = [e for e in range(num_experts) if int(owner[e]) == comm.rank]
-    slots_q, slots_f = _slots(recv, num_experts), _slots(recv_f, num_experts)
+    slots_q, slots_f = moe_comm.slots_by_expert(recv, num_experts), moe_comm.slots_by_expert(recv_f, num_experts)
     losses = [_expert(ctx, store, e, experts_of[e], act, recv, slots_q[e], recv_f, slots_f[e], out_q, out_f,
                       int(counts[e]), hidden, p) for e in mine]
     tuned = [x for x in losses if x]
@@ -221,13 +210,6 @@ def _routed(ctx, xs, hf, first: int, experts_of: dict, p: ar.AutoRoundParams):
                       "experts_owned": mine, "experts_loaded": store.loaded, "peak_live_experts": store.peak,
                       "fallbacks": {}, "all_tokens_gathered": False, **moved}
     return routed_q, routed_f
-
-
-def _slots(recv, num_experts: int) -> list[torch.Tensor]:
-    """The received slots of each expert, in receive order (global sample order)."""
-    order = torch.argsort(recv.expert, stable=True)
-    ends = torch.bincount(recv.expert, minlength=num_experts).cumsum(0).tolist()
-    return [order[(ends[e - 1] if e else 0):ends[e]] for e in range(num_experts)]
 
 
 def _expert(ctx, store, e: int, lins, act, recv, sel, recv_f, sel_f, out_q, out_f, routed: int, hidden: int,

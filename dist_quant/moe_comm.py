@@ -85,6 +85,14 @@ def dispatch(comm, h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
                     tok_splits)
 
 
+def slots_by_expert(recv: Received, num_experts: int) -> list[torch.Tensor]:
+    """The received slots of each expert (indices into ``recv.row`` / ``recv.weight``), in receive
+    order: source rank 0's first, each rank's in token order (global sample order)."""
+    order = torch.argsort(recv.expert, stable=True)
+    ends = torch.bincount(recv.expert, minlength=num_experts).cumsum(0).tolist()
+    return [order[(ends[e - 1] if e else 0):ends[e]] for e in range(num_experts)]
+
+
 def combine(comm, recv: Received, out_rows: torch.Tensor, tokens: int, moved: dict) -> torch.Tensor:
     """Return each received row's summed expert outputs to its rank; ``[tokens, H]``."""
     back = comm.all_to_all(out_rows, recv.token_splits, recv.send_splits)

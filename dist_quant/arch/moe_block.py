@@ -169,13 +169,11 @@ def sparse_mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     out_rows = torch.zeros(recv.h.shape, dtype=moe_comm.accumulation_dtype(ctx.dtype), device=ctx.device)
     fallbacks: dict[int, str] = {}
     act = block.experts.act_fn
-    order = torch.argsort(recv.expert, stable=True)  # slots grouped by expert, receive order kept
-    starts = torch.bincount(recv.expert, minlength=num_experts).cumsum(0).tolist()
+    slots = moe_comm.slots_by_expert(recv, num_experts)  # grouped by expert, receive order kept
     lane_rows = None
     if lane_recv is not None:
         lane_rows = torch.zeros(lane_recv.h.shape, dtype=out_rows.dtype, device=ctx.device)
-        lane_order = torch.argsort(lane_recv.expert, stable=True)
-        lane_starts = torch.bincount(lane_recv.expert, minlength=num_experts).cumsum(0).tolist()
+        lane_slots = moe_comm.slots_by_expert(lane_recv, num_experts)
     static = _static_inputs(ctx)
     if static:  # gate/up input global scale of every expert of the layer: max|h| over the routed tokens
         with phase("act_calib"):
@@ -191,11 +189,11 @@ def sparse_mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
                       else "round-to-nearest (no statistics)")
             log.warning("%s: %d routed tokens < calib.min_expert_tokens=%d; expert_fallback=%s: %s",
                         ctx.fqn(spec.expert_prefix(e)[:-1]), int(counts[e]), threshold, fb, action)
-        sel = order[(starts[e - 1] if e else 0):starts[e]]
+        sel = slots[e]
         rows, w = recv.row[sel], recv.weight[sel]
         carried = None
         if lane_recv is not None:
-            ls = lane_order[(lane_starts[e - 1] if e else 0):lane_starts[e]]
+            ls = lane_slots[e]
             carried = (lane_recv.h[lane_recv.row[ls]], lane_recv.row[ls], lane_recv.weight[ls], lane_rows)
         job_e = _ExpertJob(e, experts_of[e], rows, w, fb, int(counts[e]), carried)
         if not static:
@@ -219,15 +217,7 @@ def sparse_mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
             routed = torch.cat([routed, moe_comm.combine(comm, lane_recv, lane_rows, lane[0].shape[0],
                                                          moe_comm.new_traffic()).to(ctx.dtype)])
         del recv, out_rows, all_h, h_flat, lane, lane_recv, lane_rows
-        new_xs, offset = [], 0
-        for x, m, s in zip(xs, masks, shared):  # both lanes' rows, in batch order
-            n = int(m.sum())
-            y = torch.zeros_like(x)
-            y[m] = routed[offset:offset + n]
-            offset += n
-            if s is not None:
-                y = y + s
-            new_xs.append(x + y)
+        new_xs = add_block_output(xs, routed, shared, masks)  # both lanes' rows, in batch order
 
     ctx.record.moe = {
         "num_experts": num_experts,
@@ -241,6 +231,21 @@ def sparse_mlp(ctx, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     }
     comm.rank0(_log_layer, ctx.index, counts, threshold, below, calib.expert_fallback, moved, comm.world_size)
     return new_xs
+
+
+def add_block_output(xs, routed: torch.Tensor, shared, masks) -> list[torch.Tensor]:
+    """``x + (routed + shared)`` per batch: ``routed`` holds the real tokens' rows in batch order
+    (padding gets none), ``shared`` a batch-shaped tensor or None per batch."""
+    out, offset = [], 0
+    for x, m, s in zip(xs, masks, shared):
+        n = int(m.sum())
+        y = torch.zeros_like(x)
+        y[m] = routed[offset:offset + n]
+        offset += n
+        if s is not None:
+            y = y + s
+        out.append(x + y)
+    return out
 
 
 def _route(ctx, gate, router, hs, masks, hidden):
