@@ -36,7 +36,7 @@ Dense layers run the layer's own forward (llama, qwen2, qwen3, mistral, the dens
 the MoE families and of DeepSeek-V3 / Kimi-K2 with MLA attention); the sparse layers of MoE
 models are three blocks (attention and shared expert data-parallel, routed experts on their
 owners): dist_quant/autoround_moe.py. :func:`check_supported` refuses, before any work, what is
-not covered (other programs; GPTQ initialization or a quantized router with MoE).
+not covered (other programs; a quantized router with MoE).
 """
 from __future__ import annotations
 
@@ -64,9 +64,6 @@ def check_supported(arch: ArchSpec, q=None) -> None:
         raise UnsupportedModel(f"quant.method=autoround: model_type={arch.name!r} is not supported yet "
                                "(llama-style, MoE and MLA layers only); use gptq or rtn")
     if arch.moe is not None and q is not None:
-        if q.autoround.init == "gptq":
-            raise UnsupportedModel(f"quant.autoround.init='gptq' is not supported for model_type={arch.name!r} "
-                                   "(MoE) yet; use quant.autoround.init=rtn")
         if arch.moe.router not in set(q.moe_ignore) | set(q.ignore):
             raise UnsupportedModel(f"quant.method=autoround keeps the MoE router float: quant.moe_ignore="
                                    f"{list(q.moe_ignore)!r} must list {arch.moe.router!r}")
@@ -123,7 +120,11 @@ def program(ctx: StageContext, xs: list[torch.Tensor], fxs: list[torch.Tensor]):
     with ctx.phase("propagate"):  # 1. float targets = the float chain's next inputs
         targets = floats(ctx, f, fxs)
     first = _offset(ctx.comm, offload.rows(xs))
-    state, info = tune_group(ctx, f, lins, xs, targets, first, p, gptq_init=True)
+    captured = None
+    if p.init == "gptq" and lins:
+        with ctx.phase("solve"):
+            captured = gptq_capture(ctx, xs)
+    state, info = tune_group(ctx, f, lins, xs, targets, first, p, captured=captured)
     seconds = time.perf_counter() - t0
     with ctx.phase("propagate"):
         errors = _propagate(ctx, f, xs, state, first)
@@ -152,14 +153,17 @@ def start(xs):
 
 
 def tune_group(ctx: StageContext, f, lins, xs: list[torch.Tensor], targets: list[torch.Tensor], first: int,
-               p: ar.AutoRoundParams, gptq_init: bool = False) -> tuple[list["_Linear"], dict]:
+               p: ar.AutoRoundParams, captured: dict[str, QuantResult] | None = None
+               ) -> tuple[list["_Linear"], dict]:
     """Tune the linears ``lins`` of the block ``f`` data-parallel (every rank on its samples of
     ``xs`` against ``targets``), then load their tuned weights ``Ŵ`` into the layer: every rank
-    holds the same parameters. Returns the tuned state and the tuning's summary."""
+    holds the same parameters. ``captured``: the layer's GPTQ results on their owners
+    (:func:`gptq_capture`, ``quant.autoround.init=gptq``): the tuning starts from them. Returns
+    the tuned state and the tuning's summary."""
     state = [_init(ctx, lin, p) for lin in lins]
-    if gptq_init and p.init == "gptq" and lins:
-        with ctx.phase("solve"):
-            _gptq_init(ctx, xs, state)
+    if captured is not None:
+        with ctx.phase("broadcast"):
+            init_from_gptq(ctx, captured, state)
     samples, masks, tsamples = offload.samples(xs), offload.samples(ctx.masks), offload.samples(targets)
     with ctx.phase("solve"):
         info = _tune(ctx, f, state, samples, masks, tsamples, first, p) if lins else {}
@@ -209,28 +213,50 @@ class _CaptureContext(StageContext):
         self.captured: dict[str, QuantResult] = {}
 
     def solve(self, linears, hessian, tokens, weights=None, method=None, **kw):
-        return super().solve(linears, hessian, tokens, weights, "gptq", **kw)
+        # GPTQ, except where the program itself chose round-to-nearest (an expert fallback)
+        return super().solve(linears, hessian, tokens, weights, "rtn" if method == "rtn" else "gptq", **kw)
 
     def write(self, lin, result, bias=None):
         self.captured[lin.name] = result
 
 
-def _gptq_init(ctx: StageContext, xs: list[torch.Tensor], state: list[_Linear]) -> None:
-    """GPTQ on this layer's quantized-chain inputs (the architecture's staged program; the
-    owners solve, the results are broadcast as in any GPTQ job), then ``V`` and the factors
-    that reproduce its integers. The program's outputs and the layer's weights it changed are
-    discarded (the tuning replaces every quantized weight)."""
+def gptq_capture(ctx: StageContext, xs: list[torch.Tensor]) -> dict[str, QuantResult]:
+    """GPTQ of the whole layer on its quantized-chain inputs ``xs`` (the architecture's staged
+    program: dense, MLA, or MoE with its routed experts solved on their owners on their routed
+    tokens), its writes kept instead of written: ``{linear: result}`` of the linears this rank
+    owns. Nothing else stays: the program's outputs, its report entries and the quantized
+    weights it loaded into the layer are discarded (the layer's float weights are put back, so
+    float targets computed afterwards are the float layer's)."""
+    kept = {lin.name: ctx.module(lin.name).weight.detach().clone() for lin in ctx.linears() if lin.expert is None}
+    before = set(ctx.record.modules)
+    moe = ctx.record.moe
     cap = _CaptureContext(ctx)
-    ctx.arch.program(cap, offload.copy(xs))
-    for s in state:  # the owner captured the whole result; every rank needs it
-        res = cap.captured.get(s.name) or ctx._empty_result(ctx.linear(s.name))
-        for t in (res.q, res.scale, res.zero):
-            ctx.comm.broadcast(t, ctx.job.owners.owner[s.name])
-        s.v, s.s_min, s.s_max = ar.init_from_result(s.w, res, s.lo, s.hi, ctx.args)
-    names = {s.name for s in state}
-    for key in list(ctx.record.modules):  # the GPTQ solve's entries: the tuning reports its own
-        if key.split("[")[0] in names:
-            del ctx.record.modules[key]
+    try:
+        ctx.arch.program(cap, offload.copy(xs))
+    finally:
+        with torch.no_grad():
+            for name, w in kept.items():
+                ctx.module(name).weight.copy_(w)
+    for key in set(ctx.record.modules) - before:  # the GPTQ solve's entries: the tuning reports its own
+        del ctx.record.modules[key]
+    ctx.record.moe = moe
+    return cap.captured
+
+
+def init_from_gptq(ctx: StageContext, captured: dict[str, QuantResult], state: list[_Linear],
+                   share: bool = True) -> None:
+    """``V`` and the factors that reproduce each linear's GPTQ integers (``captured``, from
+    :func:`gptq_capture`). ``share``: the owner broadcasts its result (a data-parallel block:
+    every rank tunes the linear); otherwise this rank owns the linears (a routed expert) and a
+    linear without a captured result keeps its round-to-nearest start."""
+    for s in state:
+        res = captured.get(s.name)
+        if share:
+            res = res or ctx._empty_result(ctx.linear(s.name))
+            for t in (res.q, res.scale, res.zero):
+                ctx.comm.broadcast(t, ctx.job.owners.owner[s.name])
+        if res is not None:
+            s.v, s.s_min, s.s_max = ar.init_from_result(s.w, res, s.lo, s.hi, ctx.args)
 
 
 def _offset(comm, n_local: int) -> int:

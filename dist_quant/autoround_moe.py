@@ -27,9 +27,14 @@ dispatch of ``nf`` to the owners, float experts); the quantized chain's, the qua
 on ``x``. Both combine routed outputs in a wider type (``moe_comm.accumulation_dtype``), so
 their sums do not depend on how experts are split over ranks.
 
-Not covered yet: ``quant.autoround.init=gptq`` (refused for MoE models), a quantized router
-(refused), the fallback options of GPTQ's expert path (``calib.min_expert_tokens``: an expert
-routed no token keeps its round-to-nearest start).
+``quant.autoround.init=gptq``: before the three blocks, the layer's GPTQ program (the GPTQ MoE
+path: attention and shared expert from SUM-reduced statistics, each routed expert on its owner
+from its routed tokens, with ``calib.min_expert_tokens`` / ``calib.expert_fallback``) runs on the
+quantized chain with its results kept (``autoround_layer.gptq_capture``); each block starts
+from them (attention and shared results broadcast by their owners, an expert's kept by its
+owner), and an expert routed no token keeps its GPTQ result.
+
+Not covered yet: a quantized router (refused).
 """
 from __future__ import annotations
 
@@ -127,11 +132,15 @@ def program(ctx, xs: list[torch.Tensor], fxs: list[torch.Tensor], p: ar.AutoRoun
         else:
             shared_lins.append(lin)
 
-    t0 = time.perf_counter()  # 1. attention
-    f_attn = attention_block(ctx, seq_len)
+    t0 = time.perf_counter()
+    captured = None  # quant.autoround.init=gptq: the whole layer's GPTQ results, each on its owner
+    if p.init == "gptq":
+        with phase("solve"):
+            captured = al.gptq_capture(ctx, xs)
+    f_attn = attention_block(ctx, seq_len)  # 1. attention
     with phase("propagate"):
         hf = al.floats(ctx, f_attn, fxs)
-    state, info = al.tune_group(ctx, f_attn, attn_lins, xs, hf, first, p)
+    state, info = al.tune_group(ctx, f_attn, attn_lins, xs, hf, first, p, captured)
     with phase("propagate"):
         errors = al._propagate(ctx, f_attn, xs, state, first)  # xs: h, the quantized chain
     al.finish_group(ctx, state, errors, {**info, "part": "attention"} if info else info, time.perf_counter() - t0)
@@ -142,14 +151,14 @@ def program(ctx, xs: list[torch.Tensor], fxs: list[torch.Tensor], p: ar.AutoRoun
         f_sh = shared_block(ctx)
         with phase("propagate"):
             shared_f = [f_sh(h) for h in hf]
-        state, info = al.tune_group(ctx, f_sh, shared_lins, xs, shared_f, first, p)
+        state, info = al.tune_group(ctx, f_sh, shared_lins, xs, shared_f, first, p, captured)
         shared_q = []
         with phase("propagate"):
             errors = al._propagate(ctx, f_sh, xs, state, first, into=shared_q)
         al.finish_group(ctx, state, errors, {**info, "part": "shared expert"} if info else info,
                         time.perf_counter() - t0)
 
-    routed_q, routed_f = _routed(ctx, xs, hf, first, experts_of, p)  # 3. the routed experts
+    routed_q, routed_f = _routed(ctx, xs, hf, first, experts_of, p, captured)  # 3. the routed experts
     with phase("propagate"):
         return (add_block_output(xs, routed_q, shared_q, ctx.masks),
                 add_block_output(hf, routed_f, shared_f, ctx.masks))
@@ -165,7 +174,7 @@ def _sample_ids(masks, first: int, device) -> torch.Tensor:
     return torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long, device=device)
 
 
-def _routed(ctx, xs, hf, first: int, experts_of: dict, p: ar.AutoRoundParams):
+def _routed(ctx, xs, hf, first: int, experts_of: dict, p: ar.AutoRoundParams, captured: dict | None = None):
     """Route both chains, tune this rank's experts on theirs, combine: the routed outputs
     ``[real tokens, H]`` of the quantized and of the float chain."""
     arch, comm, phase, spec = ctx.arch, ctx.comm, ctx.phase, ctx.arch.moe
@@ -197,7 +206,7 @@ def _routed(ctx, xs, hf, first: int, experts_of: dict, p: ar.AutoRoundParams):
     mine = [e for e in range(num_experts) if int(owner[e]) == comm.rank]
     slots_q, slots_f = moe_comm.slots_by_expert(recv, num_experts), moe_comm.slots_by_expert(recv_f, num_experts)
     losses = [_expert(ctx, store, e, experts_of[e], act, recv, slots_q[e], recv_f, slots_f[e], out_q, out_f,
-                      int(counts[e]), hidden, p) for e in mine]
+                      int(counts[e]), hidden, p, captured) for e in mine]
     tuned = [x for x in losses if x]
     if tuned:  # each rank logs its own experts
         log.info("layer %d: autoround routed experts: %d of %d on this rank tuned, mean loss %.4g -> %.4g",
@@ -213,9 +222,10 @@ def _routed(ctx, xs, hf, first: int, experts_of: dict, p: ar.AutoRoundParams):
 
 
 def _expert(ctx, store, e: int, lins, act, recv, sel, recv_f, sel_f, out_q, out_f, routed: int, hidden: int,
-            p: ar.AutoRoundParams) -> tuple[float, float] | None:
+            p: ar.AutoRoundParams, captured: dict | None = None) -> tuple[float, float] | None:
     """Load, tune, write and apply routed expert ``e`` (its owner alone); its tuning loss
-    ``(start, best)``, None when it was routed no token (it keeps the round-to-nearest start)."""
+    ``(start, best)``, None when it was routed no token (it keeps its start: round-to-nearest,
+    or with ``captured`` the GPTQ result of the expert's owner, fallbacks included)."""
     t0, phase, dtype, args = time.perf_counter(), ctx.phase, ctx.dtype, ctx.args
     lins = sorted(lins, key=lambda lin: ("gate", "up", "down").index(role_of(ctx, lin)))
     with phase("load"):
@@ -224,6 +234,8 @@ def _expert(ctx, store, e: int, lins, act, recv, sel, recv_f, sel_f, out_q, out_
     for lin, w, role in zip(lins, ws, ("gate", "up", "down")):
         lo, hi = ar.group_range(w, args)
         state.append(al._Linear(lin.name, role, w, lo, hi, *ar.init_observer(w, lo, hi, args)))
+    if captured is not None:
+        al.init_from_gptq(ctx, captured, state, share=False)
     f = expert_block(act, {s.param: s.w.to(dtype) for s in state})
     rows, weight = recv.row[sel], recv.weight[sel]
     xq = recv.h[rows, :hidden].to(dtype)

@@ -12,7 +12,11 @@ independent references:
   the tuning minimized) is closer to the float layer than round-to-nearest recomputed here;
 * every routed expert's report entry: tuned steps and the routed tokens the router counts;
 * transformers loads the output and its logits equal the fake-quant reference;
-* GPTQ initialization and a quantized router are refused in one line before any work.
+* GPTQ initialization (``quant.autoround.init=gptq``): with one step (the best-loss parameters
+  are then the start) layer 0's integers are the GPTQ job's (run here with the same observer)
+  as far as the parameterization reproduces them, for attention, shared and every routed
+  expert; 2 ranks write 1 rank's tensors;
+* a quantized router is refused in one line before any work.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import free_ports, make_job, run_main  # noqa: E402
 from moe_jobs import run_inprocess  # noqa: E402
-from moe_reference import QLinear, load_fake_quant, router_counts  # noqa: E402
+from moe_reference import QLinear, load_fake_quant, quantized_linears, router_counts  # noqa: E402
 from reference import assert_layers_match_model, read_tensors, reference_rtn  # noqa: E402
 from tiny import corpus_text  # noqa: E402
 from tiny_deepseek import make_tiny_deepseek  # noqa: E402
@@ -152,8 +156,70 @@ def test_transformers_loads_output_with_fake_quant_logits(env):
         torch.testing.assert_close(loaded(ids).logits, ref(ids).logits, atol=2e-4, rtol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def gptq_env(env):
+    """``init=gptq`` jobs: 1 step (the start is the result) beside a GPTQ job with the tuning's
+    observer, for the two families whose layer 0 is sparse; 4 steps on 1 and 2 ranks."""
+    root = env.root
+    common = [f"calib.path={env.calib}", f"calib.num_samples={NUM_SAMPLES}", f"calib.seq_len={SEQ_LEN}",
+              f"calib.batch_size={BATCH}", "output.part_file_size=100KB"]
+    init = ("quant=autoround_w4a16", "quant.autoround.init=gptq")
+    two_archs = ("qwen2_moe", "deepseek_v3")
+    ports = iter(free_ports(len(two_archs)))
+    two = {}
+    for arch in two_archs:
+        extra = (f"quant.group_size={ARCHS[arch]}", "quant.autoround.iters=4", "quant.autoround.init=gptq",
+                 f"calib.batch_size={BATCH}")
+        two[arch] = make_job(f"{arch}-gi2", env.models[arch], root / f"gi2_{arch}", root / f"gi2run_{arch}",
+                             env.calib, "autoround_w4a16", extra, nproc=2, port=next(ports),
+                             num_samples=NUM_SAMPLES, seq_len=SEQ_LEN)
+        two[arch].start()
+    start, gptq, one = {}, {}, {}
+    for arch in ("qwen2_moe", "mixtral"):
+        g = f"quant.group_size={ARCHS[arch]}"
+        start[arch] = run_inprocess(env.models[arch], root / f"gi_start_{arch}",
+                                    [*init, "quant.autoround.iters=1", g, *common])
+        gptq[arch] = run_inprocess(env.models[arch], root / f"gi_gptq_{arch}",
+                                   ["quant=gptq_w4a16", "quant.observer=minmax", g, *common])
+    for arch in two_archs:
+        one[arch] = run_inprocess(env.models[arch], root / f"gi1_{arch}",
+                                  [*init, "quant.autoround.iters=4", f"quant.group_size={ARCHS[arch]}", *common])
+    for job in two.values():
+        job.wait()
+    return SimpleNamespace(start=start, gptq=gptq, one=one, two=two)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_gptq_init_starts_from_the_gptq_integers(env, gptq_env, arch):
+    group = ARCHS[arch]
+    start = quantized_linears(read_tensors(gptq_env.start[arch].out), 4)
+    gptq = quantized_linears(read_tensors(gptq_env.gptq[arch].out), 4)
+    original = read_tensors(env.models[arch])
+    layer0 = [n for n in gptq if n.startswith("model.layers.0.")]
+    assert any(".experts." in n for n in layer0) and any("self_attn" in n for n in layer0)
+    if arch == "qwen2_moe":
+        assert any(".shared_expert." in n for n in layer0)
+    for name in layer0:  # layer 0 sees the float embeddings in both jobs: the same GPTQ problem
+        ref = gptq[name]
+        rtn = reference_rtn(original[name + ".weight"], 4, group, True, torch.bfloat16)
+        rtn_hat = rtn.q.float() * rtn.scale.float().repeat_interleave(group, dim=1)
+        agree = (start[name].q == ref.q).float().mean().item()
+        assert agree >= 0.95 and agree > (rtn.q == ref.q).float().mean().item() + 0.05, (name, agree)
+        d_start = (start[name].dequantize() - ref.dequantize()).norm()
+        assert d_start < 0.5 * (rtn_hat - ref.dequantize()).norm(), name
+    modules = gptq_env.start[arch].report["layers"][0]["modules"]
+    assert all(m["autoround"]["steps"] == 1 for m in modules.values())  # the tuning's own entries, not GPTQ's
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
+def test_gptq_init_two_ranks_write_the_tensors_of_one_rank(gptq_env, arch):
+    one, two = read_tensors(gptq_env.one[arch].out), read_tensors(gptq_env.two[arch].check())
+    assert one.keys() == two.keys()
+    differ = [k for k in one if not torch.equal(one[k], two[k])]
+    assert not differ, differ[:5]
+
+
 @pytest.mark.parametrize("override, words", [
-    ("quant.autoround.init=gptq", "quant.autoround.init='gptq' is not supported"),
     ("quant.moe_ignore=[shared_expert_gate]", "must list 'gate'"),
 ])
 def test_refused_before_work(tmp_path, override, words):
