@@ -74,7 +74,8 @@ def params(q) -> ar.AutoRoundParams:
     c = q.autoround
     lr = c.lr if c.lr is not None else 1.0 / max(c.iters, 1)
     return ar.AutoRoundParams(iters=c.iters, lr=lr, minmax_lr=c.minmax_lr if c.minmax_lr is not None else lr,
-                              batch_size=c.batch_size, minmax=c.minmax, init=c.init, seed=c.seed)
+                              batch_size=c.batch_size, minmax=c.minmax, init=c.init, seed=c.seed,
+                              sampler=c.sampler)
 
 
 @dataclass
@@ -282,7 +283,7 @@ def _tune(ctx, f, state: list[_Linear], samples, masks, targets, first: int, p: 
     args, dtype = ctx.args, ctx.dtype
     n = _n_global(comm, len(samples))
     batch = min(p.batch_size, n)
-    sampler = ar.IndexSampler(n, batch, seed if seed is not None else p.seed * 1_000_003 + ctx.index)
+    sampler = ar.SAMPLERS[p.sampler](n, batch, seed if seed is not None else p.seed * 1_000_003 + ctx.index)
     hidden = targets[0].shape[-1] if targets else 0
     hidden = int(comm.all_reduce(torch.tensor([hidden], dtype=torch.int64), "max"))
     sizes = [s.w.numel() for s in state]
@@ -293,6 +294,7 @@ def _tune(ctx, f, state: list[_Linear], samples, masks, targets, first: int, p: 
             t.requires_grad_(True)
     for step in range(p.iters):
         idx = [i - first for i in sampler.next_batch() if first <= i < first + len(samples)]
+        t_step = time.perf_counter()
         with torch.enable_grad():
             w_hat = [ar.qdq(s.w, s.v, s.s_min, s.s_max, s.lo, s.hi, args) for s in state]
         leaves = [w.detach().to(dtype).requires_grad_(True) for w in w_hat]
@@ -309,7 +311,9 @@ def _tune(ctx, f, state: list[_Linear], samples, masks, targets, first: int, p: 
                 view.add_(g.reshape(-1).to(torch.float64))
             flat[-2] += float(loss.detach().double())
             flat[-1] += float((masks[i] != 0).sum())
+        t_reduce = time.perf_counter()
         comm.all_reduce(flat)
+        t_wait = time.perf_counter() - t_reduce  # mostly waiting for a slower rank
         count = float(flat[-1]) * hidden
         loss_mean = float(flat[-2]) / count if count > 0 else 0.0
         if step == 0:
@@ -331,6 +335,8 @@ def _tune(ctx, f, state: list[_Linear], samples, masks, targets, first: int, p: 
                     g = (g[0], g[1], g[2]) if p.minmax else (g[0], None, None)
                     ar.sign_step_(s.v, s.s_min, s.s_max, g, lr, mlr)
         del w_hat, leaves, weights
+        log.debug("layer %d step %d: %d samples here, forward+backward %.3f s, all-reduce %.3f s, update %.3f s",
+                  ctx.index, step, len(idx), t_reduce - t_step, t_wait, time.perf_counter() - t_reduce - t_wait)
     for s in state:
         for t in (s.v, s.s_min, s.s_max):
             t.requires_grad_(False)
@@ -342,26 +348,35 @@ def _tune(ctx, f, state: list[_Linear], samples, masks, targets, first: int, p: 
 
 
 ERROR_SAMPLES = 16
-"""Calibration samples (the first of the whole set, on whichever ranks hold them) on which each
-linear's relative output error is measured for the report: two extra products per linear,
-so not on every sample."""
+"""Calibration samples on which each linear's relative output error is measured for the report
+(two extra products per linear, so not on every sample): every ``n // 16``-th of the job's ``n``
+(:func:`error_samples`)."""
+
+
+def error_samples(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Which of the global sample indices ``ids`` the report's output errors are measured on:
+    :data:`ERROR_SAMPLES` of the ``n`` samples, evenly spaced (every ``n // 16``-th), so ranks
+    holding contiguous slices share the work instead of the first rank doing it all."""
+    stride = max(1, n // ERROR_SAMPLES)
+    return (ids % stride == 0) & (ids < stride * ERROR_SAMPLES)
 
 
 def _propagate(ctx, f, xs: list[torch.Tensor], state: list[_Linear], first: int,
                into: list | None = None) -> dict[str, tuple[float, float]]:
     """``xs`` through the quantized block ``f`` (in place, or appended to ``into``), with each quantized linear's output
-    error on its real inputs, ``(Σ ‖x(Ŵ−W)ᵀ‖², Σ ‖xWᵀ‖²)`` over the real tokens of the first
-    :data:`ERROR_SAMPLES` samples of the job, SUM-reduced over ranks."""
+    error on its real inputs, ``(Σ ‖x(Ŵ−W)ᵀ‖², Σ ‖xWᵀ‖²)`` over the real tokens of the job's
+    :func:`error_samples`, SUM-reduced over ranks."""
     sums = torch.zeros(len(state), 2, dtype=torch.float64, device=ctx.device)
+    n = _n_global(ctx.comm, sum(x.shape[0] for x in xs))
     current = {}
     handles = []
     for k, s in enumerate(state):
         def hook(mod, inputs, k=k, s=s):
-            rows, m = current["rows"], current["mask"]
-            if rows == 0:
+            sel, m = current["sel"], current["mask"]
+            if sel is None:
                 return
-            x = inputs[0][:rows].float()
-            x = x.reshape(-1, x.shape[-1])[m[:rows].reshape(-1)]
+            x = inputs[0][sel].float()
+            x = x.reshape(-1, x.shape[-1])[m[sel].reshape(-1)]
             ref = x @ s.w.T
             sums[k, 0] += float((x @ mod.weight.float().T - ref).pow(2).sum())
             sums[k, 1] += float(ref.pow(2).sum())
@@ -369,7 +384,8 @@ def _propagate(ctx, f, xs: list[torch.Tensor], state: list[_Linear], first: int,
     try:
         seen = first
         for j, (x, m) in enumerate(zip(xs, ctx.masks)):
-            current["rows"], current["mask"] = max(0, min(x.shape[0], ERROR_SAMPLES - seen)), m
+            sel = error_samples(torch.arange(seen, seen + x.shape[0]), n).to(m.device)
+            current["sel"], current["mask"] = (sel if bool(sel.any()) else None), m
             seen += x.shape[0]
             if into is None:
                 xs[j] = f(x)

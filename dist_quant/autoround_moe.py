@@ -183,6 +183,7 @@ def _routed(ctx, xs, hf, first: int, experts_of: dict, p: ar.AutoRoundParams, ca
     num_experts = spec.num_experts(ctx.config)
     hidden = xs[0].shape[-1] if xs else ctx.config["hidden_size"]
     moved = moe_comm.new_traffic()
+    n_samples = al._n_global(comm, sum(x.shape[0] for x in xs))
     with phase("propagate"):
         nq, nf = [norm(x) for x in xs], [norm(h) for h in hf]
         q_flat, q_w, q_e = route(ctx, gate, router, nq, ctx.masks, hidden)
@@ -206,7 +207,7 @@ def _routed(ctx, xs, hf, first: int, experts_of: dict, p: ar.AutoRoundParams, ca
     mine = [e for e in range(num_experts) if int(owner[e]) == comm.rank]
     slots_q, slots_f = moe_comm.slots_by_expert(recv, num_experts), moe_comm.slots_by_expert(recv_f, num_experts)
     losses = [_expert(ctx, store, e, experts_of[e], act, recv, slots_q[e], recv_f, slots_f[e], out_q, out_f,
-                      int(counts[e]), hidden, p, captured) for e in mine]
+                      int(counts[e]), hidden, p, captured, n_samples) for e in mine]
     tuned = [x for x in losses if x]
     if tuned:  # each rank logs its own experts
         log.info("layer %d: autoround routed experts: %d of %d on this rank tuned, mean loss %.4g -> %.4g",
@@ -222,7 +223,7 @@ def _routed(ctx, xs, hf, first: int, experts_of: dict, p: ar.AutoRoundParams, ca
 
 
 def _expert(ctx, store, e: int, lins, act, recv, sel, recv_f, sel_f, out_q, out_f, routed: int, hidden: int,
-            p: ar.AutoRoundParams, captured: dict | None = None) -> tuple[float, float] | None:
+            p: ar.AutoRoundParams, captured: dict | None = None, n_samples: int = 0) -> tuple[float, float] | None:
     """Load, tune, write and apply routed expert ``e`` (its owner alone); its tuning loss
     ``(start, best)``, None when it was routed no token (it keeps its start: round-to-nearest,
     or with ``captured`` the GPTQ result of the expert's owner, fallbacks included)."""
@@ -260,7 +261,7 @@ def _expert(ctx, store, e: int, lins, act, recv, sel, recv_f, sel_f, out_q, out_
         out_q.index_add_(0, rows, (f(xq, w_hat) * weight[:, None].to(dtype)).to(out_q.dtype))
         rows_f = recv_f.row[sel_f]
         out_f.index_add_(0, rows_f, (f(recv_f.h[rows_f]) * recv_f.weight[sel_f][:, None].to(dtype)).to(out_f.dtype))
-        errors = _errors(state, w_hat, xq[sids < al.ERROR_SAMPLES].float(), act)
+        errors = _errors(state, w_hat, xq[al.error_samples(sids, n_samples)].float(), act)
     seconds = (time.perf_counter() - t0) / len(state)
     for s, lin in zip(state, lins):
         entry = al.record(s, errors[s.param], info, seconds, ctx.comm.rank)
@@ -273,7 +274,7 @@ def _expert(ctx, store, e: int, lins, act, recv, sel, recv_f, sel_f, out_q, out_
 
 def _errors(state, w_hat: dict, x: torch.Tensor, act) -> dict[str, tuple[float, float]]:
     """``(Σ ‖x(Ŵ−W)ᵀ‖², Σ ‖xWᵀ‖²)`` of gate, up and down on their real inputs (the expert's
-    routed rows of the job's first :data:`~dist_quant.autoround_layer.ERROR_SAMPLES` samples;
+    routed rows of the job's ``autoround_layer.error_samples`` of its ``n_samples``;
     down's input from the quantized gate/up)."""
     w = {s.param: s.w for s in state}
     q = {k: v.float() for k, v in w_hat.items()}

@@ -81,6 +81,10 @@ class AutoRoundConfig:
     and factors that reproduce GPTQ's integers for the layer)."""
     seed: int = 0
     """Seed of the sample batches (the same on every rank)."""
+    sampler: str = "stratified"
+    """How a step's batch is drawn: stratified (one sample from each of batch_size contiguous
+    strata: every rank gets batch / world samples of each batch) or shuffle (auto-round's
+    IndexSampler: a shuffled order a batch at a time)."""
 
     def __post_init__(self) -> None:
         _check(not isinstance(self.iters, bool) and self.iters > 0, "quant.autoround.iters", self.iters,
@@ -91,6 +95,8 @@ class AutoRoundConfig:
         _check(not isinstance(self.batch_size, bool) and self.batch_size > 0, "quant.autoround.batch_size",
                self.batch_size, "must be positive")
         _check(self.init in ("rtn", "gptq"), "quant.autoround.init", self.init, "expected rtn or gptq")
+        _check(self.sampler in ("stratified", "shuffle"), "quant.autoround.sampler", self.sampler,
+               "expected stratified or shuffle")
 
 
 @dataclass(frozen=True)

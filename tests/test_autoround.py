@@ -101,6 +101,29 @@ def test_sampler_draws_like_auto_round():
     assert [again.next_batch() for _ in range(3)] == [*first, third]
 
 
+def test_stratified_sampler_spreads_every_batch_over_the_ranks():
+    n, batch = 128, 8
+    s = ar.StratifiedSampler(n, batch, seed=5)
+    passes = [[s.next_batch() for _ in range(n // batch)] for _ in range(2)]
+    for batches in passes:  # a pass draws every sample once, one from each stratum of 16 per batch
+        assert sorted(i for b in batches for i in b) == list(range(n))
+        assert all(sorted(i // 16 for i in b) == list(range(batch)) for b in batches)
+        for world in (1, 2, 4, 8):  # contiguous rank slices: batch / world samples each
+            share = n // world
+            assert all(sum(1 for i in b if r * share <= i < (r + 1) * share) == batch // world
+                       for b in batches for r in range(world))
+    assert passes[0] != passes[1]  # reshuffled for the second pass
+    again = ar.StratifiedSampler(n, batch, seed=5)
+    assert [again.next_batch() for _ in range(n // batch)] == passes[0]  # seeded: every rank draws the same
+    odd = ar.StratifiedSampler(10, 4, seed=0)  # strata 3, 3, 2, 2: two batches a pass
+    first = [odd.next_batch() for _ in range(2)]
+    assert all(len(b) == 4 for b in first) and len({i for b in first for i in b}) == 8
+    odd.next_batch()  # the smallest strata are used up: a new pass
+    assert odd.index == 1
+    with pytest.raises(ValueError, match="batch size 5"):
+        ar.StratifiedSampler(4, 5, seed=0)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gptq_init_reproduces_gptq_integers(symmetric):
     from dist_quant.algorithms.gptq import GPTQParams, gptq_quantize_

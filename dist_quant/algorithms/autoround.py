@@ -47,6 +47,7 @@ class AutoRoundParams:
     minmax: bool = True  # tune the clip factors s_min, s_max
     init: str = "rtn"  # rtn (V = 0, factors 1) or gptq (V and factors reproduce GPTQ's integers)
     seed: int = 0
+    sampler: str = "stratified"  # stratified (StratifiedSampler) or shuffle (auto-round's IndexSampler)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -209,3 +210,36 @@ class IndexSampler:
         out = self.order[self.index:self.index + self.batch]
         self.index += self.batch
         return out
+
+
+class StratifiedSampler:
+    """Batches of sample indices with one index from each of ``batch`` contiguous strata of
+    ``range(n)`` (``torch.tensor_split`` of it into ``batch`` near-equal parts): each stratum is
+    shuffled, and batch ``k`` of a pass takes the ``k``-th index of every stratum; when the
+    smallest stratum is used up, every stratum is reshuffled (a stratum's unused rest is
+    skipped, as :class:`IndexSampler` skips its incomplete rest). Every sample is drawn once per
+    pass, as with auto-round's sampler, but a batch is spread evenly over the sample order, so
+    the ranks, which hold contiguous slices of it (calibration.rank_rows), get ``batch / world``
+    samples of every batch when the world size divides the batch and the sample count: no rank
+    waits for one that drew more. It depends on ``n``, ``batch`` and ``seed`` only, so every
+    world size draws the same batches (N ranks tune exactly as 1 rank)."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        if not 0 < batch <= n:
+            raise ValueError(f"batch size {batch} must be in [1, {n}]")
+        self.strata = [t.tolist() for t in torch.arange(n).tensor_split(batch)]
+        self.depth = min(len(t) for t in self.strata)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.index = self.depth
+
+    def next_batch(self) -> list[int]:
+        if self.index >= self.depth:
+            self.order = [[t[i] for i in torch.randperm(len(t), generator=self.gen).tolist()] for t in self.strata]
+            self.index = 0
+        out = [t[self.index] for t in self.order]
+        self.index += 1
+        return out
+
+
+SAMPLERS = {"stratified": StratifiedSampler, "shuffle": IndexSampler}
+"""``quant.autoround.sampler``: how each step's batch of samples is drawn."""
