@@ -124,6 +124,17 @@ def test_stratified_sampler_spreads_every_batch_over_the_ranks():
         ar.StratifiedSampler(4, 5, seed=0)
 
 
+def test_error_samples_are_spread_over_the_set():
+    from dist_quant.autoround_layer import ERROR_SAMPLES, error_samples
+
+    ids = torch.arange(128)
+    chosen = ids[error_samples(ids, 128)].tolist()
+    assert chosen == list(range(0, 128, 8)) and len(chosen) == ERROR_SAMPLES
+    assert [int(error_samples(ids[r * 64:(r + 1) * 64], 128).sum()) for r in (0, 1)] == [8, 8]  # 2 ranks share it
+    assert error_samples(torch.arange(10), 10).all()  # fewer samples than 16: all of them
+    assert int(error_samples(torch.arange(40), 40).sum()) == ERROR_SAMPLES  # stride 2, the first 32
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gptq_init_reproduces_gptq_integers(symmetric):
     from dist_quant.algorithms.gptq import GPTQParams, gptq_quantize_
