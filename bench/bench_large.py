@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,16 +29,30 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 SHARD_BYTES = 5 * 10**9
-HIDDEN, INTER, HEADS, KV_HEADS = 8192, 28672, 64, 8  # Llama-3-70B's layer shapes
 
 
-def layer_tensors(i: int) -> list[tuple[str, tuple[int, ...]]]:
-    p, hd = f"model.layers.{i}.", HIDDEN // HEADS
-    return [(p + "input_layernorm.weight", (HIDDEN,)), (p + "post_attention_layernorm.weight", (HIDDEN,)),
-            (p + "self_attn.q_proj.weight", (HEADS * hd, HIDDEN)), (p + "self_attn.k_proj.weight", (KV_HEADS * hd, HIDDEN)),
-            (p + "self_attn.v_proj.weight", (KV_HEADS * hd, HIDDEN)), (p + "self_attn.o_proj.weight", (HIDDEN, HEADS * hd)),
-            (p + "mlp.gate_proj.weight", (INTER, HIDDEN)), (p + "mlp.up_proj.weight", (INTER, HIDDEN)),
-            (p + "mlp.down_proj.weight", (HIDDEN, INTER))]
+@dataclass(frozen=True)
+class Shape:
+    """A Llama decoder layer's widths."""
+    hidden: int
+    inter: int
+    heads: int
+    kv_heads: int
+
+
+LLAMA_70B = Shape(8192, 28672, 64, 8)  # Llama-3-70B's layer shapes (the default here)
+LLAMA_8B = Shape(4096, 14336, 32, 8)  # Llama-3-8B's (bench/gpu_check.py)
+
+
+def layer_tensors(i: int, shape: Shape = LLAMA_70B) -> list[tuple[str, tuple[int, ...]]]:
+    p, hd, h = f"model.layers.{i}.", shape.hidden // shape.heads, shape.hidden
+    return [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (shape.heads * hd, h)),
+            (p + "self_attn.k_proj.weight", (shape.kv_heads * hd, h)),
+            (p + "self_attn.v_proj.weight", (shape.kv_heads * hd, h)),
+            (p + "self_attn.o_proj.weight", (h, shape.heads * hd)),
+            (p + "mlp.gate_proj.weight", (shape.inter, h)), (p + "mlp.up_proj.weight", (shape.inter, h)),
+            (p + "mlp.down_proj.weight", (h, shape.inter))]
 
 
 def _value(name: str, shape, seed: int):
@@ -50,7 +65,7 @@ def _value(name: str, shape, seed: int):
     return (torch.randn(shape, generator=g) * std).to(torch.bfloat16)
 
 
-def write(directory: Path, layers: int) -> dict:
+def write(directory: Path, layers: int, shape: Shape = LLAMA_70B) -> dict:
     """Shards of whole layers (≤ 5 GB), written tensor by tensor (one tensor in memory at a time)."""
     import torch
     from tiny import make_tokenizer
@@ -58,25 +73,25 @@ def write(directory: Path, layers: int) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(directory)
     vocab = len(tok)
-    tensors = [("model.embed_tokens.weight", (vocab, HIDDEN))]
+    tensors = [("model.embed_tokens.weight", (vocab, shape.hidden))]
     for i in range(layers):
-        tensors += layer_tensors(i)
-    tensors += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (vocab, HIDDEN))]
+        tensors += layer_tensors(i, shape)
+    tensors += [("model.norm.weight", (shape.hidden,)), ("lm_head.weight", (vocab, shape.hidden))]
     shards, cur, size = [], [], 0
-    for name, shape in tensors:
-        b = 2 * math.prod(shape)
+    for name, dims in tensors:
+        b = 2 * math.prod(dims)
         if cur and size + b > SHARD_BYTES:
             shards.append(cur)
             cur, size = [], 0
-        cur.append((name, shape, b))
+        cur.append((name, dims, b))
         size += b
     shards.append(cur)
     weight_map, total, t0 = {}, 0, time.time()
     for k, shard in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         header, off = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape, b in shard:
-            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + b]}
+        for name, dims, b in shard:
+            header[name] = {"dtype": "BF16", "shape": list(dims), "data_offsets": [off, off + b]}
             off += b
             weight_map[name] = fname
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -84,16 +99,16 @@ def write(directory: Path, layers: int) -> dict:
         tmp = directory / (fname + ".tmp")
         with open(tmp, "wb") as f:
             f.write(len(raw).to_bytes(8, "little") + raw)
-            for j, (name, shape, _) in enumerate(shard):
-                f.write(_value(name, shape, seed=1000 * k + j).view(torch.uint8).numpy().tobytes())
+            for j, (name, dims, _) in enumerate(shard):
+                f.write(_value(name, dims, seed=1000 * k + j).view(torch.uint8).numpy().tobytes())
         tmp.rename(directory / fname)
         total += off
         print(f"  {fname}: {off / 1e9:.2f} GB ({time.time() - t0:.0f} s)", flush=True)
     (directory / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     config = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu", rms_norm_eps=1e-5,
-                  vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=layers,
-                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=8192,
+                  vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=shape.inter,
+                  num_hidden_layers=layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, max_position_embeddings=8192,
                   rope_theta=500000.0, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
                   torch_dtype="bfloat16", bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     (directory / "config.json").write_text(json.dumps(config, indent=2))

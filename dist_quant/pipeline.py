@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import actdtype, offload
+from .offload import synchronize
 from .algorithms.registry import layer_solver
 from .calibration import CalibrationSet
 from .checkpoint import Checkpoint
@@ -76,8 +77,13 @@ class LayerRecord:
 
 
 class _Phase:
-    def __init__(self, record: LayerRecord, progress):
+    """Times one phase of a layer. On an accelerator the device is synchronized at both ends
+    (kernels run asynchronously: without it a phase's work would be billed to whichever later
+    phase first waits for a result)."""
+
+    def __init__(self, record: LayerRecord, progress, device: torch.device | None = None):
         self.record, self.progress = record, progress
+        self.device = device if device is not None and device.type != "cpu" else None
 
     def __call__(self, name: str):
         self._name = name
@@ -86,9 +92,13 @@ class _Phase:
         return self
 
     def __enter__(self):
+        if self.device is not None:
+            synchronize(self.device)
         self._t = time.perf_counter()
 
     def __exit__(self, *exc):
+        if self.device is not None:
+            synchronize(self.device)
         self.record.seconds[self._name] += time.perf_counter() - self._t
 
 
@@ -179,7 +189,7 @@ class LayerwiseQuantizer:
             if self.job.check_stop is not None:
                 self.job.check_stop(i)
             record = LayerRecord(i)
-            phase = _Phase(record, progress)
+            phase = _Phase(record, progress, self.device)
             with torch.no_grad():
                 with phase("load"):
                     layer = load_layer(skel, self.ckpt, arch, i, self.device)
