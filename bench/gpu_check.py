@@ -42,6 +42,7 @@ def _job(model: Path, out: Path, data: Path, device: str, samples: int, seq_len:
     cmd = [sys.executable, "-m", "dist_quant", f"model.path={model}", f"model.dtype={dtype}", "quant=gptq_w4a16",
            f"quant.group_size={group}", f"calib.path={data}", f"calib.num_samples={samples}",
            f"calib.seq_len={seq_len}", f"runtime.device={device}", f"output.dir={out}", "output.overwrite=true",
+           f"runtime.run_dir={out}.run",
            *extra]
     print(" ".join(cmd), flush=True)
     t0 = time.time()
