@@ -108,7 +108,8 @@ def write(directory: Path, layers: int, shape: Shape = LLAMA_70B) -> dict:
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     config = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu", rms_norm_eps=1e-5,
                   vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=shape.inter,
-                  num_hidden_layers=layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, max_position_embeddings=8192,
+                  num_hidden_layers=layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                  max_position_embeddings=8192,
                   rope_theta=500000.0, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
                   torch_dtype="bfloat16", bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
@@ -191,10 +192,16 @@ def run(directory: Path, out: Path, ranks: int, samples: int, seq_len: int, extr
     return result
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(script arguments, dist_quant overrides)``: the overrides follow a ``--``."""
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
 def main() -> int:
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = split_overrides(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["write", "run"])
     ap.add_argument("--dir", type=Path, default=Path("/work/large"))

@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench_large import LLAMA_8B, Shape, split_overrides  # noqa: E402
+
 
 def _job(model: Path, out: Path, data: Path, device: str, samples: int, seq_len: int, group: int,
          dtype: str, extra: list[str]) -> dict:
@@ -75,7 +77,7 @@ def _device_facts() -> dict:
 
 
 def layers(args, extra: list[str]) -> dict:
-    from bench_large import Shape, write
+    from bench_large import write
 
     shape = Shape(args.hidden, args.inter, args.heads, args.kv_heads)
     ckpt = args.out / "layers-checkpoint"
@@ -114,9 +116,7 @@ def smollm2(args, extra: list[str]) -> dict:
 
 
 def main() -> int:
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = split_overrides(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["layers", "smollm2"])
     ap.add_argument("--out", type=Path, default=Path("/tmp/gpu_check"))
@@ -126,10 +126,10 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=None, help="tokens a row (layers: 2048, smollm2: 512)")
     # layers
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--inter", type=int, default=14336)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=LLAMA_8B.hidden)
+    ap.add_argument("--inter", type=int, default=LLAMA_8B.inter)
+    ap.add_argument("--heads", type=int, default=LLAMA_8B.heads)
+    ap.add_argument("--kv-heads", type=int, default=LLAMA_8B.kv_heads)
     ap.add_argument("--device", default="auto")
     # smollm2
     ap.add_argument("--model", type=Path, default=None)

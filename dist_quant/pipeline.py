@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from . import actdtype, offload
-from .offload import synchronize
 from .algorithms.registry import layer_solver
 from .calibration import CalibrationSet
 from .checkpoint import Checkpoint
@@ -93,12 +92,12 @@ class _Phase:
 
     def __enter__(self):
         if self.device is not None:
-            synchronize(self.device)
+            offload.synchronize(self.device)
         self._t = time.perf_counter()
 
     def __exit__(self, *exc):
         if self.device is not None:
-            synchronize(self.device)
+            offload.synchronize(self.device)
         self.record.seconds[self._name] += time.perf_counter() - self._t
 
 

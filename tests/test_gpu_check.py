@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import REPO, job_env  # noqa: E402
 from tiny import corpus_text, make_tiny_model  # noqa: E402
 
-from dist_quant import pipeline  # noqa: E402
+from dist_quant import offload, pipeline  # noqa: E402
 
 SCRIPT = REPO / "bench" / "gpu_check.py"
 
@@ -57,7 +57,7 @@ def test_smollm2_job_gives_perplexity_per_device(tmp_path):
 
 def test_phase_timer_synchronizes_accelerators(monkeypatch):
     calls = []
-    monkeypatch.setattr(pipeline, "synchronize", lambda device: calls.append(device.type))
+    monkeypatch.setattr(offload, "synchronize", lambda device: calls.append(device.type))
     record = pipeline.LayerRecord(layer=0)
     with pipeline._Phase(record, None, torch.device("cpu"))("solve"):
         pass
