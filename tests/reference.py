@@ -241,3 +241,20 @@ def assert_layers_match_model(model, ids: torch.Tensor, xs, atol: float, label: 
         else:
             want = hs[i + 1]
         torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=f"{label}layer {i}")
+
+
+def assert_same_solution(a: QuantLinear, b: QuantLinear, min_equal: float, label: str = "",
+                         scale_rtol: float = 1e-3) -> None:
+    """Two GPTQ solutions of one linear that differ only in float reduction order (another
+    device, rank count or thread count): at least ``min_equal`` of the integers equal, and at
+    least ``min_equal`` of the groups' scales within ``scale_rtol``. Not a bound on ``|Δq|``:
+    GPTQ feeds each rounding error to the later columns of its row, so one flip at a near-tie
+    moves every later target of that row, and the MSE clip search can pick the neighbouring
+    ratio of a group (bench/README.md, "GPU checks"); the quality of both solutions is compared
+    by their output errors where the caller has them."""
+    assert a.q.shape == b.q.shape and a.scale.shape == b.scale.shape, label
+    equal = (a.q.long() == b.q.long()).float().mean().item()
+    assert equal >= min_equal, (label, equal)
+    sa, sb = a.scale.float(), b.scale.float()
+    close = ((sa - sb).abs() <= scale_rtol * sb.abs() + 1e-9).float().mean().item()
+    assert close >= min_equal, (label, close)

@@ -1,13 +1,15 @@
 """The CUDA path (issue 11), for a machine with a GPU: skipped without one (CI has none; the
 prepared run is bench/README.md's "GPU checks"). What must hold on the device:
 
-* a tiny GPTQ job on ``runtime.device=cuda`` quantizes like the same job on CPU (the
-  integers ≥ 99 % equal and never more than one step apart, scales within 1e-3: GEMMs round
-  differently on the two devices, so bit equality is not expected);
+* a tiny GPTQ job on ``runtime.device=cuda`` quantizes like the same job on CPU (≥ 99 % of
+  the integers equal and of the scales within 1e-3, the reported output errors within 1 %:
+  GEMMs round differently on the two devices, so bit equality is not expected, and one
+  flipped rounding moves the later targets of its row, ``reference.assert_same_solution``);
 * the job reports its peak device memory;
 * ``runtime.offload=host`` (pinned host memory, one batch copied to the device at a time)
   gives the same bits as the on-device job on the GPU;
-* the GPTQ solve of one linear on the GPU matches the CPU solve (same rule as above).
+* the GPTQ solve of one linear on the GPU matches the CPU solve (same rule; the output
+  error ``tr(ΔW H ΔWᵀ)`` of both recomputed here).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import call_main  # noqa: E402
 from moe_reference import read_tensors  # noqa: E402
-from reference import read_quant_linears  # noqa: E402
+from reference import QuantLinear, assert_same_solution, read_quant_linears  # noqa: E402
 from tiny import make_tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -50,10 +52,12 @@ def model(tmp_path_factory):
 def _close(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
-        qa, qb = a[name].q.long(), b[name].q.long()
-        assert (qa - qb).abs().max() <= 1, name
-        assert (qa == qb).float().mean() >= 0.99, name
-        torch.testing.assert_close(a[name].scale.float(), b[name].scale.float(), rtol=1e-3, atol=1e-6)
+        assert_same_solution(a[name], b[name], 0.99, name)
+
+
+def _errors(out: Path) -> dict[str, float]:
+    report = json.loads((out / "quant_report.json").read_text())
+    return {m: i["rel_output_error"] for layer in report["layers"] for m, i in layer["modules"].items()}
 
 
 def test_cuda_job_matches_cpu_job_and_reports_device_memory(model):
@@ -62,6 +66,8 @@ def test_cuda_job_matches_cpu_job_and_reports_device_memory(model):
     assert call_main(_job(path, calib, root / "cpu", "cpu")) == 0
     assert call_main(_job(path, calib, root / "gpu", "cuda")) == 0
     _close(read_quant_linears(root / "cpu", 4)[0], read_quant_linears(root / "gpu", 4)[0])
+    cpu, gpu = _errors(root / "cpu"), _errors(root / "gpu")
+    assert cpu.keys() == gpu.keys() and all(gpu[m] == pytest.approx(cpu[m], rel=1e-2) for m in cpu)
     report = json.loads((root / "gpu" / "quant_report.json").read_text())
     assert all(v > 0 for v in report["peak_device_bytes_by_rank"].values())
 
@@ -88,6 +94,8 @@ def test_gptq_solve_on_cuda_matches_cpu():
     args = QuantArgs(bits=4, group_size=64, symmetric=True)
     cpu = gptq_quantize(w.clone(), h.clone(), args, GPTQParams())
     gpu = gptq_quantize(w.cuda(), h.cuda(), args, GPTQParams())
-    q_cpu, q_gpu = cpu.q.long(), gpu.q.cpu().long()
-    assert (q_cpu - q_gpu).abs().max() <= 1 and (q_cpu == q_gpu).float().mean() >= 0.99
-    torch.testing.assert_close(cpu.scale.float(), gpu.scale.cpu().float(), rtol=1e-3, atol=1e-6)
+    a = QuantLinear(cpu.q.long(), cpu.scale.float(), cpu.zero.long(), tuple(w.shape))
+    b = QuantLinear(gpu.q.cpu().long(), gpu.scale.cpu().float(), gpu.zero.cpu().long(), tuple(w.shape))
+    assert_same_solution(a, b, 0.99)
+    err = [float(torch.einsum("ij,jk,ik->", d, h, d)) for d in (w - a.dequantize(), w - b.dequantize())]
+    assert err[1] == pytest.approx(err[0], rel=1e-2), err

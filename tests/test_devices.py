@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import read_quant_linears  # noqa: E402
+from reference import assert_same_solution, read_quant_linears  # noqa: E402
 from helpers import REPO, free_ports, job_env, run_main  # noqa: E402
 from tiny import corpus_text, make_tiny_model  # noqa: E402
 
@@ -145,11 +145,10 @@ def test_hccl_backend_two_ranks_on_cpu(tmp_path):
     two, _ = read_quant_linears(out2, 4)
     assert set(one) == set(two)
     same = total = 0
-    for name in one:
-        assert (one[name].q - two[name].q).abs().max().item() <= 1, name
+    for name in one:  # reduction order differs (ranks, threads): see reference.assert_same_solution
+        assert_same_solution(one[name], two[name], 0.99, name, scale_rtol=1e-5)
         same += int((one[name].q == two[name].q).sum())
         total += one[name].q.numel()
-        torch.testing.assert_close(one[name].scale, two[name].scale, rtol=1e-5, atol=0)
     assert same / total >= 0.999
     errors = {m: i["rel_output_error"] for layer in report["layers"] for m, i in layer["modules"].items()}
     ref = json.loads((out1 / "quant_report.json").read_text())
