@@ -128,6 +128,7 @@ class FallbackConfig:
 
 
 FALLBACK_TO = ("float", "w8")
+GPTQ_KERNELS = ("auto", "torch", "triton")  # algorithms/gptq_triton.py
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,9 @@ class QuantConfig:
     """GPTQ: process columns by decreasing Hessian diagonal (group-aware: groups stay contiguous)."""
     observer: str = "minmax"
     """Scale choice: minmax, or mse (search a clipping ratio per group)."""
+    kernel: str = "auto"
+    """GPTQ integer-grid column loop: auto (one fused Triton kernel per group on CUDA when the
+    package triton is importable, else torch ops), torch, or triton (an error where it cannot run)."""
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     """Modules left in float (lm_head is never quantized)."""
     moe_ignore: list[str] = field(default_factory=lambda: ["gate", "shared_expert_gate"])
@@ -239,6 +243,7 @@ class QuantConfig:
                "expected a positive group size or -1 (per-channel)")
         _check(0.0 < self.damp < 1.0, "quant.damp", self.damp, "expected 0 < damp < 1")
         _check(self.block_size > 0, "quant.block_size", self.block_size, "must be positive")
+        _check(self.kernel in GPTQ_KERNELS, "quant.kernel", self.kernel, "expected " + ", ".join(GPTQ_KERNELS))
         _check(self.observer in ("minmax", "mse"), "quant.observer", self.observer,
                "expected minmax or mse")
 

@@ -99,3 +99,29 @@ def test_gptq_solve_on_cuda_matches_cpu():
     assert_same_solution(a, b, 0.99)
     err = [float(torch.einsum("ij,jk,ik->", d, h, d)) for d in (w - a.dequantize(), w - b.dequantize())]
     assert err[1] == pytest.approx(err[0], rel=1e-2), err
+
+
+def test_fused_kernel_compiled_matches_the_torch_loop_on_cuda():
+    """quant.kernel=triton compiled for the GPU against the torch column loop on the same GPU
+    (tests/gptq_triton_checks.py proves the kernel bit for bit against its reference under
+    the interpreter; compiled, the multiply-subtracts may fuse): same rule as across devices."""
+    pytest.importorskip("triton")
+    from dataclasses import replace
+
+    from dist_quant.algorithms.gptq import GPTQParams, gptq_quantize
+    from dist_quant.quant.qparams import QuantArgs
+
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(1024, 768, generator=g) * 0.02).cuda()
+    x = torch.randn(4096, 768, generator=g) * (10 ** (torch.rand(768, generator=g) * 2 - 1))
+    h = ((2.0 / 4096) * (x.T @ x)).cuda()
+    for args in (QuantArgs(bits=4, group_size=128, symmetric=True, mse=True),
+                 QuantArgs(bits=4, group_size=-1, symmetric=False)):
+        p = GPTQParams(kernel="torch")
+        a, b = gptq_quantize(w, h, args, p), gptq_quantize(w, h, args, replace(p, kernel="triton"))
+        la = QuantLinear(a.q.cpu().long(), a.scale.cpu().float(), a.zero.cpu().long(), tuple(w.shape))
+        lb = QuantLinear(b.q.cpu().long(), b.scale.cpu().float(), b.zero.cpu().long(), tuple(w.shape))
+        assert_same_solution(la, lb, 0.99)
+        wc, hc = w.cpu(), h.cpu()
+        err = [float(torch.einsum("ij,jk,ik->", wc - q.dequantize(), hc, wc - q.dequantize())) for q in (la, lb)]
+        assert err[1] == pytest.approx(err[0], rel=1e-2), err

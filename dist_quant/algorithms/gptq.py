@@ -20,6 +20,7 @@ import torch
 
 from ..quant import floatgrid as fg
 from ..quant.qparams import QuantArgs, QuantResult, compute_qparams
+from . import gptq_triton
 from .factor import inverse_upper_factor_
 from .rtn import rtn_quantize
 
@@ -31,6 +32,7 @@ class GPTQParams:
     act_order: bool = True
     damp_retries: int = 5  # each retry multiplies the dampening by 10
     workers: int = 1  # threads running the column loop on row chunks (any count: the same bits)
+    kernel: str = "auto"  # integer-grid column loop: auto / torch / triton (gptq_triton.use_kernel)
 
 
 def column_order(diag: torch.Tensor, args: QuantArgs, act_order: bool) -> torch.Tensor:
@@ -204,8 +206,12 @@ def _column_loop(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: Qua
         def run(c, s, k, pool=None):
             return quantize_columns_grid(c, U, perm, args, params.block_size, s)
     else:  # ``k``: AWQ's clipping ratios of these rows (or None)
+        fused = gptq_triton.use_kernel(params.kernel, W.device)
+        if fused:
+            n_chunks = 1  # one launch covers every row
+
         def run(c, s, k, pool=None):
-            return quantize_columns(c, U, perm, args, params.block_size, k, pool)
+            return quantize_columns(c, U, perm, args, params.block_size, k, pool, fused)
     if n_chunks == 1 and params.workers > 1 and args.mse and fixed is None:
         # too few rows to split the loop, but the MSE scale search of each group is heavy
         # arithmetic on [rows, group] (20 ratios): its rows go to the idle workers
@@ -290,17 +296,51 @@ def lazy_block_loop(W: torch.Tensor, U: torch.Tensor, block: int, cols: int, sta
     return Q, loss
 
 
+def fused_block_loop(W: torch.Tensor, U: torch.Tensor, block: int, cols: int, start_group, segment
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lazy_block_loop` with each run of columns that shares a group (at most
+    ``gptq_triton.MAX_SEGMENT`` of them) done by one call ``segment(Wt, Qt, Et, U1)`` on the
+    block's transposed rows ``a:b`` (``gptq_triton.quantize_segment_``: the recursion inside
+    the run, errors already divided by ``U_ii``); the run's errors reach the rest of the
+    block and of ``W`` as GEMMs. Same arguments and results as :func:`lazy_block_loop`."""
+    out_f, n = W.shape
+    Q = torch.empty_like(W)
+    loss = torch.zeros(out_f, dtype=torch.float64, device=W.device)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        b = i2 - i1
+        Wt = W[:, i1:i2].T.contiguous()
+        Qt = torch.empty_like(Wt)
+        Et = torch.empty_like(Wt)
+        U1 = U[i1:i2, i1:i2]
+        a = 0
+        while a < b:
+            if (i1 + a) % cols == 0:
+                start_group((i1 + a) // cols, Wt[a:a + cols])
+            end = min(b, a + gptq_triton.MAX_SEGMENT, a + cols - (i1 + a) % cols)
+            segment(Wt[a:end], Qt[a:end], Et[a:end], U1[a:end, a:end])
+            if end < b:
+                Wt[end:].sub_(U1[a:end, end:].T @ Et[a:end])
+            a = end
+        Q[:, i1:i2] = Qt.T
+        loss += (Et * Et).sum(dim=0, dtype=torch.float64)
+        if i2 < n:
+            W[:, i2:] -= Et.T.contiguous() @ U[i1:i2, i2:]
+    return Q, loss
+
+
 def _block_width(args: QuantArgs, cols: int, block_size: int) -> int:
     return max(cols, block_size // cols * cols) if args.group_size != -1 else block_size
 
 
 def quantize_columns(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: QuantArgs,
                      block_size: int, clip: torch.Tensor | None = None,
-                     pool: ThreadPoolExecutor | None = None
+                     pool: ThreadPoolExecutor | None = None, fused: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`lazy_block_loop` on the integer grid: ``q = clamp(round(w/s) + z)``, ``err = w −
     (q − z)·s``, with each group's scale and zero chosen from its error-updated weights when the
     loop reaches it (``clip``: AWQ's ratios; ``pool``: threads for the MSE search's rows).
+    ``fused``: each group's run of columns in one Triton launch (:func:`fused_block_loop`).
     Returns the integers (solve order), the per-group scale and zero (checkpoint order) and the
     row sums of ``e²``."""
     out_f, n = W.shape
@@ -334,7 +374,14 @@ def quantize_columns(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args:
             torch.sub(q, z, out=err).mul_(s)
         torch.sub(col, err, out=err)
 
-    Q, loss = lazy_block_loop(W, U, _block_width(args, cols, block_size), cols, start_group, quantize_col)
+    def segment(Wt, Qt, Et, U1) -> None:
+        gptq_triton.quantize_segment_(Wt, Qt, Et, U1, cur["s"], cur["z"].float(), qmin, qmax)
+
+    width = _block_width(args, cols, block_size)
+    if fused:
+        Q, loss = fused_block_loop(W, U, width, cols, start_group, segment)
+    else:
+        Q, loss = lazy_block_loop(W, U, width, cols, start_group, quantize_col)
     return Q, scale, zero, loss
 
 

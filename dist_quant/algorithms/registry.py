@@ -50,7 +50,7 @@ class Solver:
 
 
 def _gptq_params(q) -> GPTQParams:
-    return GPTQParams(damp=q.damp, block_size=q.block_size, act_order=q.act_order)
+    return GPTQParams(damp=q.damp, block_size=q.block_size, act_order=q.act_order, kernel=q.kernel)
 
 
 SOLVERS: dict[str, Solver] = {

@@ -61,6 +61,7 @@ MSE_STEPS = 20
 MSE_NORM = 2.4
 _MSE_RATIOS = torch.tensor([1.0 - 0.02 * step for step in range(MSE_STEPS)], dtype=torch.float32)
 _MSE_CHUNK = 1 << 20  # elements per [ratios, rows, cols] temporary (4 MB): bounded memory, cache-sized
+_MSE_CHUNK_DEVICE = 1 << 25  # on an accelerator (128 MB): few launches (each chunk is ~12 kernels)
 
 
 def compute_qparams(w: torch.Tensor, args: QuantArgs,
@@ -94,7 +95,8 @@ def _mse_search(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, args: Quant
     ratios = _MSE_RATIOS.to(w.device)[:, None, None]
     scale, zero = _params_from_range(lo * ratios, hi * ratios, args)  # [R, rows, 1]
     err = torch.empty(MSE_STEPS, rows, 1, device=w.device)
-    step = max(1, _MSE_CHUNK // (MSE_STEPS * max(cols, 1)))
+    chunk = _MSE_CHUNK if w.device.type == "cpu" else _MSE_CHUNK_DEVICE  # rows are independent: same bits
+    step = max(1, chunk // (MSE_STEPS * max(cols, 1)))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         s, z, x = scale[:, r0:r1], zero[:, r0:r1], w[r0:r1]
