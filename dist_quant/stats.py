@@ -13,7 +13,9 @@ Memory of a Hessian (``n = in_features``; one "float32 Hessian" is ``4 n²`` byt
 
 The per-batch products are float32 GEMMs summed in float64: a float64 sum of float32
 products does not round in practice, so the reduced sum does not depend on how the
-batches were split over ranks (N ranks = 1 rank).
+batches were split over ranks (N ranks = 1 rank). On CUDA, bfloat16 / float16 activations go
+into the GEMM as they are with a float32 result (:func:`_gram_panel`: exact products, float32
+sums, as after a float32 conversion, at the half-precision rate).
 
 Only the upper triangle is computed (``x xᵀ`` is symmetric): row panel ``[a, b)`` gets
 ``x[:, a:b]ᵀ x[:, a:]``, about half the GEMM work of the full product (SmolLM2's 1536-wide
@@ -30,6 +32,35 @@ TOKEN_CHUNK = 4096  # tokens of a batch converted to float32 at a time
 CONVERT_ROWS = 1024  # rows converted per step in take()
 ERROR_ROWS = 1024  # weight rows per step in output_error_rows()
 DEQUANT_ROWS = 1024  # rows of a quantized linear dequantized into the layer at a time (pipeline)
+
+
+def _float_panel(xa: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return xa.T @ x
+
+
+def _gram_panel(xa: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``xaᵀ x`` of bfloat16 / float16 activations as a float32 product on the accelerator's
+    half-precision units (``torch.mm(..., out_dtype=float32)``, CUDA only): the products of two
+    8- or 11-bit mantissas are exact in float32 and the sums accumulate in float32, the same
+    arithmetic as converting to float32 first (only the order of the sums differs), without
+    the float32 copy and at the half-precision GEMM rate (about 10x the float32 one on an H200)."""
+    return torch.mm(xa.T, x, out_dtype=torch.float32)
+
+
+_HALF_GEMM = {"ok": None}  # None: not tried yet; False: this torch cannot (fall back for good)
+
+
+def _half_inputs_ok(x: torch.Tensor) -> bool:
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.device.type != "cuda" or _HALF_GEMM["ok"] is False:
+        return False
+    if _HALF_GEMM["ok"] is None:
+        probe = torch.ones(4, 2, dtype=x.dtype, device=x.device)
+        try:
+            got = _gram_panel(probe, probe)
+            _HALF_GEMM["ok"] = got.dtype == torch.float32 and bool((got == 4.0).all())
+        except (RuntimeError, TypeError, NotImplementedError):  # a torch without mm's out_dtype
+            _HALF_GEMM["ok"] = False
+    return bool(_HALF_GEMM["ok"])
 
 
 class HessianStat:
@@ -76,10 +107,12 @@ class HessianStat:
                 kc = keep[t:t + TOKEN_CHUNK]
                 if not bool(kc.all()):  # a padded chunk: gather its real tokens (a copy)
                     xc = xc[kc]
-            xc = xc.float()
+            gram = _gram_panel if _half_inputs_ok(xc) else _float_panel
+            if gram is _float_panel:
+                xc = xc.float()
             for a in range(0, n, HESSIAN_ROW_BLOCK):
                 b = min(a + HESSIAN_ROW_BLOCK, n)
-                s[a:b, a:].add_(xc[:, a:b].T @ xc[:, a:])
+                s[a:b, a:].add_(gram(xc[:, a:b], xc[:, a:]))
             self.count.add_(xc.shape[0])
 
     def packed(self) -> torch.Tensor:

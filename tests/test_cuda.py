@@ -125,3 +125,23 @@ def test_fused_kernel_compiled_matches_the_torch_loop_on_cuda():
         wc, hc = w.cpu(), h.cpu()
         err = [float(torch.einsum("ij,jk,ik->", wc - q.dequantize(), hc, wc - q.dequantize())) for q in (la, lb)]
         assert err[1] == pytest.approx(err[0], rel=1e-2), err
+
+
+def test_half_precision_hessian_on_cuda_is_the_float32_one():
+    """bfloat16 activations on CUDA: the Hessian from the half-precision GEMM with a float32
+    result (stats._gram_panel) against a float64 sum of the same values, and against the
+    float32 path (the products are exact; only the order of the float32 sums differs)."""
+    from dist_quant import stats
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 2048, 320, generator=g) * (10 ** (torch.rand(320, generator=g) * 2 - 1))).bfloat16()
+    want = torch.einsum("ti,tj->ij", x.reshape(-1, 320).double(), x.reshape(-1, 320).double())
+    half, full = stats.HessianStat(320, torch.device("cuda")), stats.HessianStat(320, torch.device("cuda"))
+    for batch in x:
+        half.add(batch.cuda())
+        full.add(batch.cuda().float())
+    assert stats._HALF_GEMM["ok"] is True  # the half path ran
+    scale = want.abs().max()
+    assert (half.sum.cpu() - want).abs().max() <= 1e-6 * scale
+    assert (half.sum.cpu() - full.sum.cpu()).abs().max() <= 1e-6 * scale
+    assert half.tokens() == full.tokens() == 3 * 2048

@@ -225,3 +225,30 @@ def test_assign_owners_puts_pieces_on_distinct_ranks(tmp_path):
     for lin in lins[1:]:  # gate/up: 2 linears on 4 ranks, each split in 2
         assert len({p[0] for p in owners.pieces(lin)}) == len(owners.pieces(lin)) == 2
     assert set(owners.solvers(lins[1])).isdisjoint(owners.solvers(lins[2]))
+
+
+def test_half_precision_gemm_is_only_taken_where_it_runs(monkeypatch):
+    """The half-precision Hessian GEMM (stats._gram_panel, CUDA only) is never tried for CPU or
+    float32 activations, and a torch whose mm has no out_dtype falls back to the float32 GEMM
+    for good (tests/test_cuda.py checks the values on a GPU)."""
+    import dist_quant.stats as stats
+
+    monkeypatch.setitem(stats._HALF_GEMM, "ok", None)
+    assert not stats._half_inputs_ok(torch.ones(4, 2, dtype=torch.bfloat16))  # CPU
+    assert stats._HALF_GEMM["ok"] is None  # not even probed
+    fake = type("FakeCuda", (), {"dtype": torch.bfloat16, "device": torch.device("cuda", 0)})()
+    calls = []
+
+    def no_out_dtype(*args, **kwargs):
+        calls.append(1)
+        raise TypeError("mm() got an unexpected keyword argument 'out_dtype'")
+
+    monkeypatch.setattr(stats, "_gram_panel", no_out_dtype)
+    monkeypatch.setattr(stats.torch, "ones", lambda *a, **k: torch.empty(0))  # the probe's tensor, on CPU here
+    assert not stats._half_inputs_ok(fake) and not stats._half_inputs_ok(fake)
+    assert stats._HALF_GEMM["ok"] is False and len(calls) == 1  # probed once
+    monkeypatch.undo()
+    stat = HessianStat(8, torch.device("cpu"))
+    x = torch.randn(16, 8).bfloat16()
+    stat.add(x)
+    torch.testing.assert_close(stat.sum, x.double().T @ x.double(), rtol=1e-6, atol=1e-6)
