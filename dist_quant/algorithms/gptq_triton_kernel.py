@@ -26,9 +26,9 @@ def segment(W, Q, E, U, S, Z, rows_total, length, stride_w, su0, su1, qmin, qmax
     z = tl.load(Z + rows, mask=rmask, other=0.0)
     for i in range(length):
         w = tl.sum(tl.where(ks[:, None] == i, tile, 0.0), axis=0)
-        q = _round_half_even(w / s) + z
+        q = _round_half_even(tl.div_rn(w, s)) + z  # IEEE division, as torch's (``/`` may be approximate)
         q = tl.minimum(tl.maximum(q, qmin), qmax)
-        e = (w - (q - z) * s) / tl.load(U + i * (su0 + su1))
+        e = tl.div_rn(w - (q - z) * s, tl.load(U + i * (su0 + su1)))
         tl.store(Q + i * stride_w + rows, q, mask=rmask)
         tl.store(E + i * stride_w + rows, e, mask=rmask)
         u = tl.load(U + i * su0 + ks * su1, mask=kmask & (ks > i), other=0.0)
