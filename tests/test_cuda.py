@@ -1,10 +1,11 @@
 """The CUDA path (issue 11), for a machine with a GPU: skipped without one (CI has none; the
 prepared run is bench/README.md's "GPU checks"). What must hold on the device:
 
-* a tiny GPTQ job on ``runtime.device=cuda`` quantizes like the same job on CPU (≥ 99 % of
-  the integers equal and of the scales within 1e-3, the reported output errors within 1 %:
-  GEMMs round differently on the two devices, so bit equality is not expected, and one
-  flipped rounding moves the later targets of its row, ``reference.assert_same_solution``);
+* a tiny GPTQ job on ``runtime.device=cuda`` quantizes like the same job on CPU (layer 0:
+  ≥ 99 % of the integers equal and of the scales within 1e-3; every linear's reported output
+  error within 10 %: GEMMs round differently on the two devices, so bit equality is not
+  expected, one flipped rounding moves the later targets of its row, and layer 1's inputs come
+  from the already different layer 0, ``reference.assert_same_job``);
 * the job reports its peak device memory;
 * ``runtime.offload=host`` (pinned host memory, one batch copied to the device at a time)
   gives the same bits as the on-device job on the GPU;
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import call_main  # noqa: E402
 from moe_reference import read_tensors  # noqa: E402
-from reference import QuantLinear, assert_same_solution, read_quant_linears  # noqa: E402
+from reference import QuantLinear, assert_same_job, assert_same_solution  # noqa: E402
 from tiny import make_tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -49,25 +50,12 @@ def model(tmp_path_factory):
     return path, root
 
 
-def _close(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert_same_solution(a[name], b[name], 0.99, name)
-
-
-def _errors(out: Path) -> dict[str, float]:
-    report = json.loads((out / "quant_report.json").read_text())
-    return {m: i["rel_output_error"] for layer in report["layers"] for m, i in layer["modules"].items()}
-
-
 def test_cuda_job_matches_cpu_job_and_reports_device_memory(model):
     path, root = model
     calib = root / "calib.jsonl"
     assert call_main(_job(path, calib, root / "cpu", "cpu")) == 0
     assert call_main(_job(path, calib, root / "gpu", "cuda")) == 0
-    _close(read_quant_linears(root / "cpu", 4)[0], read_quant_linears(root / "gpu", 4)[0])
-    cpu, gpu = _errors(root / "cpu"), _errors(root / "gpu")
-    assert cpu.keys() == gpu.keys() and all(gpu[m] == pytest.approx(cpu[m], rel=1e-2) for m in cpu)
+    assert_same_job(root / "cpu", root / "gpu", 4)
     report = json.loads((root / "gpu" / "quant_report.json").read_text())
     assert all(v > 0 for v in report["peak_device_bytes_by_rank"].values())
 

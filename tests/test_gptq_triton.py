@@ -83,3 +83,26 @@ def test_auto_falls_back_to_the_torch_loop_when_the_kernel_fails_its_check(monke
         assert gptq_triton.use_kernel("triton", torch.device("cpu")) is True
     finally:
         gptq_triton._self_check.cache_clear()
+
+
+@needs_triton
+def test_job_with_the_kernel_writes_the_torch_loops_checkpoint(tmp_path):
+    """The whole pipeline with quant.kernel=triton (interpreted, CPU) against the same job with
+    the torch loop: the kernel is reached through the stage API and the outputs agree
+    (reference.assert_same_job: layer 0's integers, every linear's output error)."""
+    from reference import assert_same_job
+
+    model = make_tiny_model(tmp_path / "model", layers=2)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(corpus_text(40_000))
+    # 1,024 tokens: Hessians of full rank (128 inputs at most), a well-posed solve
+    common = [f"model.path={model}", f"calib.path={calib}", "calib.num_samples=16", "calib.seq_len=64",
+              "quant.group_size=32", "runtime.threads=1", "runtime.device=cpu"]
+    code, _, stderr = run_main([*common, "quant.kernel=torch", f"output.dir={tmp_path / 'torch'}",
+                                f"runtime.run_dir={tmp_path / 'torch.run'}"])
+    assert code == 0, stderr
+    proc = subprocess.run([sys.executable, "-m", "dist_quant", *common, "quant.kernel=triton",
+                           f"output.dir={tmp_path / 'triton'}", f"runtime.run_dir={tmp_path / 'triton.run'}"],
+                          cwd=tmp_path, env=job_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert_same_job(tmp_path / "torch", tmp_path / "triton", 4, min_equal=0.999, error_rtol=0.01)
