@@ -34,6 +34,11 @@ CONFIGS = {  # from the models' config.json on the Hugging Face hub
                       "rope_theta": 500000.0,
                       "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                        "original_max_position_embeddings": 8192, "rope_type": "llama3"}},
+    # the 4-layer Llama-3-8B-shaped checkpoint bench/gpu_check.py layers quantized on an H200
+    # (tokenizer of tests/tiny.py: a small vocabulary), to set the estimate beside its measured peak
+    "gpu-check-8b-4l": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 4,
+                        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192,
+                        "rope_theta": 500000.0, "vocab_size": 512},
     "qwen3-235b-a22b": {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 4096,
                         "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_hidden_layers": 94,
                         "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128,
