@@ -18,16 +18,17 @@ case "${1:-}" in
   1)
     { nvidia-smi; python3 -c 'import torch, transformers; print(torch.__version__, torch.version.cuda, transformers.__version__)'; } \
       2>&1 | tee "$OUT/machine.txt"
-    timeout 180 python3 -m pytest -q -rs tests/test_cuda.py tests/test_devices.py tests/test_gpu_check.py \
-      tests/test_gptq_triton.py 2>&1 | tee "$OUT/tests.txt"
+    # (tests/test_gptq_triton.py is CPU-only, the interpreter: CI runs it; test_cuda.py has the compiled kernel)
+    timeout 200 python3 -m pytest -q -rs tests/test_cuda.py tests/test_devices.py tests/test_gpu_check.py 2>&1 \
+      | tee "$OUT/tests.txt"
     # one solve per Llama-3-8B linear shape, the torch column loop against the fused Triton kernel
-    timeout 120 python3 bench/bench_solve.py --device cuda --kernels torch,triton --workers 1 --repeat 2 \
+    timeout 90 python3 bench/bench_solve.py --device cuda --kernels torch,triton --workers 1 --repeat 2 \
       --group-size 128 --shapes 6144x4096,4096x4096,28672x4096,4096x14336 2>&1 | tee "$OUT/solve.md"
     # the layer loop twice: the torch column loop (before), then quant.kernel=auto (the kernel)
-    timeout 150 python3 bench/gpu_check.py layers --out /tmp/gc --data "$DATA" -- quant.kernel=torch 2>&1 \
+    timeout 110 python3 bench/gpu_check.py layers --out /tmp/gc --data "$DATA" -- quant.kernel=torch 2>&1 \
       | tail -c 20000 > "$OUT/layers-torch.log"
     cp /tmp/gc/layers.json "$OUT/layers-torch.json" 2>/dev/null
-    timeout 150 python3 bench/gpu_check.py layers --out /tmp/gc --data "$DATA" 2>&1 | tail -c 20000 > "$OUT/layers.log"
+    timeout 110 python3 bench/gpu_check.py layers --out /tmp/gc --data "$DATA" 2>&1 | tail -c 20000 > "$OUT/layers.log"
     cp /tmp/gc/layers.json "$OUT/" 2>/dev/null; tail -c 3000 "$OUT/layers.log"
     ;;
   2)
