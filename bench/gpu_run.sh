@@ -36,18 +36,18 @@ case "${1:-}" in
     cat .gpu/a/part .gpu/b/part > /tmp/smollm2.gguf
     [ "$(sha256sum /tmp/smollm2.gguf | cut -d' ' -f1)" = "$(cat .gpu/b/sha256)" ] \
       || { echo "error: the reassembled GGUF does not match its checksum" >&2; exit 5; }
-    timeout 420 python3 bench/gpu_check.py smollm2 --gguf /tmp/smollm2.gguf --out /tmp/gs --data "$DATA" 2>&1 \
+    timeout 300 python3 bench/gpu_check.py smollm2 --gguf /tmp/smollm2.gguf --out /tmp/gs --data "$DATA" 2>&1 \
       | tail -c 20000 > "$OUT/smollm2.log"
     cp /tmp/gs/smollm2.json "$OUT/" 2>/dev/null; tail -c 3000 "$OUT/smollm2.log"
     # the peer, in its own site dir (its compressed-tensors 0.19.0, not ours), on the converted checkpoint
     if [ -d .whl-peer ]; then
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-llmc \
         .whl-peer/*.whl $(ls .whl/*.whl | grep -v -E 'compressed_tensors|hydra|omegaconf|antlr4') \
-        && PYTHONPATH=/tmp/site-llmc:$PWD/bench/peers timeout 240 python3 bench/peers/llmcompressor_gptq.py \
+        && PYTHONPATH=/tmp/site-llmc:$PWD/bench/peers timeout 170 python3 bench/peers/llmcompressor_gptq.py \
              /tmp/gs/smollm2 "$DATA" /tmp/gs/llmc --samples 32 --seq-len 512 --dtype float32 2>&1 \
            | tail -c 12000 > "$OUT/llmc.log"
       tail -n 3 "$OUT/llmc.log"
-      python3 -c 'import json, sys; from dist_quant.eval import evaluate
+      timeout 60 python3 -c 'import json, sys; from dist_quant.eval import evaluate
 print(json.dumps({"llmc_ppl": evaluate(sys.argv[1], sys.argv[2], seq_len=512, max_windows=40)}))' \
         /tmp/gs/llmc "$DATA" 2>&1 | tail -n 2 | tee -a "$OUT/llmc.log"
     fi
