@@ -107,9 +107,10 @@ class HessianStat:
                 kc = keep[t:t + TOKEN_CHUNK]
                 if not bool(kc.all()):  # a padded chunk: gather its real tokens (a copy)
                     xc = xc[kc]
-            gram = _gram_panel if _half_inputs_ok(xc) else _float_panel
-            if gram is _float_panel:
-                xc = xc.float()
+            if _half_inputs_ok(xc):
+                gram = _gram_panel
+            else:
+                gram, xc = _float_panel, xc.float()
             for a in range(0, n, HESSIAN_ROW_BLOCK):
                 b = min(a + HESSIAN_ROW_BLOCK, n)
                 s[a:b, a:].add_(gram(xc[:, a:b], xc[:, a:]))

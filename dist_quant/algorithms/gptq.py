@@ -265,17 +265,10 @@ def lazy_block_loop(W: torch.Tensor, U: torch.Tensor, block: int, cols: int, sta
     dequantized`` into ``err``. Returns the grid values (solve order) and the float64 row
     sums of the squared errors ``e = err / U[i,i]`` (the damped output error, see
     :func:`_undamped_error`)."""
-    out_f, n = W.shape
     sub = math.gcd(cols, SUB_BLOCK)
-    Q = torch.empty_like(W)
-    loss = torch.zeros(out_f, dtype=torch.float64, device=W.device)
-    for i1 in range(0, n, block):
-        i2 = min(i1 + block, n)
-        b = i2 - i1
-        Wt = W[:, i1:i2].T.contiguous()  # [b, out]: column i of the block is the row Wt[i]
-        Qt = torch.empty_like(Wt)
-        Et = torch.empty_like(Wt)
-        U1 = U[i1:i2, i1:i2]
+
+    def within(Wt, Qt, Et, U1, i1) -> None:
+        b = Wt.shape[0]
         diag = U1.diagonal().tolist()
         for j1 in range(0, b, sub):
             j2 = min(j1 + sub, b)
@@ -289,6 +282,24 @@ def lazy_block_loop(W: torch.Tensor, U: torch.Tensor, block: int, cols: int, sta
                     Wt[i + 1:j2].sub_(U1[i, i + 1:j2, None] * err)
             if j2 < b:
                 Wt[j2:].sub_(U1[j1:j2, j2:].T @ Et[j1:j2])
+
+    return _lazy_blocks(W, U, block, within)
+
+
+def _lazy_blocks(W: torch.Tensor, U: torch.Tensor, block: int, within) -> tuple[torch.Tensor, torch.Tensor]:
+    """The outer level shared by both column loops: each lazy block of ``W`` transposed into
+    ``Wt`` [b, out] (column i of the block is the row ``Wt[i]``), ``within(Wt, Qt, Et, U1, i1)``
+    fills its grid values ``Qt`` and scaled errors ``Et``, and the block's errors reach the
+    rest of ``W`` as one GEMM. Returns the grid values and the float64 row sums of ``Et²``."""
+    out_f, n = W.shape
+    Q = torch.empty_like(W)
+    loss = torch.zeros(out_f, dtype=torch.float64, device=W.device)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        Wt = W[:, i1:i2].T.contiguous()
+        Qt = torch.empty_like(Wt)
+        Et = torch.empty_like(Wt)
+        within(Wt, Qt, Et, U[i1:i2, i1:i2], i1)
         Q[:, i1:i2] = Qt.T
         loss += (Et * Et).sum(dim=0, dtype=torch.float64)
         if i2 < n:
@@ -303,17 +314,8 @@ def fused_block_loop(W: torch.Tensor, U: torch.Tensor, block: int, cols: int, st
     block's transposed rows ``a:b`` (``gptq_triton.quantize_segment_``: the recursion inside
     the run, errors already divided by ``U_ii``); the run's errors reach the rest of the
     block and of ``W`` as GEMMs. Same arguments and results as :func:`lazy_block_loop`."""
-    out_f, n = W.shape
-    Q = torch.empty_like(W)
-    loss = torch.zeros(out_f, dtype=torch.float64, device=W.device)
-    for i1 in range(0, n, block):
-        i2 = min(i1 + block, n)
-        b = i2 - i1
-        Wt = W[:, i1:i2].T.contiguous()
-        Qt = torch.empty_like(Wt)
-        Et = torch.empty_like(Wt)
-        U1 = U[i1:i2, i1:i2]
-        a = 0
+    def within(Wt, Qt, Et, U1, i1) -> None:
+        b, a = Wt.shape[0], 0
         while a < b:
             if (i1 + a) % cols == 0:
                 start_group((i1 + a) // cols, Wt[a:a + cols])
@@ -322,11 +324,8 @@ def fused_block_loop(W: torch.Tensor, U: torch.Tensor, block: int, cols: int, st
             if end < b:
                 Wt[end:].sub_(U1[a:end, end:].T @ Et[a:end])
             a = end
-        Q[:, i1:i2] = Qt.T
-        loss += (Et * Et).sum(dim=0, dtype=torch.float64)
-        if i2 < n:
-            W[:, i2:] -= Et.T.contiguous() @ U[i1:i2, i2:]
-    return Q, loss
+
+    return _lazy_blocks(W, U, block, within)
 
 
 def _block_width(args: QuantArgs, cols: int, block_size: int) -> int:
