@@ -123,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(cfg.runtime.device, info.local_rank)
         backend = resolve_backend(cfg.runtime.backend, device)
-        if cfg.quant.kernel == "triton":  # asked for by name: an error now where it cannot run
-            from .algorithms.gptq_triton import use_kernel
+        if cfg.quant.kernel in ("triton", "numba"):  # asked for by name: an error now where it cannot run
+            from .algorithms.gptq import column_kernel
 
-            use_kernel(cfg.quant.kernel, device)
+            column_kernel(cfg.quant.kernel, device)
         if device.type == "cpu":
             threads = cfg.runtime.threads or max(1, (os.cpu_count() or 1) // max(1, info.local_world_size))
             torch.set_num_threads(threads)

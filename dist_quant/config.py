@@ -128,7 +128,7 @@ class FallbackConfig:
 
 
 FALLBACK_TO = ("float", "w8")
-GPTQ_KERNELS = ("auto", "torch", "triton")  # algorithms/gptq_triton.py
+GPTQ_KERNELS = ("auto", "torch", "triton", "numba")  # algorithms/gptq_triton.py, gptq_numba.py
 
 
 @dataclass(frozen=True)
@@ -151,9 +151,13 @@ class QuantConfig:
     """GPTQ: process columns by decreasing Hessian diagonal (group-aware: groups stay contiguous)."""
     observer: str = "minmax"
     """Scale choice: minmax, or mse (search a clipping ratio per group)."""
+    mse_norm: float = 2.4
+    """observer=mse: the error norm p of the search, Σ |fake_quantize(w) − w|^p (2.4: the GPTQ
+    reference's; 2: squared error, a quarter of the search's cost)."""
     kernel: str = "auto"
     """GPTQ integer-grid column loop: auto (one fused Triton kernel per group on CUDA when the
-    package triton is importable, else torch ops), torch, or triton (an error where it cannot run)."""
+    package triton is importable, one compiled numba call per sub-block on CPU when numba is,
+    else torch ops), torch, triton or numba (the last two: an error where they cannot run)."""
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     """Modules left in float (lm_head is never quantized)."""
     moe_ignore: list[str] = field(default_factory=lambda: ["gate", "shared_expert_gate"])
@@ -246,6 +250,7 @@ class QuantConfig:
         _check(self.kernel in GPTQ_KERNELS, "quant.kernel", self.kernel, "expected " + ", ".join(GPTQ_KERNELS))
         _check(self.observer in ("minmax", "mse"), "quant.observer", self.observer,
                "expected minmax or mse")
+        _check(1.0 <= self.mse_norm <= 8.0, "quant.mse_norm", self.mse_norm, "expected a norm p with 1 <= p <= 8")
 
 
 def _check_fallback(q: "QuantConfig") -> None:

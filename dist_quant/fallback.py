@@ -119,7 +119,7 @@ def manual_plan(ckpt, quant) -> ModelPlan:
 
 def w8_args(args: QuantArgs) -> QuantArgs:
     """int8 per-channel weights, otherwise as the job (symmetry, observer, scale dtype)."""
-    return QuantArgs(8, -1, args.symmetric, args.scale_dtype, mse=args.mse)
+    return QuantArgs(8, -1, args.symmetric, args.scale_dtype, mse=args.mse, mse_norm=args.mse_norm)
 
 
 def server_targets(names: list[str]) -> list[str]:

@@ -107,7 +107,7 @@ def quant_args(cfg: JobConfig, ckpt: Checkpoint, plan: ModelPlan) -> QuantArgs:
         return QuantArgs(4, 16, True, torch.float32, grid="nvfp4")
     if q.weight_type == "fp8":  # FP8 scales are float32 (vLLM's weight_scale parameters are float32)
         return QuantArgs(8, q.group_size, True, torch.float32, grid="fp8", fp8_strategy=q.weight_strategy)
-    return QuantArgs(q.bits, q.group_size, q.symmetric, scale_dtype, mse=q.observer == "mse")
+    return QuantArgs(q.bits, q.group_size, q.symmetric, scale_dtype, mse=q.observer == "mse", mse_norm=q.mse_norm)
 
 
 def prepare(cfg: JobConfig, model_path: str, world_size: int):

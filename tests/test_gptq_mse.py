@@ -21,7 +21,7 @@ NEAR_TIE = 1e-4  # relative gap between two ratios' errors below which float32 m
 pytestmark = pytest.mark.usefixtures("single_thread")  # solver bits as on one thread (tests/conftest.py)
 
 
-def candidates(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype) -> list[tuple]:
+def candidates(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype, norm: float = 2.4) -> list[tuple]:
     """For each ratio: (scale, zero, error) per row of ``w`` [rows, cols]. Scales from the
     documented range formulas on ``ratio ×`` the row's min/max (computed in ``w``'s dtype),
     rounded to ``scale_dtype``; the error in float64."""
@@ -38,16 +38,16 @@ def candidates(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype) -> list
         scale = scale.clamp(min=EPS32).to(scale_dtype).to(w.dtype)
         zero = torch.zeros_like(scale) if symmetric else (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
         q = (torch.round(w / scale[:, None]) + zero[:, None]).clamp(qmin, qmax)
-        err = ((q - zero[:, None]) * scale[:, None] - w).double().abs().pow(2.4).sum(dim=1)
+        err = ((q - zero[:, None]) * scale[:, None] - w).double().abs().pow(norm).sum(dim=1)
         out.append((scale, zero, err))
     return out
 
 
-def brute_force(w, bits, symmetric, scale_dtype, follow_scale=None):
+def brute_force(w, bits, symmetric, scale_dtype, follow_scale=None, norm: float = 2.4):
     """Best ratio per row. ``follow_scale`` (the implementation's scales): where the
     implementation's scale is another ratio's whose error is within ``NEAR_TIE`` of the
     best, take it (float32 vs float64 rounding decides near-ties); returns the count."""
-    cands = candidates(w, bits, symmetric, scale_dtype)
+    cands = candidates(w, bits, symmetric, scale_dtype, norm)
     errs = torch.stack([c[2] for c in cands])  # [ratios, rows]
     best = torch.argmin(errs, dim=0)  # first minimum: the larger ratio on an exact tie
     followed = 0
@@ -85,6 +85,32 @@ def test_mse_observer_is_the_brute_force_grid(symmetric, scale_dtype, bits):
     assert torch.equal(zero[:, 0], ref_zero.float())
     if bits == 4:  # at 4 bits the search shrinks a good share of ranges (at 8 bits min/max is mostly best)
         assert (best > 0).float().mean() > 0.2
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_norm_2_is_the_squared_error_brute_force(symmetric):
+    """``quant.mse_norm=2``: the search scores Σ (ŵ − w)² (a square, not log2/exp2), and the
+    choice is the brute force's under that norm; the two norms disagree on some rows."""
+    g = torch.Generator().manual_seed(11 + symmetric)
+    w = torch.randn(256, 64, generator=g) * 0.05
+    w[::5, 3] *= 12
+    w[1::7] += 0.03
+    args = QuantArgs(bits=4, group_size=64, symmetric=symmetric, scale_dtype=torch.bfloat16, mse=True, mse_norm=2.0)
+    scale, zero = compute_qparams(w, args)
+    ref_scale, ref_zero, _, followed = brute_force(w, 4, symmetric, torch.bfloat16, scale[:, 0].double(), norm=2.0)
+    assert followed <= 2
+    assert torch.equal(scale[:, 0], ref_scale.float()) and torch.equal(zero[:, 0], ref_zero.float())
+    default, _ = compute_qparams(w, QuantArgs(4, 64, symmetric, torch.bfloat16, mse=True))
+    assert not torch.equal(default, scale)
+
+
+def test_mse_norm_is_a_validated_key():
+    from dist_quant.config import ConfigError
+    from dist_quant.settings import load_config
+
+    assert load_config(["quant.mse_norm=2"]).quant.mse_norm == 2.0
+    with pytest.raises(ConfigError, match="quant.mse_norm"):
+        load_config(["quant.mse_norm=0.5"])
 
 
 # -- GPTQ with the MSE observer vs a textbook recursion using the brute force --------------------

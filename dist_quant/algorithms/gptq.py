@@ -20,7 +20,7 @@ import torch
 
 from ..quant import floatgrid as fg
 from ..quant.qparams import QuantArgs, QuantResult, compute_qparams
-from . import gptq_triton
+from . import gptq_numba, gptq_triton
 from .factor import inverse_upper_factor_
 from .rtn import rtn_quantize
 
@@ -187,6 +187,17 @@ def _undamped_error(loss: torch.Tensor, w: torch.Tensor, dead: torch.Tensor, res
     return out.clamp_(min=0.0)
 
 
+def column_kernel(kernel: str, device: torch.device) -> str:
+    """The integer-grid column loop ``quant.kernel`` selects on ``device``: ``triton`` (CUDA),
+    ``numba`` (CPU) or ``torch``; ``auto`` takes the compiled one where it runs and passed its check."""
+    if gptq_triton.use_kernel(kernel, device):
+        return "triton"
+    if gptq_numba.use_kernel(kernel, device):
+        return "numba"
+    return "torch"
+
+
+MIN_CHUNK_ROWS_COMPILED = 128  # the numba loop's: one call per sub-block and chunk, so 2 threads pay off early
 MIN_CHUNK_ROWS = 1024  # a thread's share of the rows: with fewer, the per-op overhead of two threads
 # costs more than it saves (bench/bench_solve.py, 2 idle cores: 3072 rows 0.169 s → 0.123 s with 2
 # workers, but 1536 rows 0.084 → 0.091 s, 960 rows 0.066 → 0.078 s, 576 rows 0.042 → 0.067 s)
@@ -206,12 +217,14 @@ def _column_loop(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: Qua
         def run(c, s, k, pool=None):
             return quantize_columns_grid(c, U, perm, args, params.block_size, s)
     else:  # ``k``: AWQ's clipping ratios of these rows (or None)
-        fused = gptq_triton.use_kernel(params.kernel, W.device)
-        if fused:
+        loop = column_kernel(params.kernel, W.device)
+        if loop == "triton":
             n_chunks = 1  # one launch covers every row
+        elif loop == "numba":  # no per-op dispatch: small row chunks pay off
+            n_chunks = max(1, min(params.workers, rows // MIN_CHUNK_ROWS_COMPILED))
 
         def run(c, s, k, pool=None):
-            return quantize_columns(c, U, perm, args, params.block_size, k, pool, fused)
+            return quantize_columns(c, U, perm, args, params.block_size, k, pool, loop)
     if n_chunks == 1 and params.workers > 1 and args.mse and fixed is None:
         # too few rows to split the loop, but the MSE scale search of each group is heavy
         # arithmetic on [rows, group] (20 ratios): its rows go to the idle workers
@@ -307,19 +320,20 @@ def _lazy_blocks(W: torch.Tensor, U: torch.Tensor, block: int, within) -> tuple[
     return Q, loss
 
 
-def fused_block_loop(W: torch.Tensor, U: torch.Tensor, block: int, cols: int, start_group, segment
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_block_loop(W: torch.Tensor, U: torch.Tensor, block: int, cols: int, start_group, segment,
+                     longest: int = gptq_triton.MAX_SEGMENT) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`lazy_block_loop` with each run of columns that shares a group (at most
-    ``gptq_triton.MAX_SEGMENT`` of them) done by one call ``segment(Wt, Qt, Et, U1)`` on the
-    block's transposed rows ``a:b`` (``gptq_triton.quantize_segment_``: the recursion inside
-    the run, errors already divided by ``U_ii``); the run's errors reach the rest of the
-    block and of ``W`` as GEMMs. Same arguments and results as :func:`lazy_block_loop`."""
+    ``longest`` of them) done by one call ``segment(Wt, Qt, Et, U1)`` on the block's
+    transposed rows ``a:b`` (``gptq_triton.quantize_segment_``, ``gptq_numba.segment_``: the
+    recursion inside the run, errors already divided by ``U_ii``); the run's errors reach the
+    rest of the block and of ``W`` as GEMMs. Same arguments and results as
+    :func:`lazy_block_loop`; with ``longest`` its sub-block width the same float operations too."""
     def within(Wt, Qt, Et, U1, i1) -> None:
         b, a = Wt.shape[0], 0
         while a < b:
             if (i1 + a) % cols == 0:
                 start_group((i1 + a) // cols, Wt[a:a + cols])
-            end = min(b, a + gptq_triton.MAX_SEGMENT, a + cols - (i1 + a) % cols)
+            end = min(b, a + longest, a + cols - (i1 + a) % cols)
             segment(Wt[a:end], Qt[a:end], Et[a:end], U1[a:end, a:end])
             if end < b:
                 Wt[end:].sub_(U1[a:end, end:].T @ Et[a:end])
@@ -334,12 +348,13 @@ def _block_width(args: QuantArgs, cols: int, block_size: int) -> int:
 
 def quantize_columns(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args: QuantArgs,
                      block_size: int, clip: torch.Tensor | None = None,
-                     pool: ThreadPoolExecutor | None = None, fused: bool = False
+                     pool: ThreadPoolExecutor | None = None, loop: str = "torch"
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`lazy_block_loop` on the integer grid: ``q = clamp(round(w/s) + z)``, ``err = w −
     (q − z)·s``, with each group's scale and zero chosen from its error-updated weights when the
     loop reaches it (``clip``: AWQ's ratios; ``pool``: threads for the MSE search's rows).
-    ``fused``: each group's run of columns in one Triton launch (:func:`fused_block_loop`).
+    ``loop``: ``torch`` ops per column, ``triton``: each group's run of columns in one launch,
+    ``numba``: each sub-block in one compiled call (both :func:`fused_block_loop`).
     Returns the integers (solve order), the per-group scale and zero (checkpoint order) and the
     row sums of ``e²``."""
     out_f, n = W.shape
@@ -376,9 +391,14 @@ def quantize_columns(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, args:
     def segment(Wt, Qt, Et, U1) -> None:
         gptq_triton.quantize_segment_(Wt, Qt, Et, U1, cur["s"], cur["z"].float(), qmin, qmax)
 
+    def compiled(Wt, Qt, Et, U1) -> None:
+        gptq_numba.segment_(Wt, Qt, Et, U1, cur["s"], None if args.symmetric else cur["z"], qmin, qmax)
+
     width = _block_width(args, cols, block_size)
-    if fused:
+    if loop == "triton":
         Q, loss = fused_block_loop(W, U, width, cols, start_group, segment)
+    elif loop == "numba":  # sub-blocks as lazy_block_loop's: the same bits
+        Q, loss = fused_block_loop(W, U, width, cols, start_group, compiled, math.gcd(cols, SUB_BLOCK))
     else:
         Q, loss = lazy_block_loop(W, U, width, cols, start_group, quantize_col)
     return Q, scale, zero, loss

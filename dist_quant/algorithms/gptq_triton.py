@@ -54,7 +54,7 @@ def use_kernel(kernel: str, device: torch.device) -> bool:
     cannot run is an error naming why."""
     if kernel not in KERNELS:
         raise ConfigError(f"quant.kernel={kernel!r}: expected one of {', '.join(KERNELS)}")
-    if kernel == "torch":
+    if kernel not in ("auto", "triton"):  # torch, or another device's kernel (numba)
         return False
     ok = usable(device)
     if kernel == "triton" and not ok:
