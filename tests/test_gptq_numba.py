@@ -17,6 +17,7 @@ from helpers import run_main  # noqa: E402
 from tiny import corpus_text, make_tiny_model  # noqa: E402
 
 from dist_quant.algorithms import gptq_numba  # noqa: E402
+from dist_quant.algorithms.factor import random_factor  # noqa: E402
 from dist_quant.algorithms.gptq import GPTQParams, column_kernel, gptq_quantize  # noqa: E402
 from dist_quant.config import ConfigError  # noqa: E402
 from dist_quant.quant.qparams import QuantArgs  # noqa: E402
@@ -26,11 +27,27 @@ pytest.importorskip("numba")
 CPU = torch.device("cpu")
 
 
+def reference_segment_(Wt, Qt, Et, U, s, z, qmin: int, qmax: int) -> None:
+    """The inside of a sub-block as ``gptq.lazy_block_loop`` does it, written out in torch ops."""
+    diag = U.diagonal().tolist()
+    for i in range(Wt.shape[0]):
+        col, q, err = Wt[i], Qt[i], Et[i]
+        torch.div(col, s, out=q)
+        q.round_()
+        if z is None:
+            q.clamp_(qmin, qmax)
+            torch.mul(q, s, out=err)
+        else:
+            q.add_(z).clamp_(qmin, qmax)
+            torch.sub(q, z, out=err).mul_(s)
+        torch.sub(col, err, out=err)
+        err.div_(diag[i])
+        if i + 1 < Wt.shape[0]:
+            Wt[i + 1:].sub_(U[i, i + 1:, None] * err)
+
+
 def _factor_block(length: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(length, length, generator=g, dtype=torch.float64)
-    spd = a @ a.T + length * torch.eye(length, dtype=torch.float64)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(spd)), upper=True).float()
+    return random_factor(length, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -45,7 +62,7 @@ def test_segment_is_the_torch_loop_bit_for_bit(symmetric, length, rows):
     got = [wt.clone(), torch.empty_like(wt), torch.empty_like(wt)]
     want = [wt.clone(), torch.empty_like(wt), torch.empty_like(wt)]
     gptq_numba.segment_(*got, u, s, z, lo, hi)
-    gptq_numba.reference_segment_(*want, u, s, z, lo, hi)
+    reference_segment_(*want, u, s, z, lo, hi)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     assert bool(((got[1] >= lo) & (got[1] <= hi)).all()) and bool((got[1] == got[1].round()).all())
@@ -89,8 +106,10 @@ def test_without_numba_auto_falls_back_and_numba_is_an_error(monkeypatch):
 
 
 def test_a_kernel_that_fails_its_check_is_not_used(monkeypatch, caplog):
+    right = gptq_numba.segment_
+
     def wrong(Wt, Qt, Et, U, s, z, qmin, qmax):
-        gptq_numba.reference_segment_(Wt, Qt, Et, U, s, z, qmin, qmax)
+        right(Wt, Qt, Et, U, s, z, qmin, qmax)
         Qt[0, 0] += 1
     monkeypatch.setattr(gptq_numba, "segment_", wrong)
     gptq_numba._self_check.cache_clear()

@@ -78,3 +78,12 @@ def inverse_upper_factor_(a: torch.Tensor, work: torch.Tensor, lam: float) -> to
     tri_inv_lower_(f)
     reverse_(work)  # J L⁻¹ J (reversing work = fᵀ reverses f)
     return f
+
+
+def random_factor(length: int, generator: torch.Generator) -> torch.Tensor:
+    """``U`` (float32, upper) with ``UᵀU = A⁻¹`` for a random well-conditioned SPD ``A`` drawn
+    from ``generator``, in float64 by the three-step LAPACK route: the small problems on which
+    the compiled column kernels check themselves once (``gptq_triton``, ``gptq_numba``)."""
+    a = torch.randn(length, length, generator=generator, dtype=torch.float64)
+    spd = a @ a.T + length * torch.eye(length, dtype=torch.float64)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(spd)), upper=True).float()

@@ -120,44 +120,27 @@ def segment_(Wt: torch.Tensor, Qt: torch.Tensor, Et: torch.Tensor, U: torch.Tens
         asym(Wt.numpy(), Qt.numpy(), Et.numpy(), U.numpy(), s.numpy(), z.numpy(), lo, hi)
 
 
-def reference_segment_(Wt, Qt, Et, U, s, z, qmin: int, qmax: int) -> None:
-    """:func:`segment_` as ``gptq.lazy_block_loop`` does it in torch ops (the check's reference)."""
-    diag = U.diagonal().tolist()
-    for i in range(Wt.shape[0]):
-        col, q, err = Wt[i], Qt[i], Et[i]
-        torch.div(col, s, out=q)
-        q.round_()
-        if z is None:
-            q.clamp_(qmin, qmax)
-            torch.mul(q, s, out=err)
-        else:
-            q.add_(z).clamp_(qmin, qmax)
-            torch.sub(q, z, out=err).mul_(s)
-        torch.sub(col, err, out=err)
-        err.div_(diag[i])
-        if i + 1 < Wt.shape[0]:
-            Wt[i + 1:].sub_(U[i, i + 1:, None] * err)
-
-
 @functools.lru_cache(maxsize=1)
 def _self_check() -> str | None:
-    """``auto`` only: compile (or load from numba's cache) and run both kernels once on a small
-    problem and compare them bit for bit with :func:`reference_segment_`; on any failure warn
+    """``auto`` only: compile (or load from numba's cache) both kernels and run the integer-grid
+    column loop once with them and once with torch ops (``gptq.quantize_columns``) on a small
+    problem, symmetric and asymmetric, comparing every result bit for bit; on any failure warn
     once and let the torch loop run. None: fine."""
+    from ..quant.qparams import QuantArgs
+    from .factor import random_factor
+    from .gptq import quantize_columns
+
     g = torch.Generator().manual_seed(0)
-    length, rows = 16, 96
-    a = torch.randn(length, length, generator=g, dtype=torch.float64)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(
-        a @ a.T + length * torch.eye(length, dtype=torch.float64))), upper=True).float()
-    wt = torch.randn(length, rows, generator=g)
-    s = torch.rand(rows, generator=g) * 0.3 + 0.05
+    cols, rows = 64, 96
+    u = random_factor(cols, g)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    perm = torch.arange(cols)
     problem = None
     try:
-        for z, lo, hi in ((None, -8, 7), (torch.full((rows,), 8.0), 0, 15)):
-            got = [wt.clone(), torch.empty_like(wt), torch.empty_like(wt)]
-            want = [wt.clone(), torch.empty_like(wt), torch.empty_like(wt)]
-            segment_(*got, u, s, z, lo, hi)
-            reference_segment_(*want, u, s, z, lo, hi)
+        for symmetric in (True, False):
+            args = QuantArgs(4, 32, symmetric)
+            got = quantize_columns(w.clone(), u, perm, args, 32, loop="numba")
+            want = quantize_columns(w.clone(), u, perm, args, 32, loop="torch")
             if not all(torch.equal(x, y) for x, y in zip(got, want)):
                 problem = "its results differ from the torch loop's"
     except Exception as exc:  # noqa: BLE001 - any failure means: do not use it

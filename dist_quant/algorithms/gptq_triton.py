@@ -26,6 +26,7 @@ import torch
 
 from ..config import GPTQ_KERNELS as KERNELS
 from ..config import ConfigError
+from .factor import random_factor
 
 MAX_SEGMENT = 128  # columns held in one program's registers
 
@@ -73,9 +74,7 @@ def _self_check(device: str) -> str | None:
     compile for this device, a wrong result) warn once and let the torch loop run. None: fine."""
     g = torch.Generator().manual_seed(0)
     length, rows = 48, 80
-    a = torch.randn(length, length, generator=g, dtype=torch.float64)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(a @ a.T + length * torch.eye(
-        length, dtype=torch.float64))), upper=True).float().to(device)
+    u = random_factor(length, g).to(device)
     wt = torch.randn(length, rows, generator=g).to(device)
     s, z = (torch.rand(rows, generator=g) * 0.3 + 0.05).to(device), torch.full((rows,), 8.0, device=device)
     got, want = [torch.empty_like(wt) for _ in range(2)], [torch.empty_like(wt) for _ in range(2)]
